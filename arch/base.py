@@ -1,0 +1,55 @@
+"""``CausalLM``: what every architecture adapter provides to the rest of the package."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint
+from ..options import RuntimeOptions
+from .blocks.linear import Linear
+
+
+class CausalLM(nn.Module):
+    """Base class of the adapters.
+
+    A subclass declares the ``architectures`` strings it serves (matched against
+    ``config.json["architectures"][0]``), parses its config in
+    ``config_from_checkpoint`` (rejecting unsupported values by key name), builds
+    itself from a ``Checkpoint`` in ``from_checkpoint``, and runs ``forward``.
+    Capabilities are class attributes so that they can be read without loading.
+    """
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    has_mtp: ClassVar[bool] = False
+
+    def __init__(self, config, options: RuntimeOptions):
+        super().__init__()
+        self.config = config
+        self.options = options
+
+    @classmethod
+    def config_from_checkpoint(cls, checkpoint: Checkpoint):
+        raise NotImplementedError
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, options: RuntimeOptions, progress=None) -> "CausalLM":
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids [B, T]`` -> fp32 logits ``[B, T, vocab]`` over the whole sequence (no cache)."""
+        raise NotImplementedError
+
+    def linears(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
+
+    @staticmethod
+    def default_positions(input_ids: torch.Tensor) -> torch.Tensor:
+        b, t = input_ids.shape
+        return torch.arange(t, device=input_ids.device).expand(b, t)

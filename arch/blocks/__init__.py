@@ -1,0 +1,1 @@
+"""Family-agnostic building blocks (linear, norms, RoPE, attention, MLP)."""

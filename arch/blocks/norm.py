@@ -1,0 +1,26 @@
+"""RMSNorm, computed in fp32."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """``y = x / rms(x) * (weight + offset)``.
+
+    ``offset`` is 0 for Llama/DeepSeek and 1 for Gemma-style norms that store
+    ``weight - 1``. ``weight=None`` gives a norm without a learned scale.
+    """
+
+    def __init__(self, weight: torch.Tensor | None, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.register_buffer("weight", None if weight is None else weight.float() + offset)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        return y.to(x.dtype)

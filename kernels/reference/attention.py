@@ -1,0 +1,52 @@
+"""Reference scaled-dot-product attention with position-based masks (fp32).
+
+Masks come from token positions rather than from array indices so that one
+function serves a full forward, a prefill chunk against cached keys, and a
+single decode step:
+
+    key j is visible to query i  iff  k_pos[j] <= q_pos[i]
+                                  and (no window or q_pos[i] - k_pos[j] < window)
+                                  and k_pos[j] >= 0   (negative = empty slot)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean ``[B, Tq, Tk]`` mask (True = attend) from ``q_pos [B, Tq]`` and ``k_pos [B, Tk]``."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    mask = (k <= q) & (k >= 0)
+    if window is not None:
+        mask &= (q - k) < window
+    return mask
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Causal GQA attention.
+
+    q: ``[B, Hq, Tq, D]``; k: ``[B, Hkv, Tk, D]``; v: ``[B, Hkv, Tk, Dv]``, with
+    ``Hq`` a multiple of ``Hkv``. Returns ``[B, Hq, Tq, Dv]`` in q's dtype.
+    A query that sees no key (cannot happen for causal self-attention) gets zeros.
+    """
+    b, hq, tq, _ = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    qf = q.float().reshape(b, hkv, group * tq, q.shape[-1])
+    scores = (qf @ k.float().transpose(-1, -2)).reshape(b, hkv, group, tq, k.shape[2]) * scale
+    mask = attention_mask(q_pos, k_pos, window)[:, None, None]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = probs.reshape(b, hkv, group * tq, k.shape[2]) @ v.float()
+    return out.reshape(b, hq, tq, v.shape[-1]).to(q.dtype)

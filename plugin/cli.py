@@ -1,0 +1,220 @@
+"""``exl3-triton`` command line: thin subcommands over the public API.
+
+    exl3-triton inspect  MODEL_DIR
+    exl3-triton dequant  MODEL_DIR MODULE_KEY --out FILE
+    exl3-triton logits   MODEL_DIR --ids IDS.json --out FILE
+    exl3-triton generate MODEL_DIR --prompt TEXT
+
+Errors a user can cause print one line ``error: ...`` to stderr and exit with
+status 2; nothing prints a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .errors import Exl3TritonError, InvalidArgumentError
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--dtype", default=None, help="activation dtype: float32, float16 or bfloat16 "
+                   "(default: float32 on CPU, float16 on CUDA)")
+    p.add_argument("--backend", default=None, choices=["reference", "triton", "auto"],
+                   help="kernel backend (default: the best for the device)")
+
+
+# ------------------------------------------------------------------ inspect
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .arch import registry
+    from .checkpoint import Checkpoint
+
+    ckpt = Checkpoint(args.model_dir)
+    arch = ckpt.architecture
+    qcfg = ckpt.quantization_config or {}
+    linears = ckpt.validate()  # loads and checks every EXL3 linear
+    files = sorted({ckpt.info(n).file for n in ckpt.tensor_names()})
+
+    print(f"model:        {ckpt.model_dir}")
+    print(f"architecture: {arch}")
+    try:
+        adapter = registry.resolve(arch, config_path=ckpt.config_path)
+        config = adapter.config_from_checkpoint(ckpt)
+        layers = getattr(config, "num_layers", "?")
+        supported = None
+    except Exl3TritonError as e:
+        layers, supported = ckpt.config.get("num_hidden_layers", "?"), e
+    print(f"layers:       {layers}")
+    if linears:
+        extra = ", ".join(f"{k} {qcfg[k]}" for k in ("bits", "head_bits", "codebook", "version") if k in qcfg)
+        print(f"format:       EXL3 ({extra})" if extra else "format:       EXL3")
+    else:
+        print("format:       unquantized")
+    print(f"files:        {len(files)} safetensors file(s), {_human_bytes(ckpt.total_bytes())} of tensors")
+
+    if linears:
+        print(f"\nEXL3 linears: {len(linears)}")
+        groups = Counter((w.bits, w.codebook.label) for w in linears)
+        params = Counter()
+        for w in linears:
+            params[(w.bits, w.codebook.label)] += w.in_features * w.out_features
+        print(f"  {'bits':>5}  {'codebook':8}  {'count':>5}  {'weights':>12}")
+        for (bits, cb), count in sorted(groups.items()):
+            print(f"  {bits:>5g}  {cb:8}  {count:>5}  {params[(bits, cb)]:>12,}")
+    dense = ckpt.unquantized_tensor_names()
+    dtypes = Counter(ckpt.info(n).dtype for n in dense)
+    print(f"\nunquantized tensors: {len(dense)} ({', '.join(f'{c} {d}' for d, c in sorted(dtypes.items()))})")
+
+    print("\nper tensor:")
+    for w in linears:
+        print(f"  {w.key:60}  exl3  {w.bits:>3g} bits  {w.codebook.label:5}  "
+              f"[{w.in_features} x {w.out_features}]{'  +bias' if w.bias is not None else ''}")
+    for name in dense:
+        info = ckpt.info(name)
+        print(f"  {name:60}  {info.dtype:5} {list(info.shape)}")
+    if supported is not None:
+        print(f"\nerror: {supported}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ------------------------------------------------------------------ dequant
+
+def cmd_dequant(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from . import kernels
+    from .checkpoint import Checkpoint
+
+    ckpt = Checkpoint(args.model_dir)
+    fmt = ckpt.linear_format(args.module_key)
+    if fmt != "exl3":
+        what = (f"stored unquantized ({args.module_key}.weight)" if fmt == "dense"
+                else "not a module of this model")
+        raise InvalidArgumentError(f"'{args.module_key}' is {what}; dequant needs an EXL3 linear "
+                                   f"(see 'exl3-triton inspect {args.model_dir}')")
+    device = args.device or "cpu"
+    weight = ckpt.exl3_linear(args.module_key, device=device)
+    backend = None if args.backend == "auto" else args.backend
+    inner = kernels.exl3_dequant(weight, backend=backend)
+    full = kernels.exl3_full_weight(weight, backend=backend)
+    out = {"inner": inner.cpu().contiguous(), "weight": full.float().cpu().contiguous()}
+    if weight.bias is not None:
+        out["bias"] = weight.bias.cpu()
+    save_file(out, args.out)
+    print(f"{args.module_key}: {weight.bits:g} bits {weight.codebook.label}, "
+          f"[{weight.in_features} x {weight.out_features}] -> {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------ logits
+
+def _read_ids(path: str) -> list[int]:
+    try:
+        ids = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InvalidArgumentError(f"--ids {path}: cannot read a JSON list of token ids ({e})") from e
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise InvalidArgumentError(f"--ids {path}: expected a non-empty JSON list of integers")
+    return ids
+
+
+def cmd_logits(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from .model import load
+
+    ids = _read_ids(args.ids)
+    model = load(args.model_dir, device=args.device, dtype=args.dtype,
+                 backend=None if args.backend == "auto" else args.backend)
+    logits = model.forward(torch.tensor(ids))
+    save_file({"logits": logits.float().cpu().contiguous()}, args.out)
+    print(f"{len(ids)} tokens -> logits {list(logits.shape)} -> {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------ generate
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import generate_uncached
+    from .model import load
+
+    model = load(args.model_dir, device=args.device, dtype=args.dtype,
+                 backend=None if args.backend == "auto" else args.backend)
+    if model.tokenizer is None:
+        raise InvalidArgumentError(f"{args.model_dir} has no tokenizer.json, so text cannot be generated")
+    for piece in generate_uncached(model, args.prompt, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+# ------------------------------------------------------------------ main
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exl3-triton", description="Run EXL3-quantized language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="summarise a model directory and validate every tensor")
+    p.add_argument("model_dir", help="model directory (config.json + safetensors)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("dequant", help="decode one EXL3 linear to a safetensors file (inner W_hat and full W)")
+    p.add_argument("model_dir")
+    p.add_argument("module_key", help="module name, e.g. model.layers.0.self_attn.q_proj")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--backend", default=None, choices=["reference", "triton", "auto"])
+    p.set_defaults(func=cmd_dequant)
+
+    p = sub.add_parser("logits", help="one forward pass over token ids; writes fp32 logits [T, vocab]")
+    p.add_argument("model_dir")
+    p.add_argument("--ids", required=True, help="JSON file with a list of token ids")
+    p.add_argument("--out", required=True, help="output .safetensors file (tensor 'logits')")
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_logits)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+    p.add_argument("--seed", type=int, default=None)
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exl3TritonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

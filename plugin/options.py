@@ -1,0 +1,47 @@
+"""Options that decide where and how a model runs (device, compute dtype, kernel backend)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidArgumentError
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a loaded model computes.
+
+    device:  where weights live and run ("cpu", "cuda", "cuda:1").
+    dtype:   activation dtype; fp32 on CPU, fp16 on CUDA unless set.
+    backend: kernel backend ("reference", "triton" or None for the best on the device).
+    cache_decoded_weights: on the reference backend, keep each layer's decoded
+             W_hat after first use (fast CPU runs of small models; costs 2 bytes
+             per weight).
+    """
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    backend: str | None = None
+    cache_decoded_weights: bool = True
+
+    @staticmethod
+    def create(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+               backend: str | None = None, cache_decoded_weights: bool = True) -> "RuntimeOptions":
+        dev = torch.device(device or "cpu")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidArgumentError(f"device {str(dev)!r} was requested but CUDA is not available on this machine")
+        if isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+            dtype = _DTYPES[dtype]
+        if dtype is None:
+            dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        from .kernels.dispatch import resolve_backend
+
+        resolve_backend(backend, dev)  # validates the name and availability
+        return RuntimeOptions(device=dev, dtype=dtype, backend=backend, cache_decoded_weights=cache_decoded_weights)

@@ -1,0 +1,85 @@
+"""Shared fixtures: the golden data directory and helpers that write tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("EXL3_TRITON_GOLDEN", REPO_ROOT.parent / "shared" / "golden"))
+# CI sets this so that a missing golden directory fails instead of skipping.
+REQUIRE_GOLDEN = os.environ.get("EXL3_TRITON_REQUIRE_GOLDEN") == "1"
+
+GOLDEN_EXL3 = ["llama_k4_mcg", "llama_k3_mcg", "llama_k4_3inst", "llama_k25_mul1"]
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    if not GOLDEN_DIR.is_dir():
+        if REQUIRE_GOLDEN:
+            pytest.fail(f"golden data not found at {GOLDEN_DIR}")
+        pytest.skip(f"golden data not found at {GOLDEN_DIR}")
+    return GOLDEN_DIR
+
+
+@pytest.fixture
+def output_dir(request) -> Path:
+    """A per-test folder under tests/output/ for artefacts worth looking at (screenshots, tables)."""
+    path = REPO_ROOT / "tests" / "output" / request.node.name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_checkpoint(
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict | None = None,
+    *,
+    shards: int = 1,
+    with_index: bool = True,
+    quantization_config: dict | None = None,
+) -> Path:
+    """Write ``tensors`` as a model directory (optionally split into shards)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = dict(config or {"architectures": ["LlamaForCausalLM"]})
+    (directory / "config.json").write_text(json.dumps(config))
+    if quantization_config is not None:
+        (directory / "quantization_config.json").write_text(json.dumps(quantization_config))
+    names = sorted(tensors)
+    if shards == 1:
+        save_file({n: tensors[n].contiguous() for n in names}, str(directory / "model.safetensors"))
+        return directory
+    weight_map = {}
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n].contiguous() for n in names[s::shards]}
+        save_file(part, str(directory / fname))
+        weight_map.update({n: fname for n in part})
+    if with_index:
+        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return directory
+
+
+def random_exl3_tensors(key: str, k: int, n: int, bits: float, codebook: str = "mcg",
+                        bias: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The stored tensors of one EXL3 linear with random trellis and scales."""
+    g = torch.Generator().manual_seed(seed)
+    words = int(16 * bits)
+    out = {
+        f"{key}.trellis": torch.randint(-32768, 32768, (k // 16, n // 16, words), generator=g, dtype=torch.int32).to(torch.int16),
+        f"{key}.suh": (torch.randn(k, generator=g) * 0.05).half(),
+        f"{key}.svh": (torch.randn(n, generator=g) * 0.05).half(),
+    }
+    if codebook == "mcg":
+        out[f"{key}.mcg"] = torch.tensor(0xCBAC1FED - (1 << 32), dtype=torch.int32)
+    elif codebook == "mul1":
+        out[f"{key}.mul1"] = torch.tensor(0x83DCD12D - (1 << 32), dtype=torch.int32)
+    if bias:
+        out[f"{key}.bias"] = torch.randn(n, generator=g).half()
+    return out
