@@ -1,20 +1,29 @@
 """exl3_triton.kernels: the EXL3 kernel core.
 
 Kernels know tensors, not models. Each op has a plain-PyTorch reference (the
-oracle and the CPU path, in ``kernels.reference``) and a Triton implementation;
-the public functions below pick one by the ``backend`` argument (see
-``kernels.dispatch``).
+oracle and the CPU path, in ``kernels.reference``) and a Triton implementation
+(``kernels/triton_*.py``); the public functions below pick one by the
+``backend`` argument (see ``kernels.dispatch``):
+
+    exl3_dequant(w)                 W_hat fp16 [in, out], bit-exact
+    exl3_full_weight(w)             W fp32 [in, out]
+    exl3_matmul(x, w)               x W + b through the rotated form
+    exl3_moe(x, experts, ids, rw)   each token's selected experts, optionally weighted and summed
+    hadamard_128(x, pre, post)      ((x * pre) . H128) * post
+    linear(x, w)                    EXL3 or dense
 """
 
 from __future__ import annotations
 
 import torch
 
-from .dispatch import BACKENDS, resolve_backend, triton_available
+from . import triton_ops
+from .dispatch import BACKENDS, matmul_plan, resolve_backend, triton_available
 from .reference import (
     dense_matmul_ref,
     exl3_inner_ref,
     exl3_matmul_ref,
+    exl3_moe_ref,
     exl3_weight_ref,
     hadamard_128_ref,
 )
@@ -22,6 +31,7 @@ from .weights import (
     SUPPORTED_BITS,
     Codebook,
     DenseWeight,
+    Exl3ExpertStack,
     Exl3Weight,
     LinearWeight,
     bits_from_words,
@@ -29,15 +39,26 @@ from .weights import (
 )
 
 
+def _triton_shapes_ok(*dims: int) -> bool:
+    return all(d % 128 == 0 for d in dims)
+
+
 def exl3_dequant(weight: Exl3Weight, backend: str | None = None) -> torch.Tensor:
     """Decode ``W_hat`` (fp16 ``[in, out]``) of an EXL3 linear; bit-exact on every backend."""
-    resolve_backend(backend, weight.device)
+    if resolve_backend(backend, weight.device) == "triton" and weight.out_features % 16 == 0:
+        return triton_ops.load().dequant.dequant_inner_triton(weight)
     return exl3_inner_ref(weight)
 
 
 def exl3_full_weight(weight: Exl3Weight, backend: str | None = None) -> torch.Tensor:
     """The dense weight ``W`` fp32 ``[in, out]`` (without bias)."""
-    return exl3_weight_ref(weight, inner=exl3_dequant(weight, backend))
+    if resolve_backend(backend, weight.device) == "triton" and _triton_shapes_ok(weight.in_features,
+                                                                                 weight.out_features):
+        had = triton_ops.load().hadamard.hadamard_128_triton
+        inner = exl3_dequant(weight, "triton")
+        left = had(inner.T.contiguous()).T * weight.suh.float()[:, None]  # diag(suh) . H . W_hat
+        return had(left.contiguous(), None, weight.svh)  # . H . diag(svh)
+    return exl3_weight_ref(weight)
 
 
 def exl3_matmul(
@@ -50,8 +71,31 @@ def exl3_matmul(
 
     ``inner`` (reference backend only) is an already decoded ``W_hat`` to reuse.
     """
-    resolve_backend(backend, x.device)
+    if resolve_backend(backend, x.device) == "triton":
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        plan = matmul_plan(rows, weight.in_features, weight.out_features)
+        if plan is not None and rows > 0:
+            ops = triton_ops.load()
+            if plan.kind == "fused":
+                return ops.gemm.exl3_gemm_triton(x, weight, plan.config)
+            w_full = ops.dequant.reconstruct_triton(weight)
+            y = torch.matmul(x.to(torch.float16), w_full).to(x.dtype)
+            return y + weight.bias.to(y.dtype) if weight.bias is not None else y
     return exl3_matmul_ref(x, weight, inner=inner)
+
+
+def exl3_moe(
+    x: torch.Tensor,
+    experts: Exl3ExpertStack,
+    expert_ids: torch.Tensor,
+    routing_weights: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Apply each token's selected experts (see ``kernels.reference.moe.exl3_moe_ref`` for shapes)."""
+    if resolve_backend(backend, x.device) == "triton" and _triton_shapes_ok(experts.in_features,
+                                                                            experts.out_features):
+        return triton_ops.load().moe.exl3_moe_triton(x, experts, expert_ids, routing_weights)
+    return exl3_moe_ref(x, experts, expert_ids, routing_weights)
 
 
 def linear(x: torch.Tensor, weight: LinearWeight, backend: str | None = None) -> torch.Tensor:
@@ -68,7 +112,8 @@ def hadamard_128(
     backend: str | None = None,
 ) -> torch.Tensor:
     """``((x * pre_scale) . H128) * post_scale`` along the last dim (fp32 result)."""
-    resolve_backend(backend, x.device)
+    if resolve_backend(backend, x.device) == "triton" and x.shape[-1] % 128 == 0:
+        return triton_ops.load().hadamard.hadamard_128_triton(x, pre_scale, post_scale)
     return hadamard_128_ref(x, pre_scale, post_scale)
 
 
@@ -77,12 +122,14 @@ __all__ = [
     "SUPPORTED_BITS",
     "Codebook",
     "DenseWeight",
+    "Exl3ExpertStack",
     "Exl3Weight",
     "LinearWeight",
     "bits_from_words",
     "exl3_dequant",
     "exl3_full_weight",
     "exl3_matmul",
+    "exl3_moe",
     "hadamard_128",
     "linear",
     "resolve_backend",

@@ -1,35 +1,34 @@
-"""Backend choice for kernel ops.
+"""Backend choice and the plan for each EXL3 matmul.
 
 A backend is chosen by argument (or by the model's load options), never by an
 environment variable:
 
 * ``"reference"``: the plain-PyTorch implementations in ``kernels.reference``;
-* ``"triton"``: the Triton kernels (on CUDA; on CPU they run under Triton's
+* ``"triton"``: the Triton kernels (on CUDA; on a CPU they run under Triton's
   interpreter, which is how the test suite checks them);
-* ``None`` / ``"auto"``: the best available for the tensor's device.
+* ``None`` / ``"auto"``: Triton on CUDA when available, else the reference.
+
+``matmul_plan`` picks how a Triton matmul runs from the number of rows, using
+the crossovers measured by ``bench/kernels.py`` (``kernels/tuning.py``).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import InvalidArgumentError
+from . import triton_ops, tuning
 
 BACKENDS = ("reference", "triton")
 
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """Whether the Triton package imports and its kernels exist in this build."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    from . import triton_ops
-
-    return triton_ops.AVAILABLE
+    """Whether the Triton kernels can run here (on CUDA, or under the interpreter on a CPU)."""
+    return triton_ops.load() is not None
 
 
 def resolve_backend(backend: str | None, device: torch.device | str) -> str:
@@ -39,6 +38,28 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "reference"
     if backend not in BACKENDS:
         raise InvalidArgumentError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
-    if backend == "triton" and not triton_available():
-        raise InvalidArgumentError("backend 'triton' was requested but the Triton kernels are not available here")
+    if backend == "triton":
+        if not triton_available():
+            raise InvalidArgumentError(
+                f"backend 'triton' was requested but Triton cannot run here ({triton_ops.unavailable_reason()})")
+        if device.type == "cpu" and not triton_ops.interpreting():
+            raise InvalidArgumentError("backend 'triton' on a CPU tensor needs Triton's interpreter, "
+                                       "which is off in this process (CUDA is present): use device='cuda'")
     return backend
+
+
+@dataclass(frozen=True)
+class MatmulPlan:
+    """How to run one EXL3 matmul: the fused kernel with ``config``, or reconstruct + torch.matmul."""
+
+    kind: str  # "fused" or "reconstruct"
+    config: object = None
+
+
+def matmul_plan(rows: int, in_features: int, out_features: int) -> MatmulPlan | None:
+    """None when the Triton kernels cannot take the shape (then the reference runs)."""
+    if in_features % 128 or out_features % 128:
+        return None
+    if rows > tuning.fused_max_rows(in_features, out_features):
+        return MatmulPlan("reconstruct")
+    return MatmulPlan("fused", tuning.gemm_config(rows, in_features, out_features))

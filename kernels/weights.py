@@ -150,3 +150,60 @@ class DenseWeight:
 
 
 LinearWeight = Exl3Weight | DenseWeight
+
+
+@dataclass
+class Exl3ExpertStack:
+    """The experts of one MoE projection, stacked so one kernel launch can index any of them.
+
+    trellis int16 ``[E, k/16, n/16, 16*K]``, suh fp16 ``[E, k]``, svh fp16 ``[E, n]``.
+    All experts must share shape, bits and codebook (as ExLlamaV3's converter
+    writes them; the stack refuses anything else by name).
+    """
+
+    trellis: torch.Tensor
+    suh: torch.Tensor
+    svh: torch.Tensor
+    bits: float
+    codebook: Codebook
+    key: str = ""
+
+    @property
+    def num_experts(self) -> int:
+        return self.trellis.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.trellis.shape[1] * 16
+
+    @property
+    def out_features(self) -> int:
+        return self.trellis.shape[2] * 16
+
+    @property
+    def device(self) -> torch.device:
+        return self.trellis.device
+
+    def expert(self, e: int) -> Exl3Weight:
+        return Exl3Weight(self.trellis[e], self.suh[e], self.svh[e], self.bits, self.codebook, key=f"{self.key}[{e}]")
+
+    @staticmethod
+    def from_weights(weights: list[Exl3Weight], key: str = "") -> "Exl3ExpertStack":
+        if not weights:
+            raise ValueError(f"{key}: no experts to stack")
+        first = weights[0]
+        for w in weights:
+            same = (w.trellis.shape == first.trellis.shape and w.bits == first.bits and w.codebook == first.codebook)
+            if not same:
+                raise ValueError(
+                    f"{key}: expert {w.key} is {w.bits:g}-bit {w.codebook.label} {list(w.trellis.shape)} but "
+                    f"{first.key} is {first.bits:g}-bit {first.codebook.label} {list(first.trellis.shape)}; "
+                    "experts of one projection must match")
+            if w.bias is not None:
+                raise ValueError(f"{key}: expert {w.key} has a bias, which the stacked MoE path does not support")
+        return Exl3ExpertStack(
+            trellis=torch.stack([w.trellis for w in weights]),
+            suh=torch.stack([w.suh for w in weights]),
+            svh=torch.stack([w.svh for w in weights]),
+            bits=first.bits, codebook=first.codebook, key=key,
+        )

@@ -392,6 +392,11 @@ class Checkpoint:
                 f"({', '.join(str(b).removesuffix('.0') for b in SUPPORTED_BITS)})",
                 path=trellis_info.file, tensor=tname)
         k, n = 16 * tk, 16 * tn
+        if k % 128 or n % 128:
+            raise CheckpointError(
+                f"trellis {list(trellis_info.shape)} gives a [{k} x {n}] weight; EXL3 rotates in blocks of 128, "
+                "so both dimensions must be multiples of 128",
+                path=trellis_info.file, tensor=tname)
 
         codebook = self._codebook_of(key, parts)
         if is_half_integer(bits) and codebook != Codebook.MUL1:

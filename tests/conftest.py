@@ -83,3 +83,23 @@ def random_exl3_tensors(key: str, k: int, n: int, bits: float, codebook: str = "
     if bias:
         out[f"{key}.bias"] = torch.randn(n, generator=g).half()
     return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def random_exl3_weight(k: int, n: int, bits: float, codebook, *, bias: bool = False, seed: int = 0,
+                       device: str = "cpu"):
+    """An ``Exl3Weight`` with a random trellis (any bit pattern decodes) and realistic scales."""
+    from exl3_triton.kernels.weights import Codebook, Exl3Weight
+
+    g = torch.Generator().manual_seed(seed)
+    words = int(16 * bits)
+    trellis = torch.randint(-32768, 32768, (k // 16, n // 16, words), generator=g, dtype=torch.int32).to(torch.int16)
+    suh = (torch.randn(k, generator=g) * 0.05).half()
+    svh = (torch.randn(n, generator=g) * 0.05).half()
+    b = torch.randn(n, generator=g).half() if bias else None
+    w = Exl3Weight(trellis, suh, svh, bits, Codebook(codebook), bias=b, key=f"random_{k}x{n}_{bits}")
+    return w.to(device)

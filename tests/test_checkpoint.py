@@ -181,6 +181,13 @@ def test_trellis_with_invalid_width(tmp_path):
     _assert_names(e.value, "x.trellis", "50", "model.safetensors")
 
 
+def test_trellis_not_multiple_of_128(tmp_path):
+    t = random_exl3_tensors("x", 128, 144, 4)
+    with pytest.raises(CheckpointError) as e:
+        Checkpoint(write_checkpoint(tmp_path, t)).exl3_linear("x")
+    _assert_names(e.value, "x.trellis", "multiples of 128")
+
+
 def test_trellis_wrong_dtype(tmp_path):
     t = random_exl3_tensors("x", 128, 128, 4)
     t["x.trellis"] = t["x.trellis"].to(torch.int32)

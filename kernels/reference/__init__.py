@@ -41,3 +41,7 @@ __all__ = [
 from .attention import attention_mask, attention_ref  # noqa: E402
 
 __all__ += ["attention_mask", "attention_ref"]
+
+from .moe import exl3_moe_ref  # noqa: E402
+
+__all__ += ["exl3_moe_ref"]

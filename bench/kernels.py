@@ -1,0 +1,318 @@
+"""Check, then time, the EXL3 Triton kernels on a GPU (kernel issue).
+
+    python bench/kernels.py [--out DIR] [--sections env,exact,gemv,m16,table,crossover,moe,formats]
+                            [--budget SECONDS]
+
+Every kernel variant is first checked against the PyTorch reference on fresh
+random inputs with its output poisoned (NaN) beforehand; only variants that pass
+are timed. Timing: see bench/common.py (events around each Python call, median
+of 100 after 10 warm-up calls, weights rotated past L2; and inside a CUDA
+graph). fp16 ``torch.matmul`` is timed in the same run. Results go to
+``bench/results/kernels-<date>-<gpu>.json`` (or ``--out``), written as they come.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    REPO,
+    Results,
+    copy_bandwidth,
+    environment,
+    rotation_count,
+    synthetic_exl3,
+    time_eager,
+    time_graph,
+)
+
+from exl3_triton.kernels import Codebook, Exl3ExpertStack, triton_ops  # noqa: E402
+from exl3_triton.kernels.reference import dequant_inner_ref, exl3_matmul_ref, exl3_moe_ref  # noqa: E402
+from exl3_triton.kernels.weights import SUPPORTED_BITS  # noqa: E402
+
+OPS = triton_ops.load()
+GemmConfig = OPS.gemm.GemmConfig
+MATMUL_TOL = 2e-3
+
+# The issue's peer figures: ExLlamaV3 CUDA kernels on an H100, MCG, per Python call.
+PEER = {  # (k, n, K, rows): (exllamav3_us, fp16_matmul_us)
+    (8192, 8192, 4, 1): (68.6, 104.8),
+    (5376, 21504, 4, 1): (76.7, 105.0),
+    (21504, 5376, 4, 1): (87.3, 95.2),
+    (8192, 8192, 2, 1): (57.3, 62.0),
+    (8192, 8192, 4, 16): (74.2, 73.1),
+    (5376, 21504, 4, 16): (83.5, 98.5),
+}
+
+
+@triton.jit
+def _empty_kernel(x_ptr):
+    pass
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+class Bench:
+    def __init__(self, results: Results, budget: float):
+        self.r = results
+        self.budget = budget
+        self.best: dict[str, GemmConfig] = {}
+
+    def out_of_time(self) -> bool:
+        return self.r.elapsed() > self.budget
+
+    # ---------------------------------------------------------- helpers
+
+    def weights(self, k, n, bits, cb=Codebook.MCG):
+        nbytes = k * n * bits / 8
+        return [synthetic_exl3(k, n, bits, cb, seed=i) for i in range(rotation_count(int(nbytes)))]
+
+    def check_gemm(self, cfg, k, n, bits, cb, rows) -> float:
+        w = synthetic_exl3(k, n, bits, cb, seed=1234, bias=True)
+        x = torch.randn(rows, k, device="cuda").half()
+        out = torch.full((rows, n), float("nan"), dtype=torch.float16, device="cuda")
+        y = OPS.gemm.exl3_gemm_triton(x, w, cfg, out=out)
+        torch.cuda.synchronize()
+        if not torch.isfinite(y).all():
+            return float("inf")
+        return rel_err(y, exl3_matmul_ref(x.float(), w))
+
+    def time_gemm(self, cfg, k, n, bits, rows, cb=Codebook.MCG, graph=True) -> dict:
+        ws = self.weights(k, n, bits, cb)
+        xs = [torch.randn(rows, k, device="cuda").half() for _ in ws]
+        fn = lambda i: OPS.gemm.exl3_gemm_triton(xs[i], ws[i], cfg)  # noqa: E731
+        rec = {"eager_us": time_eager(fn, len(ws))["median_us"]}
+        if graph:
+            rec["graph_us"] = time_graph(fn, len(ws))["median_us"]
+        return rec
+
+    def time_fp16(self, k, n, rows, graph=True) -> dict:
+        count = rotation_count(k * n * 2)
+        ws = [torch.randn(k, n, device="cuda").half() for _ in range(count)]
+        xs = [torch.randn(rows, k, device="cuda").half() for _ in range(count)]
+        fn = lambda i: torch.matmul(xs[i], ws[i])  # noqa: E731
+        rec = {"fp16_eager_us": time_eager(fn, count)["median_us"]}
+        if graph:
+            rec["fp16_graph_us"] = time_graph(fn, count)["median_us"]
+        del ws
+        torch.cuda.empty_cache()
+        return rec
+
+    def variants(self, section, rows, k, n, bits, configs):
+        best = None
+        for cfg in configs:
+            if self.out_of_time():
+                break
+            try:
+                err = self.check_gemm(cfg, k, n, bits, Codebook.MCG, rows)
+            except Exception as e:  # a variant that does not compile is reported, not fatal
+                self.r.add(section, {"config": cfg.describe(), "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                continue
+            rec = {"config": cfg.describe(), "rows": rows, "shape": f"{k}x{n}", "K": bits, "rel_err": err}
+            if err < MATMUL_TOL:
+                rec.update(self.time_gemm(cfg, k, n, bits, rows, graph=False))
+                if best is None or rec["eager_us"] < best[1]:
+                    best = (cfg, rec["eager_us"])
+            self.r.add(section, rec)
+        return best[0] if best else None
+
+    # ---------------------------------------------------------- sections
+
+    def env(self):
+        bw = copy_bandwidth()
+        x = torch.empty(1, device="cuda")
+        launch = time_eager(lambda i: _empty_kernel[(1,)](x), 1)["median_us"]
+        # the wrapper's own cost: a tiny fused call, eager vs in a graph
+        w = [synthetic_exl3(128, 128, 4, Codebook.MCG)]
+        xt = torch.randn(1, 128, device="cuda").half()
+        cfg = GemmConfig(use_dot=False, btk=2)
+        tiny = lambda i: OPS.gemm.exl3_gemm_triton(xt, w[0], cfg)  # noqa: E731
+        self.r.add("env", {"copy_bandwidth_GBps": bw, "empty_triton_launch_us": launch,
+                           "tiny_gemv_eager_us": time_eager(tiny, 1)["median_us"],
+                           "tiny_gemv_graph_us": time_graph(tiny, 1)["median_us"]})
+        self.copy_bw = bw
+
+    def exact(self):
+        for bits in SUPPORTED_BITS:
+            for cb in Codebook:
+                if bits != int(bits) and cb != Codebook.MUL1:
+                    continue
+                # the pure-Triton decode is checked on a subset (the interpreter tests cover all)
+                for ptx in ((True, False) if bits in (4, 2.5) else (True,)):
+                    w = synthetic_exl3(256, 384, bits, cb, seed=int(bits * 10))
+                    out = torch.full((256, 384), float("nan"), dtype=torch.float16, device="cuda")
+                    got = OPS.dequant.dequant_inner_triton(w, out=out, use_ptx=ptx)
+                    ok = torch.equal(got.view(torch.int16), dequant_inner_ref(w.trellis, bits, cb).view(torch.int16))
+                    self.r.add("exact", {"K": bits, "codebook": cb.label, "ptx": ptx, "bit_exact": ok})
+        # dequant throughput on a large matrix
+        for bits in (2, 4):
+            ws = self.weights(8192, 8192, bits)
+            outs = [torch.empty(8192, 8192, dtype=torch.float16, device="cuda") for _ in range(2)]
+            t = time_eager(lambda i: OPS.dequant.dequant_inner_triton(ws[i], out=outs[i % 2]), len(ws))["median_us"]
+            moved = 8192 * 8192 * (2 + bits / 8)
+            self.r.add("dequant_speed", {"shape": "8192x8192", "K": bits, "us": t, "GBps": moved / t / 1e3})
+            t = time_eager(lambda i: OPS.dequant.reconstruct_triton(ws[i], out=outs[i % 2]), len(ws))["median_us"]
+            self.r.add("dequant_speed", {"shape": "8192x8192", "K": bits, "kind": "reconstruct W", "us": t,
+                                         "GBps": moved / t / 1e3})
+            del ws, outs
+            torch.cuda.empty_cache()
+
+    def gemv(self):
+        # variants that compile without spills on sm_90 (bench/kernel_resources.py)
+        cfgs = [GemmConfig(use_dot=False, btk=b, num_warps=w) for b, w in ((1, 4), (2, 4), (1, 8), (2, 8), (4, 8))]
+        cfgs += [GemmConfig(use_dot=False, btk=2, num_warps=8, use_ptx=False)]
+        cfgs += [GemmConfig(block_m=16, btk=b, num_warps=8) for b in (1, 2, 4)]
+        cfgs += [GemmConfig(block_m=16, fuse_had=True, num_warps=8)]
+        best = self.variants("gemv_variants", 1, 8192, 8192, 4, cfgs)
+        if best is not None:  # split and pipelining around the winner
+            more = [GemmConfig(**{**best.__dict__, "num_stages": s}) for s in (1, 3)]
+            more += [GemmConfig(**{**best.__dict__, "split_k": s}) for s in (4, 16, 32)]
+            alt = self.variants("gemv_variants", 1, 8192, 8192, 4, more)
+            best = alt if alt is not None and self._faster(alt, best, 1) else best
+        self.best["1"] = best
+
+    def _faster(self, a, b, rows) -> bool:
+        ta = self.time_gemm(a, 8192, 8192, 4, rows, graph=False)["eager_us"]
+        tb = self.time_gemm(b, 8192, 8192, 4, rows, graph=False)["eager_us"]
+        return ta < tb
+
+    def m16(self):
+        cfgs = [GemmConfig(block_m=16, btk=b, num_warps=8) for b in (1, 2, 4)]
+        cfgs += [GemmConfig(block_m=16, btk=2, num_warps=8, split_k=s) for s in (16, 32)]
+        cfgs += [GemmConfig(block_m=16, fuse_had=True, num_warps=8)]
+        self.best["16"] = self.variants("m16_variants", 16, 8192, 8192, 4, cfgs)
+
+    def table(self):
+        for (k, n, bits, rows), (peer_us, peer_fp16) in PEER.items():
+            if self.out_of_time():
+                break
+            cfg = self.best.get(str(rows)) or (GemmConfig(use_dot=False, btk=2) if rows == 1 else GemmConfig())
+            err = self.check_gemm(cfg, k, n, bits, Codebook.MCG, rows)
+            rec = {"shape": f"{k}x{n}", "K": bits, "rows": rows, "config": cfg.describe(), "rel_err": err,
+                   "exllamav3_us_issue": peer_us, "fp16_us_issue": peer_fp16}
+            rec.update(self.time_gemm(cfg, k, n, bits, rows))
+            rec.update(self.time_fp16(k, n, rows))
+            weight_bytes = k * n * bits / 8
+            rec["weight_GBps_graph"] = weight_bytes / rec["graph_us"] / 1e3
+            rec["speedup_vs_fp16"] = rec["fp16_eager_us"] / rec["eager_us"]
+            self.r.add("table", rec)
+
+    def crossover(self):
+        k = n = 8192
+        fused = {16: GemmConfig(block_m=16, btk=2, num_warps=4), 32: GemmConfig(block_m=32, btk=2, num_warps=4),
+                 64: GemmConfig(block_m=64, btk=2, num_warps=8), 128: GemmConfig(block_m=128, btk=1, num_warps=8)}
+        ws = self.weights(k, n, 4)
+        full_out = torch.empty(k, n, dtype=torch.float16, device="cuda")
+
+        def reconstruct(i, x):
+            return torch.matmul(x, OPS.dequant.reconstruct_triton(ws[i], out=full_out))
+
+        def rotate_dequant(i, x):
+            xh = OPS.hadamard.exl3_input_rotate(x, ws[i].suh)
+            y = torch.matmul(xh, OPS.dequant.dequant_inner_triton(ws[i], out=full_out))
+            return OPS.hadamard.hadamard_128_triton(y, None, ws[i].svh)
+
+        for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048):
+            if self.out_of_time():
+                break
+            xs = [torch.randn(rows, k, device="cuda").half() for _ in ws]
+            rec = {"rows": rows}
+            if rows == 1 and self.best.get("1"):
+                cands = {"fused " + self.best["1"].describe(): self.best["1"]}
+            else:
+                cands = {f"fused bm{bm}": c for bm, c in fused.items() if bm >= min(rows, 16) and bm <= max(16, rows)}
+            for name, cfg in cands.items():
+                rec[name] = time_eager(lambda i: OPS.gemm.exl3_gemm_triton(xs[i], ws[i], cfg), len(ws))["median_us"]
+            if rows >= 16:
+                rec["reconstruct+matmul"] = time_eager(lambda i: reconstruct(i, xs[i]), len(ws))["median_us"]
+                rec["rotate+dequant+matmul"] = time_eager(lambda i: rotate_dequant(i, xs[i]), len(ws))["median_us"]
+            rec.update(self.time_fp16(k, n, rows, graph=False))
+            self.r.add("crossover", rec)
+        # check the large-batch paths once
+        x = torch.randn(300, k, device="cuda").half()
+        ref = exl3_matmul_ref(x.float(), ws[0])
+        self.r.add("crossover_check", {"reconstruct_rel_err": rel_err(reconstruct(0, x), ref),
+                                       "rotate_dequant_rel_err": rel_err(rotate_dequant(0, x), ref)})
+        del ws
+        torch.cuda.empty_cache()
+
+    def moe(self):
+        shapes = [("openpangu gate/up", 2560, 1024, False), ("openpangu down", 1024, 2560, True),
+                  ("deepseek-v4 gate/up", 4096, 2048, False)]
+        for name, k, n, weighted in shapes:
+            for bits in (4, 2):
+                if self.out_of_time():
+                    return
+                stack = Exl3ExpertStack.from_weights(
+                    [synthetic_exl3(k, n, bits, Codebook.MCG, seed=i) for i in range(256)], key=name)
+                for tokens in (1, 8):
+                    g = torch.Generator(device="cuda").manual_seed(tokens)
+                    n_rot = 8
+                    ids = [torch.stack([torch.randperm(256, generator=g, device="cuda")[:8] for _ in range(tokens)])
+                           for _ in range(n_rot)]
+                    rws = [torch.rand(tokens, 8, device="cuda", generator=g) for _ in range(n_rot)]
+                    shape_x = (tokens, 8, k) if weighted else (tokens, k)
+                    xs = [torch.randn(*shape_x, device="cuda").half() for _ in range(n_rot)]
+                    run = lambda i: OPS.moe.exl3_moe_triton(xs[i], stack, ids[i], rws[i] if weighted else None)  # noqa
+                    y = run(0)
+                    err = rel_err(y, exl3_moe_ref(xs[0].float(), stack, ids[0], rws[0] if weighted else None))
+                    rec = {"projection": name, "K": bits, "tokens": tokens, "shape": f"{k}x{n}", "rel_err": err,
+                           "eager_us": time_eager(run, n_rot)["median_us"], "graph_us": time_graph(run, n_rot)["median_us"]}
+                    active = len(torch.unique(ids[0]))
+                    rec["weight_GBps_graph"] = active * k * n * bits / 8 / rec["graph_us"] / 1e3
+                    self.r.add("moe", rec)
+                del stack
+                torch.cuda.empty_cache()
+
+    def formats(self):
+        cfg = self.best.get("1") or GemmConfig(use_dot=False, btk=2)
+        cfg16 = self.best.get("16") or GemmConfig()
+        for bits in SUPPORTED_BITS:
+            for cb in Codebook:
+                if (bits != int(bits) and cb != Codebook.MUL1) or self.out_of_time():
+                    continue
+                for rows, c in ((1, cfg), (16, cfg16)):
+                    err = self.check_gemm(c, 1024, 768, bits, cb, rows)
+                    self.r.add("formats", {"K": bits, "codebook": cb.label, "rows": rows, "rel_err": err,
+                                           "ok": err < MATMUL_TOL})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="results directory (default bench/results)")
+    parser.add_argument("--sections", default="env,exact,gemv,m16,table,crossover,moe,formats")
+    parser.add_argument("--budget", type=float, default=500, help="seconds after which remaining sections are skipped")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    meta = environment()
+    out_dir = Path(args.out) if args.out else REPO / "bench" / "results"
+    name = f"kernels-{meta['date']}-{meta['gpu'].replace(' ', '_')}.json"
+    bench = Bench(Results(out_dir / name, meta), args.budget)
+    for section in args.sections.split(","):
+        if bench.out_of_time():
+            print(f"budget spent, skipping {section}")
+            continue
+        try:
+            getattr(bench, section)()
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            bench.r.add("errors", {"section": section, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+    print(f"results: {out_dir / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Kernel tests run the Triton kernels under Triton's interpreter when there is no GPU."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a Triton kernel module
+
+
+@pytest.fixture(scope="session")
+def triton_kernels():
+    from exl3_triton.kernels import triton_ops
+
+    ops = triton_ops.load()
+    if ops is None:
+        pytest.fail(f"Triton kernels unavailable: {triton_ops.unavailable_reason()}")
+    return ops
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

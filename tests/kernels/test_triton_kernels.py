@@ -1,0 +1,161 @@
+"""Triton kernels against the PyTorch reference (under the interpreter on CPU, small sizes).
+
+Tolerances: decode is bit-exact; matmuls round activations and outputs to fp16
+like ExLlamaV3 does, so they are held to relative error < 2e-3 of the fp32
+reference.
+"""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from exl3_triton.checkpoint import Checkpoint
+from exl3_triton.kernels import Codebook, Exl3ExpertStack, exl3_full_weight, exl3_matmul, exl3_moe, hadamard_128
+from exl3_triton.kernels.reference import (
+    dequant_inner_ref,
+    exl3_matmul_ref,
+    exl3_moe_ref,
+    exl3_weight_ref,
+    hadamard_128_ref,
+)
+from exl3_triton.kernels.weights import SUPPORTED_BITS
+
+from ..conftest import GOLDEN_EXL3, random_exl3_weight, rel_err
+
+MATMUL_TOL = 2e-3
+ALL_FORMATS = [(b, cb) for b in SUPPORTED_BITS for cb in Codebook if b == int(b) or cb == Codebook.MUL1]
+
+
+def _poisoned(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("bits,cb", ALL_FORMATS, ids=lambda v: str(v))
+def test_dequant_bit_exact_every_format(triton_kernels, device, bits, cb):
+    w = random_exl3_weight(128, 256, bits, cb, seed=int(bits * 10) + int(cb), device=device)
+    out = _poisoned((128, 256), torch.float16, device)
+    got = triton_kernels.dequant.dequant_inner_triton(w, out=out)
+    assert torch.equal(got.view(torch.int16), dequant_inner_ref(w.trellis, bits, cb).view(torch.int16))
+
+
+def test_dequant_column_block(triton_kernels, device):
+    w = random_exl3_weight(128, 384, 3, Codebook.MCG, device=device)
+    full = dequant_inner_ref(w.trellis, 3, Codebook.MCG)
+    part = triton_kernels.dequant.dequant_inner_triton(w, col_start=128, col_end=272)
+    assert torch.equal(part, full[:, 128:272])
+
+
+@pytest.mark.parametrize("name", GOLDEN_EXL3)
+def test_dequant_golden_trellises(golden, triton_kernels, device, name):
+    ckpt = Checkpoint(golden / "exl3" / name)
+    ref = safe_open(str(golden / "exl3" / "ref" / f"{name}_ref.safetensors"), "pt")
+    for key in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj", "lm_head"):
+        w = ckpt.exl3_linear(key, device=device)
+        got = triton_kernels.dequant.dequant_inner_triton(w)
+        assert torch.equal(got.cpu().view(torch.int16), ref.get_tensor(f"wi.{key}").view(torch.int16)), key
+
+
+def test_reconstruct_full_weight(triton_kernels, device):
+    w = random_exl3_weight(256, 128, 4, Codebook.MUL1, device=device)
+    got = triton_kernels.dequant.reconstruct_triton(w)
+    assert got.dtype == torch.float16 and rel_err(got, exl3_weight_ref(w)) < 1e-3
+    assert rel_err(exl3_full_weight(w, backend="triton"), exl3_weight_ref(w)) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_hadamard(triton_kernels, device, rows):
+    x = torch.randn(rows, 384, device=device)
+    pre, post = torch.randn(384, device=device), torch.randn(384, device=device)
+    assert rel_err(hadamard_128(x, pre, post, backend="triton"), hadamard_128_ref(x, pre, post)) < 1e-5
+    xh = triton_kernels.hadamard.exl3_input_rotate(x.half(), pre.half())
+    expected = hadamard_128_ref((x.half() * pre.half()).float()).half()  # upstream's rounding points
+    assert (xh.float() - expected.float()).abs().max() <= 2e-3 * expected.float().abs().max()
+
+
+GEMM_CASES = [  # (rows, bits, codebook, config kwargs)
+    (1, 4, Codebook.MCG, dict(use_dot=False, btk=1)),
+    (1, 2, Codebook.MUL1, dict(use_dot=False, btk=2, split_k=2)),
+    (1, 3.5, Codebook.MUL1, dict(use_dot=True, fuse_had=True)),
+    (3, 5, Codebook.THREE_INST, dict(use_dot=True, btk=2)),
+    (7, 2.5, Codebook.MUL1, dict(use_dot=True, btk=1, split_k=4)),
+    (17, 8, Codebook.MCG, dict(use_dot=True, block_m=16, btk=2, split_k=2)),
+    (33, 1.5, Codebook.MUL1, dict(use_dot=True, block_m=32, fuse_had=True, split_k=2)),
+]
+
+
+@pytest.mark.parametrize("rows,bits,cb,cfg", GEMM_CASES, ids=lambda v: str(v))
+def test_fused_gemm(triton_kernels, device, rows, bits, cb, cfg):
+    w = random_exl3_weight(256, 256, bits, cb, bias=True, seed=rows, device=device)
+    x = torch.randn(rows, 256, device=device).half()
+    out = _poisoned((rows, 256), torch.float16, device)
+    y = triton_kernels.gemm.exl3_gemm_triton(x, w, triton_kernels.gemm.GemmConfig(**cfg), out=out)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, exl3_matmul_ref(x.float(), w)) < MATMUL_TOL
+
+
+def test_split_k_is_deterministic_and_counters_reset(triton_kernels, device):
+    w = random_exl3_weight(512, 128, 4, Codebook.MCG, device=device)
+    x = torch.randn(2, 512, device=device).half()
+    cfg = triton_kernels.gemm.GemmConfig(block_m=16, btk=2, split_k=4)
+    first = triton_kernels.gemm.exl3_gemm_triton(x, w, cfg)
+    again = triton_kernels.gemm.exl3_gemm_triton(x, w, cfg)
+    assert torch.equal(first, again)
+    locks, _, _ = triton_kernels.gemm.device_buffers(torch.device(device))
+    assert int(locks.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("rows", [1, 5, 150])
+def test_public_matmul_dispatch(device, rows):
+    w = random_exl3_weight(256, 384, 4, Codebook.MCG, bias=True, device=device)
+    x = torch.randn(2, rows, 256, device=device).half()  # batched leading dims
+    y = exl3_matmul(x, w, backend="triton")
+    assert y.shape == (2, rows, 384)
+    assert rel_err(y, exl3_matmul_ref(x.float(), w)) < MATMUL_TOL
+
+
+@pytest.mark.parametrize("rows,cfg", [(1, dict(use_dot=False, btk=2)), (5, dict(block_m=16, btk=1))])
+def test_odd_sized_weight(triton_kernels, device, rows, cfg):
+    w = random_exl3_weight(640, 1152, 3, Codebook.MCG, bias=True, seed=9, device=device)
+    assert torch.equal(triton_kernels.dequant.dequant_inner_triton(w), dequant_inner_ref(w.trellis, 3, Codebook.MCG))
+    x = torch.randn(rows, 640, device=device).half()
+    y = triton_kernels.gemm.exl3_gemm_triton(x, w, triton_kernels.gemm.GemmConfig(**cfg))
+    assert rel_err(y, exl3_matmul_ref(x.float(), w)) < MATMUL_TOL
+
+
+def _stack(e, k, n, bits, cb, device):
+    return Exl3ExpertStack.from_weights([random_exl3_weight(k, n, bits, cb, seed=i, device=device) for i in range(e)],
+                                        key="experts")
+
+
+@pytest.mark.parametrize("schedule,split_k", [("decode", 1), ("decode", 2), ("grouped", None)])
+def test_moe(triton_kernels, device, schedule, split_k):
+    stack = _stack(5, 256, 128, 4, Codebook.MCG, device)
+    ids = torch.tensor([[4, 1], [1, 1], [0, -1]], device=device)  # a repeated expert and a skipped slot
+    rw = torch.rand(3, 2, device=device)
+    x = torch.randn(3, 256, device=device).half()
+    xs = torch.randn(3, 2, 256, device=device).half()
+    moe = triton_kernels.moe.exl3_moe_triton
+    proj = moe(x, stack, ids, schedule=schedule, split_k=split_k)
+    assert proj.shape == (3, 2, 128)
+    ref = exl3_moe_ref(x.float(), stack, ids)
+    assert rel_err(proj, ref) < MATMUL_TOL
+    comb = moe(xs, stack, ids, rw, schedule=schedule, split_k=split_k)
+    assert comb.shape == (3, 128)
+    assert rel_err(comb, exl3_moe_ref(xs.float(), stack, ids, rw)) < MATMUL_TOL
+
+
+def test_moe_grouped_many_tokens(device):
+    stack = _stack(4, 128, 256, 3, Codebook.MUL1, device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 4, (40, 2), generator=g).to(device)
+    rw = torch.rand(40, 2, generator=g).to(device)
+    xs = torch.randn(40, 2, 128, generator=g).to(device).half()
+    got = exl3_moe(xs, stack, ids, rw, backend="triton")  # 80 slots: grouped schedule
+    assert rel_err(got, exl3_moe_ref(xs.float(), stack, ids, rw)) < MATMUL_TOL
+
+
+def test_expert_stack_rejects_mismatch(device):
+    a = random_exl3_weight(128, 128, 4, Codebook.MCG, device=device)
+    b = random_exl3_weight(128, 128, 3, Codebook.MCG, device=device)
+    with pytest.raises(ValueError, match="must match"):
+        Exl3ExpertStack.from_weights([a, b], key="mlp.experts.up")
