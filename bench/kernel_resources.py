@@ -36,6 +36,7 @@ POINTERS = {
     "x_ptr": "*fp16", "suh_ptr": "*fp16", "svh_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16",
     "h16_ptr": "*fp16", "t32_ptr": "*i32", "ws_ptr": "*fp32", "lock_ptr": "*i32", "h32_ptr": "*fp32",
     "ids_ptr": "*i32", "rw_ptr": "*fp32", "slots_ptr": "*i32", "block_expert_ptr": "*i32",
+    "scratch_ptr": "*fp16", "xh_ptr": "*fp16",
 }
 
 # SASS opcode -> class, for the instruction mix
@@ -80,20 +81,19 @@ def resources(kernel) -> dict:
 
 
 def gemm_variants():
-    for use_dot, bm, btk, warps, fuse in [(False, 1, 1, 4, False), (False, 1, 2, 4, False), (False, 1, 1, 8, False),
-                                          (False, 1, 2, 8, False), (False, 1, 4, 8, False), (True, 16, 1, 8, False),
-                                          (True, 16, 2, 8, False), (True, 16, 4, 8, False), (True, 16, 2, 8, True),
-                                          (True, 32, 2, 8, False), (True, 64, 2, 8, False), (True, 128, 1, 8, False)]:
-        yield (f"gemm {'dot' if use_dot else 'fma'}{'+had' if fuse else ''} bm{bm} btk{btk} w{warps}",
-               triton_gemm._exl3_gemm_kernel, dict(BLOCK_M=bm, BTK=btk, SPLIT_K=4, USE_DOT=use_dot,
-                                                   FUSE_HAD=fuse, HAS_BIAS=False), warps)
+    for bm, btk, warps, rot in [(1, 1, 4, True), (1, 2, 4, True), (1, 1, 8, True), (1, 2, 8, True), (1, 4, 8, True),
+                                (1, 2, 8, False), (16, 1, 8, False), (16, 2, 8, False), (16, 4, 8, False),
+                                (16, 2, 8, True), (32, 2, 8, False), (64, 2, 8, False), (128, 1, 8, False)]:
+        yield (f"gemm {'fma' if bm == 1 else 'dot'}{'+rot' if rot else ''} bm{bm} btk{btk} w{warps}",
+               triton_gemm._exl3_gemm_kernel, dict(BLOCK_M=bm, BTK=btk, SPLIT_K=4, ROTATE_IN_KERNEL=rot,
+                                                   HAS_BIAS=False), warps)
 
 
 def moe_variants():
     yield ("moe decode reduce", triton_moe._exl3_moe_decode_kernel,
-           dict(TOPK=8, X_PER_SLOT=True, REDUCE=True, SPLIT_K=2), 8)
+           dict(TOPK=8, X_PER_SLOT=True, REDUCE=True, SPLIT_K=2, BTK=2), 8)
     yield ("moe grouped bm16", triton_moe._exl3_moe_grouped_kernel,
-           dict(TOPK=8, X_PER_SLOT=False, HAS_WEIGHTS=False, BLOCK_M=16), 8)
+           dict(HAS_WEIGHTS=False, BLOCK_M=16, BTK=2), 8)
 
 
 def main() -> int:

@@ -14,8 +14,8 @@ graph). fp16 ``torch.matmul`` is timed in the same run. Results go to
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,8 @@ from common import (  # noqa: E402
     time_graph,
 )
 
-from exl3_triton.kernels import Codebook, Exl3ExpertStack, triton_ops  # noqa: E402
+from exl3_triton.kernels import Codebook, Exl3ExpertStack, exl3_matmul, triton_ops  # noqa: E402
+from exl3_triton.kernels.launch import FastLauncher  # noqa: E402
 from exl3_triton.kernels.reference import dequant_inner_ref, exl3_matmul_ref, exl3_moe_ref  # noqa: E402
 from exl3_triton.kernels.weights import SUPPORTED_BITS  # noqa: E402
 
@@ -108,6 +109,7 @@ class Bench:
         return rec
 
     def variants(self, section, rows, k, n, bits, configs):
+        """Check each config, time the good ones (eager and in a graph); return the fastest in a graph."""
         best = None
         for cfg in configs:
             if self.out_of_time():
@@ -119,9 +121,9 @@ class Bench:
                 continue
             rec = {"config": cfg.describe(), "rows": rows, "shape": f"{k}x{n}", "K": bits, "rel_err": err}
             if err < MATMUL_TOL:
-                rec.update(self.time_gemm(cfg, k, n, bits, rows, graph=False))
-                if best is None or rec["eager_us"] < best[1]:
-                    best = (cfg, rec["eager_us"])
+                rec.update(self.time_gemm(cfg, k, n, bits, rows))
+                if best is None or rec["graph_us"] < best[1]:
+                    best = (cfg, rec["graph_us"])
             self.r.add(section, rec)
         return best[0] if best else None
 
@@ -131,12 +133,15 @@ class Bench:
         bw = copy_bandwidth()
         x = torch.empty(1, device="cuda")
         launch = time_eager(lambda i: _empty_kernel[(1,)](x), 1)["median_us"]
+        fast = FastLauncher(_empty_kernel)
+        fast_launch = time_eager(lambda i: fast((1,), x), 1)["median_us"]
         # the wrapper's own cost: a tiny fused call, eager vs in a graph
         w = [synthetic_exl3(128, 128, 4, Codebook.MCG)]
         xt = torch.randn(1, 128, device="cuda").half()
-        cfg = GemmConfig(use_dot=False, btk=2)
+        cfg = GemmConfig(block_m=1, btk=2, rotate_in_kernel=True)
         tiny = lambda i: OPS.gemm.exl3_gemm_triton(xt, w[0], cfg)  # noqa: E731
         self.r.add("env", {"copy_bandwidth_GBps": bw, "empty_triton_launch_us": launch,
+                           "empty_fast_launch_us": fast_launch,
                            "tiny_gemv_eager_us": time_eager(tiny, 1)["median_us"],
                            "tiny_gemv_graph_us": time_graph(tiny, 1)["median_us"]})
         self.copy_bw = bw
@@ -160,42 +165,38 @@ class Bench:
             t = time_eager(lambda i: OPS.dequant.dequant_inner_triton(ws[i], out=outs[i % 2]), len(ws))["median_us"]
             moved = 8192 * 8192 * (2 + bits / 8)
             self.r.add("dequant_speed", {"shape": "8192x8192", "K": bits, "us": t, "GBps": moved / t / 1e3})
-            t = time_eager(lambda i: OPS.dequant.reconstruct_triton(ws[i], out=outs[i % 2]), len(ws))["median_us"]
-            self.r.add("dequant_speed", {"shape": "8192x8192", "K": bits, "kind": "reconstruct W", "us": t,
-                                         "GBps": moved / t / 1e3})
             del ws, outs
             torch.cuda.empty_cache()
 
     def gemv(self):
         # variants that compile without spills on sm_90 (bench/kernel_resources.py)
-        cfgs = [GemmConfig(use_dot=False, btk=b, num_warps=w) for b, w in ((1, 4), (2, 4), (1, 8), (2, 8), (4, 8))]
-        cfgs += [GemmConfig(use_dot=False, btk=2, num_warps=8, use_ptx=False)]
-        cfgs += [GemmConfig(block_m=16, btk=b, num_warps=8) for b in (1, 2, 4)]
-        cfgs += [GemmConfig(block_m=16, fuse_had=True, num_warps=8)]
+        cfgs = [GemmConfig(block_m=1, btk=b, num_warps=w, rotate_in_kernel=True)
+                for b, w in ((1, 4), (2, 4), (1, 8), (2, 8), (4, 8))]
+        cfgs += [GemmConfig(block_m=1, btk=2, num_warps=8, rotate_in_kernel=False),
+                 GemmConfig(block_m=1, btk=2, num_warps=8, rotate_in_kernel=True, use_ptx=False)]
+        cfgs += [GemmConfig(block_m=16, btk=b, num_warps=8, rotate_in_kernel=True) for b in (1, 2)]
         best = self.variants("gemv_variants", 1, 8192, 8192, 4, cfgs)
         if best is not None:  # split and pipelining around the winner
-            more = [GemmConfig(**{**best.__dict__, "num_stages": s}) for s in (1, 3)]
-            more += [GemmConfig(**{**best.__dict__, "split_k": s}) for s in (4, 16, 32)]
+            more = [replace(best, num_stages=s) for s in (1, 3)]
+            more += [replace(best, split_k=s) for s in (4, 16, 32)]
             alt = self.variants("gemv_variants", 1, 8192, 8192, 4, more)
             best = alt if alt is not None and self._faster(alt, best, 1) else best
         self.best["1"] = best
 
     def _faster(self, a, b, rows) -> bool:
-        ta = self.time_gemm(a, 8192, 8192, 4, rows, graph=False)["eager_us"]
-        tb = self.time_gemm(b, 8192, 8192, 4, rows, graph=False)["eager_us"]
-        return ta < tb
+        return self.time_gemm(a, 8192, 8192, 4, rows)["graph_us"] < self.time_gemm(b, 8192, 8192, 4, rows)["graph_us"]
 
     def m16(self):
-        cfgs = [GemmConfig(block_m=16, btk=b, num_warps=8) for b in (1, 2, 4)]
+        cfgs = [GemmConfig(block_m=16, btk=b, num_warps=8, rotate_in_kernel=r) for b in (1, 2, 4) for r in (False, True)]
         cfgs += [GemmConfig(block_m=16, btk=2, num_warps=8, split_k=s) for s in (16, 32)]
-        cfgs += [GemmConfig(block_m=16, fuse_had=True, num_warps=8)]
         self.best["16"] = self.variants("m16_variants", 16, 8192, 8192, 4, cfgs)
 
     def table(self):
         for (k, n, bits, rows), (peer_us, peer_fp16) in PEER.items():
             if self.out_of_time():
                 break
-            cfg = self.best.get(str(rows)) or (GemmConfig(use_dot=False, btk=2) if rows == 1 else GemmConfig())
+            cfg = self.best.get(str(rows)) or (GemmConfig(block_m=1, rotate_in_kernel=True) if rows == 1
+                                               else GemmConfig())
             err = self.check_gemm(cfg, k, n, bits, Codebook.MCG, rows)
             rec = {"shape": f"{k}x{n}", "K": bits, "rows": rows, "config": cfg.describe(), "rel_err": err,
                    "exllamav3_us_issue": peer_us, "fp16_us_issue": peer_fp16}
@@ -208,40 +209,30 @@ class Bench:
 
     def crossover(self):
         k = n = 8192
-        fused = {16: GemmConfig(block_m=16, btk=2, num_warps=4), 32: GemmConfig(block_m=32, btk=2, num_warps=4),
-                 64: GemmConfig(block_m=64, btk=2, num_warps=8), 128: GemmConfig(block_m=128, btk=1, num_warps=8)}
+        fused = {16: GemmConfig(block_m=16, btk=2), 32: GemmConfig(block_m=32, btk=2),
+                 64: GemmConfig(block_m=64, btk=2), 128: GemmConfig(block_m=128, btk=1, num_stages=1)}
         ws = self.weights(k, n, 4)
-        full_out = torch.empty(k, n, dtype=torch.float16, device="cuda")
 
-        def reconstruct(i, x):
-            return torch.matmul(x, OPS.dequant.reconstruct_triton(ws[i], out=full_out))
-
-        def rotate_dequant(i, x):
-            xh = OPS.hadamard.exl3_input_rotate(x, ws[i].suh)
-            y = torch.matmul(xh, OPS.dequant.dequant_inner_triton(ws[i], out=full_out))
-            return OPS.hadamard.hadamard_128_triton(y, None, ws[i].svh)
+        def dequant(i, x):
+            return exl3_matmul(x, ws[i], backend="triton", _force_dequant=True)
 
         for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048):
             if self.out_of_time():
                 break
             xs = [torch.randn(rows, k, device="cuda").half() for _ in ws]
             rec = {"rows": rows}
-            if rows == 1 and self.best.get("1"):
-                cands = {"fused " + self.best["1"].describe(): self.best["1"]}
+            if rows == 1:
+                cands = {"fused " + self.best["1"].describe(): self.best["1"]} if self.best.get("1") else {}
             else:
-                cands = {f"fused bm{bm}": c for bm, c in fused.items() if bm >= min(rows, 16) and bm <= max(16, rows)}
+                cands = {f"fused bm{bm}": c for bm, c in fused.items() if 16 <= bm <= max(16, rows)}
             for name, cfg in cands.items():
                 rec[name] = time_eager(lambda i: OPS.gemm.exl3_gemm_triton(xs[i], ws[i], cfg), len(ws))["median_us"]
-            if rows >= 16:
-                rec["reconstruct+matmul"] = time_eager(lambda i: reconstruct(i, xs[i]), len(ws))["median_us"]
-                rec["rotate+dequant+matmul"] = time_eager(lambda i: rotate_dequant(i, xs[i]), len(ws))["median_us"]
+            if rows >= 8:
+                rec["dequant+matmul"] = time_eager(lambda i: dequant(i, xs[i]), len(ws))["median_us"]
             rec.update(self.time_fp16(k, n, rows, graph=False))
             self.r.add("crossover", rec)
-        # check the large-batch paths once
         x = torch.randn(300, k, device="cuda").half()
-        ref = exl3_matmul_ref(x.float(), ws[0])
-        self.r.add("crossover_check", {"reconstruct_rel_err": rel_err(reconstruct(0, x), ref),
-                                       "rotate_dequant_rel_err": rel_err(rotate_dequant(0, x), ref)})
+        self.r.add("crossover_check", {"dequant_rel_err": rel_err(dequant(0, x), exl3_matmul_ref(x.float(), ws[0]))})
         del ws
         torch.cuda.empty_cache()
 
@@ -274,7 +265,7 @@ class Bench:
                 torch.cuda.empty_cache()
 
     def formats(self):
-        cfg = self.best.get("1") or GemmConfig(use_dot=False, btk=2)
+        cfg = self.best.get("1") or GemmConfig(block_m=1, rotate_in_kernel=True)
         cfg16 = self.best.get("16") or GemmConfig()
         for bits in SUPPORTED_BITS:
             for cb in Codebook:

@@ -66,22 +66,32 @@ def exl3_matmul(
     weight: Exl3Weight,
     backend: str | None = None,
     inner: torch.Tensor | None = None,
+    _force_dequant: bool = False,
 ) -> torch.Tensor:
     """``y = x W + b`` for an EXL3 weight. ``x``: ``[..., in_features]`` -> ``[..., out_features]``.
 
     ``inner`` (reference backend only) is an already decoded ``W_hat`` to reuse.
+    ``_force_dequant`` (benchmarks) takes the large-batch path whatever the size.
     """
     if resolve_backend(backend, x.device) == "triton":
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         plan = matmul_plan(rows, weight.in_features, weight.out_features)
         if plan is not None and rows > 0:
             ops = triton_ops.load()
-            if plan.kind == "fused":
+            if plan.kind == "fused" and not _force_dequant:
                 return ops.gemm.exl3_gemm_triton(x, weight, plan.config)
-            w_full = ops.dequant.reconstruct_triton(weight)
-            y = torch.matmul(x.to(torch.float16), w_full).to(x.dtype)
-            return y + weight.bias.to(y.dtype) if weight.bias is not None else y
+            return _exl3_matmul_dequant(x, weight, ops)
     return exl3_matmul_ref(x, weight, inner=inner)
+
+
+def _exl3_matmul_dequant(x: torch.Tensor, weight: Exl3Weight, ops) -> torch.Tensor:
+    """Large batches: rotate x, dequantize W_hat once, fp16 ``torch.matmul``, rotate the result."""
+    xh = ops.hadamard.exl3_input_rotate(x.reshape(-1, x.shape[-1]), weight.suh)
+    acc = torch.matmul(xh, ops.dequant.dequant_inner_triton(weight))
+    y = ops.hadamard.hadamard_128_triton(acc, None, weight.svh)
+    if weight.bias is not None:
+        y = y + weight.bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
 
 
 def exl3_moe(

@@ -50,9 +50,9 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
 
 @dataclass(frozen=True)
 class MatmulPlan:
-    """How to run one EXL3 matmul: the fused kernel with ``config``, or reconstruct + torch.matmul."""
+    """How to run one EXL3 matmul: the fused kernel with ``config``, or dequantize + torch.matmul."""
 
-    kind: str  # "fused" or "reconstruct"
+    kind: str  # "fused" or "dequant"
     config: object = None
 
 
@@ -61,5 +61,5 @@ def matmul_plan(rows: int, in_features: int, out_features: int) -> MatmulPlan | 
     if in_features % 128 or out_features % 128:
         return None
     if rows > tuning.fused_max_rows(in_features, out_features):
-        return MatmulPlan("reconstruct")
+        return MatmulPlan("dequant")
     return MatmulPlan("fused", tuning.gemm_config(rows, in_features, out_features))

@@ -170,18 +170,6 @@ def decode_tiles(
 
 
 @triton.jit
-def hadamard_matrix(DTYPE: tl.constexpr):
-    """The unnormalised 128x128 Sylvester matrix, H[i, j] = (-1)^popcount(i & j)."""
-    i = tl.arange(0, 128)[:, None]
-    j = tl.arange(0, 128)[None, :]
-    v = i & j
-    v = v ^ (v >> 4)
-    v = v ^ (v >> 2)
-    v = v ^ (v >> 1)
-    return (1 - 2 * (v & 1)).to(DTYPE)
-
-
-@triton.jit
 def sign_matrix(N: tl.constexpr):
     """The unnormalised N x N Sylvester matrix in fp32 (N a power of two <= 128)."""
     i = tl.arange(0, N)[:, None]

@@ -1,10 +1,7 @@
-"""Triton dequantization: trellis -> W_hat (bit-exact) or -> the full weight W.
+"""Triton dequantization: trellis -> W_hat fp16, bit-exact (whole matrix or a column block).
 
-* ``dequant_inner_triton(w, col_start, col_end)``: ``W_hat[:, cols]`` fp16, bit-exact.
-* ``reconstruct_triton(w)``: ``W = diag(suh) . H . W_hat . H . diag(svh)`` fp16
-  ``[in, out]``, the original-basis weight, so that large batches run a plain
-  fp16 matmul with no activation rotations (what ExLlamaV3 calls the fused
-  reconstruct).
+Used for large batches (rotate x, dequantize, ``torch.matmul``, rotate y) and by
+the converter.
 """
 
 from __future__ import annotations
@@ -13,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_decode import HAD_SCALE, decode_tiles, hadamard_matrix, lane_layout
+from .launch import FastLauncher
+from .triton_decode import decode_tiles, lane_layout
 from .weights import Exl3Weight
 
 
@@ -32,24 +30,7 @@ def _dequant_kernel(
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], w)
 
 
-@triton.jit
-def _reconstruct_kernel(
-    t32_ptr, suh_ptr, svh_ptr, out_ptr,
-    TN, stride_out,
-    W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
-    CB: tl.constexpr, USE_PTX: tl.constexpr,
-):
-    # One 128x128 block: H . W_hat_blk . H scaled by suh (rows) and svh (columns).
-    kt = tl.program_id(0) * 8
-    nt = tl.program_id(1) * 8
-    w_hat = decode_tiles(t32_ptr, kt, nt, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, 8, 8)
-    h16 = hadamard_matrix(tl.float16)
-    left = tl.dot(h16, w_hat)  # exact products, fp32 sums
-    full = tl.dot(left, hadamard_matrix(tl.float32), input_precision="tf32x3") * (HAD_SCALE * HAD_SCALE)
-    rows = kt * 16 + tl.arange(0, 128)
-    cols = nt * 16 + tl.arange(0, 128)
-    full = full * tl.load(suh_ptr + rows).to(tl.float32)[:, None] * tl.load(svh_ptr + cols).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], full.to(tl.float16))
+_dequant = FastLauncher(_dequant_kernel)
 
 
 def _launch_params(w: Exl3Weight, use_ptx: bool | None):
@@ -73,22 +54,6 @@ def dequant_inner_triton(w: Exl3Weight, col_start: int = 0, col_end: int | None 
     btn = 8 if ncols % 128 == 0 else 1
     btk = 4 if tk % 4 == 0 else 1
     grid = (tk // btk, ncols // (16 * btn))
-    _dequant_kernel[grid](
-        w.trellis.view(torch.int32), out, tn, col_start // 16, out.stride(0),
-        BTK=btk, BTN=btn, num_warps=4, **_launch_params(w, use_ptx),
-    )
-    return out
-
-
-def reconstruct_triton(w: Exl3Weight, out: torch.Tensor | None = None, use_ptx: bool | None = None) -> torch.Tensor:
-    """The full weight ``W`` fp16 ``[in, out]`` (dims must be multiples of 128)."""
-    k, n = w.in_features, w.out_features
-    if k % 128 or n % 128:
-        raise ValueError(f"reconstruct needs dims divisible by 128, got [{k}, {n}]")
-    if out is None:
-        out = torch.empty(k, n, dtype=torch.float16, device=w.trellis.device)
-    _reconstruct_kernel[(k // 128, n // 128)](
-        w.trellis.view(torch.int32), w.suh, w.svh, out, n // 16, out.stride(0),
-        num_warps=8, **_launch_params(w, use_ptx),
-    )
+    _dequant(grid, w.trellis.view(torch.int32), out, tn, col_start // 16, out.stride(0),
+             BTK=btk, BTN=btn, num_warps=4, num_stages=2, **_launch_params(w, use_ptx))
     return out

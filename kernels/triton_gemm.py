@@ -1,31 +1,32 @@
 """Fused EXL3 decode + matmul in Triton: ``y = H(H(x * suh) @ W_hat) * svh + bias``.
 
-The weight is decoded in registers tile block by tile block and never written
-to memory. A program owns 128 output columns (one Hadamard block) and a slice of
-the input features:
+The weight is decoded in registers, tile block by tile block, and never written
+to memory. A program owns 128 output columns (one Hadamard block), a block of
+``BLOCK_M`` rows and a slice of the input features (split-K):
 
-* ``USE_DOT``: ``tl.dot`` on tensor cores, rows padded to ``BLOCK_M`` >= 16;
-  otherwise (one row) fp32 FMAs with the row broadcast over the decoded block.
-* ``FUSE_HAD``: the input rotation ``fp16(H(fp16(x * suh)))`` is computed per
-  128-feature chunk inside the kernel (one launch in all); otherwise the caller
-  passes already rotated activations (``exl3_input_rotate``).
-* ``SPLIT_K > 1``: programs that share a column block each write their partial
-  sum to a workspace and bump a per-block counter; the last to arrive adds the
-  partials in a fixed order (deterministic), applies the output rotation,
-  ``svh`` and bias, writes the result and resets the counter for the next call.
-  The counters live in one zeroed buffer per device, so calls must be ordered
-  on one stream (as the runtime does).
+1. **input rotation** (``ROTATE_IN_KERNEL``): the program rotates its rows'
+   slice of ``x`` (``fp16(H(fp16(x * suh)))``, ExLlamaV3's rounding points) into
+   a scratch buffer; otherwise the caller passes rotated activations. Doing it in
+   the kernel makes a GEMV one launch.
+2. **main loop**: ``BTK`` tile rows of ``W_hat`` at a time; one row uses fp32
+   FMAs (``BLOCK_M == 1``), more rows ``tl.dot`` on tensor cores.
+3. **output**: with ``SPLIT_K > 1`` each program writes its partial sum to a
+   workspace and bumps a per-block counter; the last to arrive adds the partials
+   in a fixed order (deterministic), applies ``H``, ``svh`` and bias, writes the
+   result and resets the counter. Counters live in one zeroed buffer per device,
+   so calls must be ordered on one stream (as the runtime does).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch import FastLauncher
 from .triton_decode import HAD_SCALE, decode_tiles, hadamard_rows, lane_layout
 from .triton_hadamard import exl3_input_rotate
 from .weights import Exl3Weight
@@ -35,11 +36,10 @@ LOCK_SLOTS = 1 << 16
 
 @functools.lru_cache(maxsize=None)
 def _device_buffers(device: torch.device):
-    """Per-device constants: zeroed split-K counters and the Hadamard matrix (fp16 and fp32)."""
+    """Per-device constants: zeroed split-K counters and the 128x128 Sylvester matrix (fp32)."""
     from .reference.hadamard import sylvester
 
-    h = sylvester(128, device)
-    return torch.zeros(LOCK_SLOTS, dtype=torch.int32, device=device), h.half().contiguous(), h.float().contiguous()
+    return torch.zeros(LOCK_SLOTS, dtype=torch.int32, device=device), sylvester(128, device).contiguous()
 
 
 def device_buffers(device: torch.device):
@@ -56,31 +56,66 @@ def sm_count(device: torch.device) -> int:
 # ------------------------------------------------------------------ jit helpers
 
 @triton.jit
-def load_hadamard(h_ptr, DTYPE: tl.constexpr):
-    i = tl.arange(0, 128)
-    return tl.load(h_ptr + i[:, None] * 128 + i[None, :]).to(DTYPE)
-
-
-@triton.jit
-def rotate_input_chunk(x, suh, BM: tl.constexpr):
-    """``fp16(H(fp16(x * suh)))`` for a ``[BM, 128]`` chunk."""
+def rotate_rows(x, suh, BM: tl.constexpr):
+    """``fp16(H(fp16(x * suh)))`` for ``x [BM, 128]`` and ``suh [128]``."""
     xs = (x.to(tl.float32) * suh.to(tl.float32)[None, :]).to(tl.float16)
     return (hadamard_rows(xs.to(tl.float32), BM) * HAD_SCALE).to(tl.float16)
 
 
 @triton.jit
-def rotate_output(acc, h32_ptr, BLOCK_M: tl.constexpr):
-    """``H(acc) / sqrt(128)`` for ``acc [BLOCK_M, 128]`` fp32 (fp32-accurate)."""
-    if BLOCK_M <= 16:
-        return hadamard_rows(acc, BLOCK_M) * HAD_SCALE
-    else:  # large blocks: one 128 x 128 tensor-core product
-        return tl.dot(acc, load_hadamard(h32_ptr, tl.float32), input_precision="tf32x3") * HAD_SCALE
+def rotate_into_scratch(x_ptr, stride_xm, x_rows, xmask, suh_ptr, dst_ptr, dst_rows,
+                        k_begin, k_len, BM: tl.constexpr):
+    """Rotate features [k_begin, k_begin + k_len) of ``BM`` rows of x into ``dst`` (row stride = K)."""
+    for c in range(0, k_len, 128):
+        kk = k_begin + c + tl.arange(0, 128)
+        x = tl.load(x_ptr + x_rows[:, None] * stride_xm + kk[None, :], mask=xmask[:, None], other=0.0)
+        xh = rotate_rows(x, tl.load(suh_ptr + kk), BM)
+        tl.store(dst_ptr + dst_rows[:, None] + kk[None, :], xh)
+    tl.debug_barrier()  # the main loop reads what other threads of the program wrote
 
 
 @triton.jit
-def store_output(acc, rows, rmask, cols, svh_ptr, bias_ptr, y_ptr, stride_ym, h32_ptr,
-                 BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr):
-    y = rotate_output(acc, h32_ptr, BLOCK_M) * tl.load(svh_ptr + cols).to(tl.float32)[None, :]
+def rotate_output(acc, h32_ptr, BM: tl.constexpr):
+    """``H(acc) / sqrt(128)`` for ``acc [BM, 128]`` fp32 (fp32-accurate)."""
+    if BM <= 32:
+        return hadamard_rows(acc, BM) * HAD_SCALE
+    else:  # large blocks: one 128 x 128 tensor-core product
+        i = tl.arange(0, 128)
+        h = tl.load(h32_ptr + i[:, None] * 128 + i[None, :])
+        return tl.dot(acc, h, input_precision="tf32x3") * HAD_SCALE
+
+
+@triton.jit
+def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_tiles, nt, TN,
+                  W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
+                  CB: tl.constexpr, USE_PTX: tl.constexpr, BM: tl.constexpr, BTK: tl.constexpr):
+    """``src[rows, K-slice] @ W_hat[K-slice, 128 columns]`` -> fp32 ``[BM, 128]``.
+
+    For ``BM == 1`` ``src_rows`` is a scalar row (always valid); otherwise a ``[BM]``
+    vector with ``src_mask`` marking real rows (others read as zeros).
+    """
+    if BM == 1:
+        acc2 = tl.zeros((16 * BTK, 128), tl.float32)
+        for it in range(0, k_tiles, BTK):
+            kk = (kt_begin + it) * 16 + tl.arange(0, 16 * BTK)
+            x = tl.load(src_ptr + src_rows * stride_src + kk).to(tl.float32)  # src_rows is a scalar
+            w = decode_tiles(t32_ptr, kt_begin + it, nt, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, 8)
+            acc2 += x[:, None] * w.to(tl.float32)
+        return tl.sum(acc2, axis=0)[None, :]
+    else:
+        acc = tl.zeros((BM, 128), tl.float32)
+        for it in range(0, k_tiles, BTK):
+            kk = (kt_begin + it) * 16 + tl.arange(0, 16 * BTK)
+            x = tl.load(src_ptr + src_rows[:, None] * stride_src + kk[None, :], mask=src_mask[:, None], other=0.0)
+            w = decode_tiles(t32_ptr, kt_begin + it, nt, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, 8)
+            acc = tl.dot(x.to(tl.float16), w, acc)
+        return acc
+
+
+@triton.jit
+def store_rows(acc, rows, rmask, cols, svh_ptr, bias_ptr, y_ptr, stride_ym, h32_ptr,
+               BM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    y = rotate_output(acc, h32_ptr, BM) * tl.load(svh_ptr + cols).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -91,97 +126,100 @@ def store_output(acc, rows, rmask, cols, svh_ptr, bias_ptr, y_ptr, stride_ym, h3
 @triton.jit
 def _exl3_gemm_kernel(
     # pointers
-    x_ptr, t32_ptr, suh_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, h16_ptr, h32_ptr,
+    x_ptr, scratch_ptr, t32_ptr, suh_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, h32_ptr,
     # sizes and strides
-    M, N, TN, k_tiles_per_split, m_pad, stride_xm, stride_ym,
+    M, N, K, TN, k_tiles_per_split, m_pad, stride_xm, stride_ym,
     # trellis format
     W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
     CB: tl.constexpr, USE_PTX: tl.constexpr,
     # schedule
     BLOCK_M: tl.constexpr, BTK: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_DOT: tl.constexpr, FUSE_HAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROTATE_IN_KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
-    nt = pid_n * 8
+    nb = N // 128
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     cols = pid_n * 128 + tl.arange(0, 128)
     kt_begin = pid_s * k_tiles_per_split
 
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_M, 128), tl.float32)
-        if FUSE_HAD:
-            for c in range(0, k_tiles_per_split, 8):  # one 128-feature chunk per step
-                kk = (kt_begin + c) * 16 + tl.arange(0, 128)
-                x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=rmask[:, None], other=0.0)
-                xh = rotate_input_chunk(x, tl.load(suh_ptr + kk), BLOCK_M)
-                w = decode_tiles(t32_ptr, kt_begin + c, nt, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, 8, 8)
-                acc = tl.dot(xh, w, acc)
-        else:
-            for it in range(0, k_tiles_per_split, BTK):
-                kk = (kt_begin + it) * 16 + tl.arange(0, 16 * BTK)
-                x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=rmask[:, None], other=0.0)
-                w = decode_tiles(t32_ptr, kt_begin + it, nt, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, 8)
-                acc = tl.dot(x.to(tl.float16), w, acc)
-    else:  # one row, FMA; activations already rotated
-        acc2 = tl.zeros((16 * BTK, 128), tl.float32)
-        for it in range(0, k_tiles_per_split, BTK):
-            kk = (kt_begin + it) * 16 + tl.arange(0, 16 * BTK)
-            x = tl.load(x_ptr + pid_m * stride_xm + kk).to(tl.float32)
-            w = decode_tiles(t32_ptr, kt_begin + it, nt, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, 8)
-            acc2 += x[:, None] * w.to(tl.float32)
-        acc = tl.sum(acc2, axis=0)[None, :]
+    if ROTATE_IN_KERNEL:  # this program's private copy of its rows' rotated K-slice
+        scratch_rows = ((pid_m * nb + pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)) * K
+        rotate_into_scratch(x_ptr, stride_xm, rows, rmask, suh_ptr, scratch_ptr, scratch_rows,
+                            kt_begin * 16, k_tiles_per_split * 16, BLOCK_M)
+        src_ptr = scratch_ptr
+        src_rows = (pid_m * nb + pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        src_mask = rmask
+        stride_src = K
+    else:
+        src_ptr = x_ptr
+        src_rows = rows
+        src_mask = rmask
+        stride_src = stride_xm
+    if BLOCK_M == 1:
+        src_rows = tl.sum(src_rows, axis=0)  # the one row, as a scalar
+
+    acc = decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_tiles_per_split, pid_n * 8, TN,
+                        W32, KA, HALF, NLOAD, CB, USE_PTX, BLOCK_M, BTK)
 
     if SPLIT_K == 1:
-        store_output(acc, rows, rmask, cols, svh_ptr, bias_ptr, y_ptr, stride_ym, h32_ptr, BLOCK_M, HAS_BIAS)
+        store_rows(acc, rows, rmask, cols, svh_ptr, bias_ptr, y_ptr, stride_ym, h32_ptr, BLOCK_M, HAS_BIAS)
     else:
         ws_rows = pid_s * m_pad + rows
         tl.store(ws_ptr + ws_rows[:, None] * N + cols[None, :], acc)
         tl.debug_barrier()
-        lock = lock_ptr + pid_m * (N // 128) + pid_n
+        lock = lock_ptr + pid_m * nb + pid_n
         arrived = tl.atomic_add(lock, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_M, 128), tl.float32)
             for s in range(SPLIT_K):
                 part = ws_ptr + (s * m_pad + rows)[:, None] * N + cols[None, :]
                 total += tl.load(part, cache_modifier=".cg")
-            store_output(total, rows, rmask, cols, svh_ptr, bias_ptr, y_ptr, stride_ym, h32_ptr, BLOCK_M, HAS_BIAS)
+            store_rows(total, rows, rmask, cols, svh_ptr, bias_ptr, y_ptr, stride_ym, h32_ptr, BLOCK_M, HAS_BIAS)
             tl.atomic_xchg(lock, 0)
+
+
+_gemm = FastLauncher(_exl3_gemm_kernel)
 
 
 # ------------------------------------------------------------------ launch
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """How one fused GEMM call is scheduled (chosen by the dispatcher from measured tables)."""
+    """How one fused GEMM call is scheduled (chosen by the dispatcher from measured tables).
+
+    block_m: rows per program (1 = FMA path, >= 16 = tensor cores); btk: tile
+    rows decoded per step; split_k: target number of K slices (None: enough
+    programs for two waves); rotate_in_kernel: rotate x in the kernel's prologue
+    (one launch) instead of a separate launch.
+    """
 
     block_m: int = 16
     btk: int = 2
-    split_k: int | None = None  # None: pick to fill the GPU
-    num_warps: int = 4
+    split_k: int | None = None
+    num_warps: int = 8
     num_stages: int = 2
-    use_dot: bool = True
-    fuse_had: bool = False
+    rotate_in_kernel: bool = False
     use_ptx: bool | None = None  # None: on CUDA
 
     def describe(self) -> str:
-        mode = ("dot" if self.use_dot else "fma") + ("+had" if self.fuse_had else "")
-        return f"{mode} bm{self.block_m} btk{self.btk} sk{self.split_k} w{self.num_warps} s{self.num_stages}"
+        mode = "fma" if self.block_m == 1 else f"dot bm{self.block_m}"
+        return (f"{mode}{'+rot' if self.rotate_in_kernel else ''} btk{self.btk} sk{self.split_k} "
+                f"w{self.num_warps} s{self.num_stages}{' noptx' if self.use_ptx is False else ''}")
 
 
-def choose_split_k(k_tiles: int, programs: int, sms: int, step: int) -> int:
-    """Smallest split of the k tiles (in units of ``step``) giving >= 2 waves of programs."""
-    units = k_tiles // step
-    best = 1
-    for split in range(1, min(units, 64) + 1):
-        if units % split:
-            continue
-        best = split
-        if programs * split >= 2 * sms:
-            break
-    return best
+def choose_split_k(units: int, programs: int, sms: int, target: int | None) -> int:
+    """A divisor of ``units`` (K slices must be whole steps): the largest <= ``target``, or the
+    smallest that gives >= 2 waves of programs when no target is given."""
+    divisors = [d for d in range(1, min(units, 64) + 1) if units % d == 0]
+    if target is not None:
+        return max(d for d in divisors if d <= max(1, target))
+    for d in divisors:
+        if programs * d >= 2 * sms:
+            return d
+    return divisors[-1]
 
 
 def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None = None,
@@ -199,32 +237,37 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
     out_shape = (*x.shape[:-1], n)
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if not cfg.use_dot and m != 1:
-        raise ValueError("the FMA path handles one row")
+    block_m = cfg.block_m
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if not cfg.fuse_had:
+    rotate_in_kernel = cfg.rotate_in_kernel
+    if not rotate_in_kernel:
         x2 = exl3_input_rotate(x2, w.suh)
-    block_m = cfg.block_m if cfg.use_dot else 1
     grid_m = triton.cdiv(m, block_m)
-    nb = n // 128
-    k_tiles = k // 16
-    step = 8 if cfg.fuse_had else cfg.btk
-    split = cfg.split_k or choose_split_k(k_tiles, nb * grid_m, sm_count(x.device), step)
-    if k_tiles % (split * step):
-        raise ValueError(f"split_k {split} does not divide {k_tiles} tiles in steps of {step}")
-    locks, h16, h32 = device_buffers(x.device)
+    nb, k_tiles = n // 128, k // 16
+    step = 8 if rotate_in_kernel else cfg.btk  # K slices hold whole 128-feature chunks when rotating
+    split = choose_split_k(k_tiles // step, nb * grid_m, sm_count(x.device), cfg.split_k)
+    locks, h32 = device_buffers(x.device)
     if split > 1 and grid_m * nb > LOCK_SLOTS:
         raise ValueError("too many output blocks for the split-K counters")
-    ws = torch.empty((split * grid_m * block_m, n), dtype=torch.float32, device=x.device) if split > 1 else x2
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out.view(m, n)
+    dev = x.device
+    ws = torch.empty((split * grid_m * block_m, n), dtype=torch.float32, device=dev) if split > 1 else h32
+    scratch = (torch.empty((grid_m * nb * block_m, k), dtype=torch.float16, device=dev) if rotate_in_kernel
+               else h32)
+    y = torch.empty((m, n), dtype=x.dtype, device=dev) if out is None else out.view(m, n)
     layout = lane_layout(w.bits)
-    use_ptx = x.is_cuda if cfg.use_ptx is None else cfg.use_ptx
-    _exl3_gemm_kernel[(nb, split, grid_m)](
-        x2, w.trellis.view(torch.int32), w.suh, w.svh, w.bias if w.bias is not None else w.svh, y, ws, locks, h16, h32,
-        m, n, n // 16, k_tiles // split, grid_m * block_m, x2.stride(0), y.stride(0),
-        W32=layout.w32, KA=layout.ka, HALF=layout.half, NLOAD=layout.nload, CB=int(w.codebook), USE_PTX=use_ptx,
-        BLOCK_M=block_m, BTK=cfg.btk, SPLIT_K=split, USE_DOT=cfg.use_dot, FUSE_HAD=cfg.fuse_had,
+    _gemm(
+        (nb, split, grid_m),
+        x2, scratch, w.trellis.view(torch.int32), w.suh, w.svh, w.bias if w.bias is not None else w.svh, y, ws,
+        locks, h32,
+        m, n, k, n // 16, k_tiles // split, grid_m * block_m, x2.stride(0), y.stride(0),
+        W32=layout.w32, KA=layout.ka, HALF=layout.half, NLOAD=layout.nload, CB=int(w.codebook),
+        USE_PTX=x.is_cuda if cfg.use_ptx is None else cfg.use_ptx,
+        BLOCK_M=block_m, BTK=cfg.btk, SPLIT_K=split, ROTATE_IN_KERNEL=rotate_in_kernel,
         HAS_BIAS=w.bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y.reshape(out_shape)
+
+
+def with_split(cfg: GemmConfig, split_k: int | None) -> GemmConfig:
+    return replace(cfg, split_k=split_k)

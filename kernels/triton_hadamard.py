@@ -1,12 +1,13 @@
 """Triton 128-point Hadamard rotation with the sign/scale vectors fused.
 
-Two kernels:
-
-* ``hadamard_128_triton(x, pre, post)``: ``((x * pre) . H) * post`` in fp32
-  (the dot runs as tf32x3, i.e. fp32-accurate on tensor cores).
+* ``hadamard_128_triton(x, pre, post)``: ``((x * pre) . H) * post`` in fp32.
 * ``exl3_input_rotate(x, suh)``: the EXL3 input side with ExLlamaV3's rounding
-  points, ``fp16(H(fp16(x * suh)))``; the fp16 x fp16(+-1) dot is exact apart
-  from fp32 accumulation order.
+  points, ``fp16(H(fp16(x * suh)))``.
+* ``exl3_input_rotate_gathered(x, suh_stack, x_rows, suh_rows)``: the same for
+  rows gathered from ``x`` and each scaled by its own row of ``suh_stack`` (MoE
+  slots: token row, expert ``suh``).
+
+All use ``hadamard_rows`` (H128 = H8 (x) H16), fp32-accurate.
 """
 
 from __future__ import annotations
@@ -15,55 +16,76 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_decode import HAD_SCALE, hadamard_matrix
+from .launch import FastLauncher
+from .triton_decode import HAD_SCALE, hadamard_rows
 
 
 @triton.jit
 def _hadamard_kernel(
-    x_ptr, pre_ptr, post_ptr, y_ptr,
-    R, stride_x, stride_y,
-    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, BLOCK_R: tl.constexpr, ROUND_FP16: tl.constexpr,
+    x_ptr, pre_ptr, post_ptr, y_ptr, x_rows_ptr, pre_rows_ptr,
+    R, C, stride_x, stride_y,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, GATHER: tl.constexpr,
+    ROUND_FP16: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * 128 + tl.arange(0, 128)
-    mask = rows[:, None] < R
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_PRE:
-        x = x * tl.load(pre_ptr + cols).to(tl.float32)[None, :]
-    if ROUND_FP16:
-        y = tl.dot(x.to(tl.float16), hadamard_matrix(tl.float16))
+    mask = rows < R
+    if GATHER:  # source row and scale row of each output row
+        x_rows = tl.load(x_rows_ptr + rows, mask=mask, other=0)
+        pre_rows = tl.load(pre_rows_ptr + rows, mask=mask, other=0)
     else:
-        y = tl.dot(x, hadamard_matrix(tl.float32), input_precision="tf32x3")
-    y = y * HAD_SCALE
+        x_rows = rows
+        pre_rows = tl.zeros((BLOCK_R,), tl.int32)
+    x = tl.load(x_ptr + x_rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask[:, None], other=0.0)
+    x = x.to(tl.float32)
+    if HAS_PRE:
+        x = x * tl.load(pre_ptr + pre_rows[:, None].to(tl.int64) * C + cols[None, :]).to(tl.float32)
+    if ROUND_FP16:  # ExLlamaV3 rounds x * suh to fp16 before rotating
+        x = x.to(tl.float16).to(tl.float32)
+    y = hadamard_rows(x, BLOCK_R) * HAD_SCALE
     if HAS_POST:
         y = y * tl.load(post_ptr + cols).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask[:, None])
 
 
-def _launch(x: torch.Tensor, pre, post, out_dtype: torch.dtype, round_fp16: bool) -> torch.Tensor:
-    if x.shape[-1] % 128:
-        raise ValueError(f"Hadamard rotation needs a last dimension divisible by 128, got {x.shape[-1]}")
-    x2 = x.reshape(-1, x.shape[-1])
+_rotate = FastLauncher(_hadamard_kernel)
+
+
+def _launch(x2: torch.Tensor, rows: int, pre, post, out_dtype, round_fp16: bool, x_rows=None, pre_rows=None):
+    c = x2.shape[-1]
+    if c % 128:
+        raise ValueError(f"Hadamard rotation needs a last dimension divisible by 128, got {c}")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    r, c = x2.shape
-    y = torch.empty((r, c), dtype=out_dtype, device=x.device)
-    block_r = 16 if r <= 16 else 64
-    grid = (triton.cdiv(r, block_r), c // 128)
-    _hadamard_kernel[grid](
+    y = torch.empty((rows, c), dtype=out_dtype, device=x2.device)
+    block_r = 16 if rows <= 16 else 32
+    gather = x_rows is not None
+    _rotate(
+        (triton.cdiv(rows, block_r), c // 128),
         x2, pre if pre is not None else x2, post if post is not None else x2, y,
-        r, x2.stride(0), y.stride(0),
-        HAS_PRE=pre is not None, HAS_POST=post is not None, BLOCK_R=block_r, ROUND_FP16=round_fp16,
-        num_warps=4,
+        x_rows if gather else y, pre_rows if gather else y,
+        rows, c, x2.stride(0), y.stride(0),
+        HAS_PRE=pre is not None, HAS_POST=post is not None, GATHER=gather, ROUND_FP16=round_fp16,
+        BLOCK_R=block_r, num_warps=4, num_stages=1,
     )
-    return y.reshape(*x.shape[:-1], c)
+    return y
 
 
 def hadamard_128_triton(x: torch.Tensor, pre_scale=None, post_scale=None) -> torch.Tensor:
     """``((x * pre) . H128) * post`` along the last dim, fp32 result."""
-    return _launch(x, pre_scale, post_scale, torch.float32, round_fp16=False)
+    x2 = x.reshape(-1, x.shape[-1])
+    return _launch(x2, x2.shape[0], pre_scale, post_scale, torch.float32, False).reshape(x.shape)
 
 
 def exl3_input_rotate(x: torch.Tensor, suh: torch.Tensor) -> torch.Tensor:
     """``fp16(H(fp16(x * suh)))``: the rotated activations an EXL3 GEMM consumes."""
-    return _launch(x, suh, None, torch.float16, round_fp16=True)
+    x2 = x.reshape(-1, x.shape[-1])
+    return _launch(x2, x2.shape[0], suh, None, torch.float16, True).reshape(x.shape)
+
+
+def exl3_input_rotate_gathered(x: torch.Tensor, suh_stack: torch.Tensor, x_rows: torch.Tensor,
+                               suh_rows: torch.Tensor) -> torch.Tensor:
+    """Row r of the result is ``fp16(H(fp16(x[x_rows[r]] * suh_stack[suh_rows[r]])))``."""
+    return _launch(x, x_rows.numel(), suh_stack, None, torch.float16, True,
+                   x_rows.to(torch.int32).contiguous(), suh_rows.to(torch.int32).contiguous())

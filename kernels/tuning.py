@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 
-# PROVISIONAL until the first GPU run: rows above this use reconstruct + torch.matmul.
+# PROVISIONAL until measured: rows above this use dequantize + torch.matmul.
 FUSED_MAX_ROWS = 128
 
 
@@ -23,9 +23,9 @@ def gemm_config(rows: int, in_features: int, out_features: int):
     GemmConfig = triton_ops.load().gemm.GemmConfig  # the Triton modules load on first use
 
     if rows == 1:
-        return GemmConfig(use_dot=False, btk=2, num_warps=4)  # PROVISIONAL
+        return GemmConfig(block_m=1, btk=2, num_warps=8, rotate_in_kernel=True)  # PROVISIONAL
     if rows <= 16:
-        return GemmConfig(block_m=16, btk=2, num_warps=4)  # PROVISIONAL
+        return GemmConfig(block_m=16, btk=2, num_warps=8)  # PROVISIONAL
     if rows <= 64:
         return GemmConfig(block_m=64, btk=2, num_warps=8)  # PROVISIONAL
-    return GemmConfig(block_m=128, btk=2, num_warps=8)  # PROVISIONAL
+    return GemmConfig(block_m=128, btk=1, num_warps=8, num_stages=1)  # PROVISIONAL

@@ -55,10 +55,8 @@ def test_dequant_golden_trellises(golden, triton_kernels, device, name):
         assert torch.equal(got.cpu().view(torch.int16), ref.get_tensor(f"wi.{key}").view(torch.int16)), key
 
 
-def test_reconstruct_full_weight(triton_kernels, device):
+def test_full_weight_triton_backend(device):
     w = random_exl3_weight(256, 128, 4, Codebook.MUL1, device=device)
-    got = triton_kernels.dequant.reconstruct_triton(w)
-    assert got.dtype == torch.float16 and rel_err(got, exl3_weight_ref(w)) < 1e-3
     assert rel_err(exl3_full_weight(w, backend="triton"), exl3_weight_ref(w)) < 1e-5
 
 
@@ -73,13 +71,14 @@ def test_hadamard(triton_kernels, device, rows):
 
 
 GEMM_CASES = [  # (rows, bits, codebook, config kwargs)
-    (1, 4, Codebook.MCG, dict(use_dot=False, btk=1)),
-    (1, 2, Codebook.MUL1, dict(use_dot=False, btk=2, split_k=2)),
-    (1, 3.5, Codebook.MUL1, dict(use_dot=True, fuse_had=True)),
-    (3, 5, Codebook.THREE_INST, dict(use_dot=True, btk=2)),
-    (7, 2.5, Codebook.MUL1, dict(use_dot=True, btk=1, split_k=4)),
-    (17, 8, Codebook.MCG, dict(use_dot=True, block_m=16, btk=2, split_k=2)),
-    (33, 1.5, Codebook.MUL1, dict(use_dot=True, block_m=32, fuse_had=True, split_k=2)),
+    (1, 4, Codebook.MCG, dict(block_m=1, btk=1)),
+    (1, 2, Codebook.MUL1, dict(block_m=1, btk=2, split_k=2)),
+    (1, 3.5, Codebook.MUL1, dict(block_m=1, btk=2, rotate_in_kernel=True, split_k=2)),
+    (3, 5, Codebook.THREE_INST, dict(block_m=16, btk=2)),
+    (7, 2.5, Codebook.MUL1, dict(block_m=16, btk=1, split_k=4)),
+    (5, 6, Codebook.MCG, dict(block_m=16, btk=2, rotate_in_kernel=True)),
+    (17, 8, Codebook.MCG, dict(block_m=16, btk=2, split_k=2)),
+    (33, 1.5, Codebook.MUL1, dict(block_m=32, btk=2, rotate_in_kernel=True, split_k=2)),
 ]
 
 
@@ -100,11 +99,11 @@ def test_split_k_is_deterministic_and_counters_reset(triton_kernels, device):
     first = triton_kernels.gemm.exl3_gemm_triton(x, w, cfg)
     again = triton_kernels.gemm.exl3_gemm_triton(x, w, cfg)
     assert torch.equal(first, again)
-    locks, _, _ = triton_kernels.gemm.device_buffers(torch.device(device))
+    locks, _ = triton_kernels.gemm.device_buffers(torch.device(device))
     assert int(locks.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("rows", [1, 5, 150])
+@pytest.mark.parametrize("rows", [1, 5, 150])  # fused GEMV, fused GEMM, dequantize + matmul
 def test_public_matmul_dispatch(device, rows):
     w = random_exl3_weight(256, 384, 4, Codebook.MCG, bias=True, device=device)
     x = torch.randn(2, rows, 256, device=device).half()  # batched leading dims
@@ -113,7 +112,7 @@ def test_public_matmul_dispatch(device, rows):
     assert rel_err(y, exl3_matmul_ref(x.float(), w)) < MATMUL_TOL
 
 
-@pytest.mark.parametrize("rows,cfg", [(1, dict(use_dot=False, btk=2)), (5, dict(block_m=16, btk=1))])
+@pytest.mark.parametrize("rows,cfg", [(1, dict(block_m=1, btk=2, rotate_in_kernel=True)), (5, dict(block_m=16, btk=1))])
 def test_odd_sized_weight(triton_kernels, device, rows, cfg):
     w = random_exl3_weight(640, 1152, 3, Codebook.MCG, bias=True, seed=9, device=device)
     assert torch.equal(triton_kernels.dequant.dequant_inner_triton(w), dequant_inner_ref(w.trellis, 3, Codebook.MCG))
