@@ -85,13 +85,13 @@ def gemm_variants():
                                 (1, 2, 8, False), (16, 1, 8, False), (16, 2, 8, False), (16, 4, 8, False),
                                 (16, 2, 8, True), (32, 2, 8, False), (64, 2, 8, False), (128, 1, 8, False)]:
         yield (f"gemm {'fma' if bm == 1 else 'dot'}{'+rot' if rot else ''} bm{bm} btk{btk} w{warps}",
-               triton_gemm._exl3_gemm_kernel, dict(BLOCK_M=bm, BTK=btk, SPLIT_K=4, ROTATE_IN_KERNEL=rot,
+               triton_gemm._exl3_gemm_kernel, dict(BLOCK_M=bm, BTK=btk, SPLIT_K=4, ROTATE_IN_KERNEL=rot, NCH=8,
                                                    HAS_BIAS=False), warps)
 
 
 def moe_variants():
     yield ("moe decode reduce", triton_moe._exl3_moe_decode_kernel,
-           dict(TOPK=8, X_PER_SLOT=True, REDUCE=True, SPLIT_K=2, BTK=2), 8)
+           dict(TOPK=8, X_PER_SLOT=True, REDUCE=True, SPLIT_K=2, BTK=2, NCH=8), 8)
     yield ("moe grouped bm16", triton_moe._exl3_moe_grouped_kernel,
            dict(HAS_WEIGHTS=False, BLOCK_M=16, BTK=2), 8)
 

@@ -43,7 +43,7 @@ def _device_buffers(device: torch.device):
 
 
 def device_buffers(device: torch.device):
-    return _device_buffers(torch.device(device))
+    return _device_buffers(device if isinstance(device, torch.device) else torch.device(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,6 +71,24 @@ def rotate_into_scratch(x_ptr, stride_xm, x_rows, xmask, suh_ptr, dst_ptr, dst_r
         x = tl.load(x_ptr + x_rows[:, None] * stride_xm + kk[None, :], mask=xmask[:, None], other=0.0)
         xh = rotate_rows(x, tl.load(suh_ptr + kk), BM)
         tl.store(dst_ptr + dst_rows[:, None] + kk[None, :], xh)
+    tl.debug_barrier()  # the main loop reads what other threads of the program wrote
+
+
+@triton.jit
+def rotate_row_slice_into_scratch(x_ptr, x_row, suh_ptr, dst_ptr, k_begin, k_len, NCH: tl.constexpr):
+    """One row: rotate features [k_begin, k_begin + k_len) of ``x_ptr[x_row]`` into ``dst_ptr`` (same offsets).
+
+    The slice's 128-feature chunks are rotated together as the rows of one
+    ``[NCH, 128]`` block (``NCH`` >= chunks, a power of two): a handful of layout
+    changes in all instead of a dependent chain of them per chunk.
+    """
+    ch = tl.arange(0, NCH)[:, None]
+    kk = k_begin + ch * 128 + tl.arange(0, 128)[None, :]
+    m = ch * 128 < k_len
+    x = tl.load(x_ptr + x_row * 0 + kk, mask=m, other=0.0).to(tl.float32)
+    xs = (x * tl.load(suh_ptr + kk, mask=m, other=0.0).to(tl.float32)).to(tl.float16)
+    xh = (hadamard_rows(xs.to(tl.float32), NCH) * HAD_SCALE).to(tl.float16)
+    tl.store(dst_ptr + kk, xh, mask=m)
     tl.debug_barrier()  # the main loop reads what other threads of the program wrote
 
 
@@ -134,7 +152,7 @@ def _exl3_gemm_kernel(
     CB: tl.constexpr, USE_PTX: tl.constexpr,
     # schedule
     BLOCK_M: tl.constexpr, BTK: tl.constexpr, SPLIT_K: tl.constexpr,
-    ROTATE_IN_KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROTATE_IN_KERNEL: tl.constexpr, NCH: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -146,11 +164,16 @@ def _exl3_gemm_kernel(
     kt_begin = pid_s * k_tiles_per_split
 
     if ROTATE_IN_KERNEL:  # this program's private copy of its rows' rotated K-slice
-        scratch_rows = ((pid_m * nb + pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)) * K
-        rotate_into_scratch(x_ptr, stride_xm, rows, rmask, suh_ptr, scratch_ptr, scratch_rows,
-                            kt_begin * 16, k_tiles_per_split * 16, BLOCK_M)
+        scratch_row0 = (pid_m * nb + pid_n) * BLOCK_M
+        if BLOCK_M == 1:
+            rotate_row_slice_into_scratch(x_ptr + pid_m * stride_xm, 0, suh_ptr, scratch_ptr + scratch_row0 * K,
+                                          kt_begin * 16, k_tiles_per_split * 16, NCH)
+        else:
+            rotate_into_scratch(x_ptr, stride_xm, rows, rmask, suh_ptr, scratch_ptr,
+                                (scratch_row0 + tl.arange(0, BLOCK_M)) * K,
+                                kt_begin * 16, k_tiles_per_split * 16, BLOCK_M)
         src_ptr = scratch_ptr
-        src_rows = (pid_m * nb + pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        src_rows = scratch_row0 + tl.arange(0, BLOCK_M)
         src_mask = rmask
         stride_src = K
     else:
@@ -210,6 +233,7 @@ class GemmConfig:
                 f"w{self.num_warps} s{self.num_stages}{' noptx' if self.use_ptx is False else ''}")
 
 
+@functools.lru_cache(maxsize=4096)
 def choose_split_k(units: int, programs: int, sms: int, target: int | None) -> int:
     """A divisor of ``units`` (K slices must be whole steps): the largest <= ``target``, or the
     smallest that gives >= 2 waves of programs when no target is given."""
@@ -220,6 +244,18 @@ def choose_split_k(units: int, programs: int, sms: int, target: int | None) -> i
         if programs * d >= 2 * sms:
             return d
     return divisors[-1]
+
+
+def launch_constants(w: Exl3Weight) -> dict:
+    """The per-weight constexprs and views, computed once and kept on the weight."""
+    cached = w.derived.get("triton")
+    if cached is None:
+        layout = lane_layout(w.bits)
+        cached = w.derived["triton"] = {
+            "t32": w.trellis.view(torch.int32),
+            "fmt": dict(W32=layout.w32, KA=layout.ka, HALF=layout.half, NLOAD=layout.nload, CB=int(w.codebook)),
+        }
+    return cached
 
 
 def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None = None,
@@ -243,28 +279,28 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
     rotate_in_kernel = cfg.rotate_in_kernel
     if not rotate_in_kernel:
         x2 = exl3_input_rotate(x2, w.suh)
-    grid_m = triton.cdiv(m, block_m)
+    dev = x.device
+    grid_m = -(-m // block_m)
     nb, k_tiles = n // 128, k // 16
     step = 8 if rotate_in_kernel else cfg.btk  # K slices hold whole 128-feature chunks when rotating
-    split = choose_split_k(k_tiles // step, nb * grid_m, sm_count(x.device), cfg.split_k)
-    locks, h32 = device_buffers(x.device)
+    split = choose_split_k(k_tiles // step, nb * grid_m, sm_count(dev), cfg.split_k)
+    locks, h32 = device_buffers(dev)
     if split > 1 and grid_m * nb > LOCK_SLOTS:
         raise ValueError("too many output blocks for the split-K counters")
-    dev = x.device
     ws = torch.empty((split * grid_m * block_m, n), dtype=torch.float32, device=dev) if split > 1 else h32
     scratch = (torch.empty((grid_m * nb * block_m, k), dtype=torch.float16, device=dev) if rotate_in_kernel
                else h32)
     y = torch.empty((m, n), dtype=x.dtype, device=dev) if out is None else out.view(m, n)
-    layout = lane_layout(w.bits)
+    consts = launch_constants(w)
+    chunks = k_tiles // split // 8
     _gemm(
         (nb, split, grid_m),
-        x2, scratch, w.trellis.view(torch.int32), w.suh, w.svh, w.bias if w.bias is not None else w.svh, y, ws,
-        locks, h32,
+        x2, scratch, consts["t32"], w.suh, w.svh, w.bias if w.bias is not None else w.svh, y, ws, locks, h32,
         m, n, k, n // 16, k_tiles // split, grid_m * block_m, x2.stride(0), y.stride(0),
-        W32=layout.w32, KA=layout.ka, HALF=layout.half, NLOAD=layout.nload, CB=int(w.codebook),
         USE_PTX=x.is_cuda if cfg.use_ptx is None else cfg.use_ptx,
         BLOCK_M=block_m, BTK=cfg.btk, SPLIT_K=split, ROTATE_IN_KERNEL=rotate_in_kernel,
-        HAS_BIAS=w.bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        NCH=triton.next_power_of_2(max(1, chunks)), HAS_BIAS=w.bias is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts["fmt"],
     )
     return y.reshape(out_shape)
 

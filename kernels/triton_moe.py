@@ -28,8 +28,8 @@ from .triton_gemm import (
     choose_split_k,
     decode_matmul,
     device_buffers,
-    rotate_into_scratch,
     rotate_output,
+    rotate_row_slice_into_scratch,
     sm_count,
 )
 from .weights import Exl3ExpertStack
@@ -51,7 +51,7 @@ def _exl3_moe_decode_kernel(
     W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
     CB: tl.constexpr, USE_PTX: tl.constexpr,
     TOPK: tl.constexpr, X_PER_SLOT: tl.constexpr, REDUCE: tl.constexpr, SPLIT_K: tl.constexpr,
-    BTK: tl.constexpr,
+    BTK: tl.constexpr, NCH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     slot = tl.program_id(1)
@@ -65,11 +65,11 @@ def _exl3_moe_decode_kernel(
 
     acc = tl.zeros((1, 128), tl.float32)
     if e >= 0:
-        x_row = tl.full((1,), 0, tl.int32) + (slot if X_PER_SLOT else token)
+        x_row = slot if X_PER_SLOT else token
         scratch_row = slot * nb + pid_n
-        rotate_into_scratch(x_ptr, stride_xm, x_row, x_row >= 0, suh_ptr + e_safe * K, scratch_ptr,
-                            tl.full((1,), 0, tl.int64) + scratch_row.to(tl.int64) * K,
-                            kt_begin * 16, k_tiles_per_split * 16, 1)
+        rotate_row_slice_into_scratch(x_ptr + x_row * stride_xm, 0, suh_ptr + e_safe * K,
+                                      scratch_ptr + scratch_row.to(tl.int64) * K,
+                                      kt_begin * 16, k_tiles_per_split * 16, NCH)
         acc = decode_matmul(scratch_ptr, scratch_row, True, K, t32_ptr + e_safe.to(tl.int64) * expert_w32,
                             kt_begin, k_tiles_per_split, pid_n * 8, TN,
                             W32, KA, HALF, NLOAD, CB, USE_PTX, 1, BTK)
@@ -224,7 +224,7 @@ def exl3_moe_triton(
             xs, scratch, ids32, rw, t32, experts.suh, experts.svh, y, ws, locks, h32,
             n, k, n // 16, k_tiles // split, expert_w32, xs.stride(0), y.stride(0),
             TOPK=top_k, X_PER_SLOT=per_slot, REDUCE=reduce, SPLIT_K=split, BTK=btk,
-            num_warps=num_warps, num_stages=2, **fmt,
+            NCH=triton.next_power_of_2(max(1, k_tiles // split // 8)), num_warps=num_warps, num_stages=2, **fmt,
         )
         return y if reduce else y.reshape(t, top_k, n)
 
