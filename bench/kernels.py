@@ -170,15 +170,13 @@ class Bench:
 
     def gemv(self):
         # variants that compile without spills on sm_90 (bench/kernel_resources.py)
-        cfgs = [GemmConfig(block_m=1, btk=b, num_warps=w, rotate_in_kernel=True)
-                for b, w in ((1, 4), (2, 4), (1, 8), (2, 8), (4, 8))]
-        cfgs += [GemmConfig(block_m=1, btk=2, num_warps=8, rotate_in_kernel=False),
-                 GemmConfig(block_m=1, btk=2, num_warps=8, rotate_in_kernel=True, use_ptx=False)]
-        cfgs += [GemmConfig(block_m=16, btk=b, num_warps=8, rotate_in_kernel=True) for b in (1, 2)]
+        cfgs = [GemmConfig(block_m=1, btk=b, num_warps=w) for b, w in ((1, 4), (2, 4), (1, 8), (2, 8))]
+        cfgs += [GemmConfig(block_m=1, btk=b, num_warps=w, rotate_in_kernel=True) for b, w in ((1, 4), (1, 8), (2, 8))]
+        cfgs += [GemmConfig(block_m=1, btk=2, num_warps=8, use_ptx=False)]
+        cfgs += [GemmConfig(block_m=16, btk=1, num_warps=4)]
         best = self.variants("gemv_variants", 1, 8192, 8192, 4, cfgs)
-        if best is not None:  # split and pipelining around the winner
-            more = [replace(best, num_stages=s) for s in (1, 3)]
-            more += [replace(best, split_k=s) for s in (4, 16, 32)]
+        if best is not None:  # split around the winner
+            more = [replace(best, split_k=s) for s in (4, 16, 32)]
             alt = self.variants("gemv_variants", 1, 8192, 8192, 4, more)
             best = alt if alt is not None and self._faster(alt, best, 1) else best
         self.best["1"] = best
@@ -187,8 +185,10 @@ class Bench:
         return self.time_gemm(a, 8192, 8192, 4, rows)["graph_us"] < self.time_gemm(b, 8192, 8192, 4, rows)["graph_us"]
 
     def m16(self):
-        cfgs = [GemmConfig(block_m=16, btk=b, num_warps=8, rotate_in_kernel=r) for b in (1, 2, 4) for r in (False, True)]
-        cfgs += [GemmConfig(block_m=16, btk=2, num_warps=8, split_k=s) for s in (16, 32)]
+        cfgs = [GemmConfig(block_m=16, btk=b, num_warps=w) for b in (1, 2) for w in (4, 8)]
+        cfgs += [GemmConfig(block_m=16, btk=1, num_warps=4, num_stages=2)]
+        cfgs += [GemmConfig(block_m=16, btk=1, num_warps=4, split_k=s) for s in (16, 32)]
+        cfgs += [GemmConfig(block_m=16, btk=1, num_warps=4, rotate_in_kernel=True)]
         self.best["16"] = self.variants("m16_variants", 16, 8192, 8192, 4, cfgs)
 
     def table(self):
@@ -209,8 +209,9 @@ class Bench:
 
     def crossover(self):
         k = n = 8192
-        fused = {16: GemmConfig(block_m=16, btk=2), 32: GemmConfig(block_m=32, btk=2),
-                 64: GemmConfig(block_m=64, btk=2), 128: GemmConfig(block_m=128, btk=1, num_stages=1)}
+        fused = {16: self.best.get("16") or GemmConfig(block_m=16, btk=1, num_warps=4),
+                 32: GemmConfig(block_m=32, btk=1), 64: GemmConfig(block_m=64, btk=1),
+                 128: GemmConfig(block_m=128, btk=1)}
         ws = self.weights(k, n, 4)
 
         def dequant(i, x):

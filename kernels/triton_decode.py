@@ -14,7 +14,9 @@ each lane needs are loaded once per lane and broadcast over its 8 positions.
 
 The 8 windows of one lane span at most ``NLOAD`` consecutive 32-bit words of the
 tile's stream (2 for K <= 4, 3 above); each window is cut from a 64-bit word
-pair with one shift. The trellis is read as int32: little-endian int32 word
+pair with one shift. Loading the words (``load_tile_words``) and decoding them
+(``decode_words``) are separate steps so that loops can prefetch the next
+block's words while decoding the current one. The trellis is read as int32: little-endian int32 word
 ``j`` of a tile is exactly stream bits ``32j .. 32j+31`` MSB-first (the pair swap
 of the int16 storage undoes itself).
 """
@@ -123,21 +125,17 @@ def codebook_decode(state, CB: tl.constexpr, USE_PTX: tl.constexpr):
 # --------------------------------------------------------------------- tiles
 
 @triton.jit
-def decode_tiles(
-    t32_ptr,  # int32 view of the trellis, [TK, TN, W32] contiguous (offset to the right expert)
-    kt0, nt0,  # first tile row / column of the block
-    TN,  # tiles per row of the trellis
-    W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
-    CB: tl.constexpr, USE_PTX: tl.constexpr,
-    BTK: tl.constexpr, BTN: tl.constexpr,
-):
-    """Decode tiles [kt0, kt0+BTK) x [nt0, nt0+BTN) -> fp16 ``[16*BTK, 16*BTN]`` (rows = input features)."""
+def _lane_geometry(W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr):
+    """Per element of the rank-7 block: first word of its lane, and where its window sits.
+
+    Axes: (tile_k, mh, t4, ml, tile_n, h, c0); lane = 4*c0 + t4, q = 4*h + 2*mh + ml.
+    Returns ``j0`` (lane's first word, broadcast shape), ``pair_idx`` and ``shift``
+    (which word pair holds the window, and the right shift that brings it down).
+    """
     RING: tl.constexpr = W32 * 32
-    ti = tl.arange(0, BTK)[:, None, None, None, None, None, None]
     mh = tl.arange(0, 2)[None, :, None, None, None, None, None]
     t4 = tl.arange(0, 4)[None, None, :, None, None, None, None]
     ml = tl.arange(0, 2)[None, None, None, :, None, None, None]
-    tj = tl.arange(0, BTN)[None, None, None, None, :, None, None]
     h = tl.arange(0, 2)[None, None, None, None, None, :, None]
     c0 = tl.arange(0, 8)[None, None, None, None, None, None, :]
     lane = 4 * c0 + t4
@@ -153,20 +151,51 @@ def decode_tiles(
     rel = start % 32 + dq  # window start relative to word j0
     pair_idx = tl.maximum(rel - 48 + 31, 0) // 32
     shift = (48 - (rel - 32 * pair_idx)).to(tl.uint64)
+    return j0, pair_idx, shift
 
+
+@triton.jit
+def load_tile_words(t32_ptr, kt0, nt0, TN, W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr,
+                    NLOAD: tl.constexpr, BTK: tl.constexpr, BTN: tl.constexpr):
+    """The (up to 3) 32-bit words each lane of tiles [kt0, +BTK) x [nt0, +BTN) needs, as uint64."""
+    j0, pair_idx, shift = _lane_geometry(W32, KA, HALF)
+    ti = tl.arange(0, BTK)[:, None, None, None, None, None, None]
+    tj = tl.arange(0, BTN)[None, None, None, None, :, None, None]
     tile = ((kt0 + ti) * TN + nt0 + tj) * W32
     w0 = tl.load(t32_ptr + tile + j0).to(tl.uint32).to(tl.uint64)
     w1 = tl.load(t32_ptr + tile + (j0 + 1) % W32).to(tl.uint32).to(tl.uint64)
-    pair = (w0 << 32) | w1
     if NLOAD >= 3:
         w2 = tl.load(t32_ptr + tile + (j0 + 2) % W32).to(tl.uint32).to(tl.uint64)
+    else:
+        w2 = w1
+    return w0, w1, w2
+
+
+@triton.jit
+def decode_words(w0, w1, w2, W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
+                 CB: tl.constexpr, USE_PTX: tl.constexpr, BTK: tl.constexpr, BTN: tl.constexpr):
+    """Words from ``load_tile_words`` -> fp16 ``W_hat`` block ``[16*BTK, 16*BTN]``."""
+    j0, pair_idx, shift = _lane_geometry(W32, KA, HALF)
+    pair = (w0 << 32) | w1
+    if NLOAD >= 3:
         pair = tl.where(pair_idx >= 1, (w1 << 32) | w2, pair)
-    if NLOAD >= 4:
-        w3 = tl.load(t32_ptr + tile + (j0 + 3) % W32).to(tl.uint32).to(tl.uint64)
-        pair = tl.where(pair_idx >= 2, (w2 << 32) | w3, pair)
     state = ((pair >> shift) & 0xFFFF).to(tl.uint32)
     values = codebook_decode(state, CB, USE_PTX)
     return tl.reshape(values, (16 * BTK, 16 * BTN))
+
+
+@triton.jit
+def decode_tiles(
+    t32_ptr,  # int32 view of the trellis, [TK, TN, W32] contiguous (offset to the right expert)
+    kt0, nt0,  # first tile row / column of the block
+    TN,  # tiles per row of the trellis
+    W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
+    CB: tl.constexpr, USE_PTX: tl.constexpr,
+    BTK: tl.constexpr, BTN: tl.constexpr,
+):
+    """Decode tiles [kt0, kt0+BTK) x [nt0, nt0+BTN) -> fp16 ``[16*BTK, 16*BTN]`` (rows = input features)."""
+    w0, w1, w2 = load_tile_words(t32_ptr, kt0, nt0, TN, W32, KA, HALF, NLOAD, BTK, BTN)
+    return decode_words(w0, w1, w2, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, BTN)
 
 
 @triton.jit

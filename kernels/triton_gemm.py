@@ -10,11 +10,12 @@ to memory. A program owns 128 output columns (one Hadamard block), a block of
    the kernel makes a GEMV one launch.
 2. **main loop**: ``BTK`` tile rows of ``W_hat`` at a time; one row uses fp32
    FMAs (``BLOCK_M == 1``), more rows ``tl.dot`` on tensor cores.
-3. **output**: with ``SPLIT_K > 1`` each program writes its partial sum to a
-   workspace and bumps a per-block counter; the last to arrive adds the partials
-   in a fixed order (deterministic), applies ``H``, ``svh`` and bias, writes the
-   result and resets the counter. Counters live in one zeroed buffer per device,
-   so calls must be ordered on one stream (as the runtime does).
+3. **output**: each program writes its partial sum to a workspace; with
+   ``SPLIT_K > 1`` it bumps a per-block counter and the last to arrive adds the
+   partials in a fixed order (deterministic), applies ``H``, ``svh`` and bias a
+   few rows at a time, writes the result and resets the counter. Counters live
+   in one zeroed buffer per device, so calls must be ordered on one stream (as
+   the runtime does).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .launch import FastLauncher
-from .triton_decode import HAD_SCALE, decode_tiles, hadamard_rows, lane_layout
+from .triton_decode import HAD_SCALE, decode_words, hadamard_rows, lane_layout, load_tile_words
 from .triton_hadamard import exl3_input_rotate
 from .weights import Exl3Weight
 
@@ -111,22 +112,38 @@ def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_
 
     For ``BM == 1`` ``src_rows`` is a scalar row (always valid); otherwise a ``[BM]``
     vector with ``src_mask`` marking real rows (others read as zeros).
+
+    Software-pipelined by hand: the next step's trellis words and activations are
+    loaded before the current step is decoded, so their latency hides behind the
+    decode arithmetic (launch with ``num_stages=1``).
     """
+    r = tl.arange(0, 16 * BTK)
+    w0, w1, w2 = load_tile_words(t32_ptr, kt_begin, nt, TN, W32, KA, HALF, NLOAD, BTK, 8)
     if BM == 1:
+        x = tl.load(src_ptr + src_rows * stride_src + kt_begin * 16 + r)
         acc2 = tl.zeros((16 * BTK, 128), tl.float32)
-        for it in range(0, k_tiles, BTK):
-            kk = (kt_begin + it) * 16 + tl.arange(0, 16 * BTK)
-            x = tl.load(src_ptr + src_rows * stride_src + kk).to(tl.float32)  # src_rows is a scalar
-            w = decode_tiles(t32_ptr, kt_begin + it, nt, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, 8)
-            acc2 += x[:, None] * w.to(tl.float32)
+    else:
+        x = tl.load(src_ptr + src_rows[:, None] * stride_src + kt_begin * 16 + r[None, :],
+                    mask=src_mask[:, None], other=0.0)
+        acc = tl.zeros((BM, 128), tl.float32)
+    for it in range(0, k_tiles, BTK):
+        # prefetch the next step (the last step re-reads the first block, which is harmless)
+        nxt = kt_begin + (it + BTK) % k_tiles
+        n0, n1, n2 = load_tile_words(t32_ptr, nxt, nt, TN, W32, KA, HALF, NLOAD, BTK, 8)
+        if BM == 1:
+            x_next = tl.load(src_ptr + src_rows * stride_src + nxt * 16 + r)
+        else:
+            x_next = tl.load(src_ptr + src_rows[:, None] * stride_src + nxt * 16 + r[None, :],
+                             mask=src_mask[:, None], other=0.0)
+        w = decode_words(w0, w1, w2, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, 8)
+        if BM == 1:
+            acc2 += x.to(tl.float32)[:, None] * w.to(tl.float32)
+        else:
+            acc = tl.dot(x.to(tl.float16), w, acc)
+        w0, w1, w2, x = n0, n1, n2, x_next
+    if BM == 1:
         return tl.sum(acc2, axis=0)[None, :]
     else:
-        acc = tl.zeros((BM, 128), tl.float32)
-        for it in range(0, k_tiles, BTK):
-            kk = (kt_begin + it) * 16 + tl.arange(0, 16 * BTK)
-            x = tl.load(src_ptr + src_rows[:, None] * stride_src + kk[None, :], mask=src_mask[:, None], other=0.0)
-            w = decode_tiles(t32_ptr, kt_begin + it, nt, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, 8)
-            acc = tl.dot(x.to(tl.float16), w, acc)
         return acc
 
 
@@ -152,7 +169,7 @@ def _exl3_gemm_kernel(
     CB: tl.constexpr, USE_PTX: tl.constexpr,
     # schedule
     BLOCK_M: tl.constexpr, BTK: tl.constexpr, SPLIT_K: tl.constexpr,
-    ROTATE_IN_KERNEL: tl.constexpr, NCH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROTATE_IN_KERNEL: tl.constexpr, NCH: tl.constexpr, FIN_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -187,20 +204,27 @@ def _exl3_gemm_kernel(
     acc = decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_tiles_per_split, pid_n * 8, TN,
                         W32, KA, HALF, NLOAD, CB, USE_PTX, BLOCK_M, BTK)
 
+    # Finish: the partial goes to the workspace; the last program of this column block
+    # (the only one without a split) reloads the block FIN_ROWS rows at a time and
+    # rotates, scales and stores it, so the epilogue never holds the accumulator.
+    ws_rows = pid_s * m_pad + rows
+    tl.store(ws_ptr + ws_rows[:, None] * N + cols[None, :], acc)
+    tl.debug_barrier()
     if SPLIT_K == 1:
-        store_rows(acc, rows, rmask, cols, svh_ptr, bias_ptr, y_ptr, stride_ym, h32_ptr, BLOCK_M, HAS_BIAS)
+        finish = True
     else:
-        ws_rows = pid_s * m_pad + rows
-        tl.store(ws_ptr + ws_rows[:, None] * N + cols[None, :], acc)
-        tl.debug_barrier()
         lock = lock_ptr + pid_m * nb + pid_n
-        arrived = tl.atomic_add(lock, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, 128), tl.float32)
+        finish = tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1
+    if finish:
+        for r0 in range(0, BLOCK_M, FIN_ROWS):
+            frows = pid_m * BLOCK_M + r0 + tl.arange(0, FIN_ROWS)
+            total = tl.zeros((FIN_ROWS, 128), tl.float32)
             for s in range(SPLIT_K):
-                part = ws_ptr + (s * m_pad + rows)[:, None] * N + cols[None, :]
+                part = ws_ptr + (s * m_pad + frows)[:, None] * N + cols[None, :]
                 total += tl.load(part, cache_modifier=".cg")
-            store_rows(total, rows, rmask, cols, svh_ptr, bias_ptr, y_ptr, stride_ym, h32_ptr, BLOCK_M, HAS_BIAS)
+            store_rows(total, frows, frows < M, cols, svh_ptr, bias_ptr, y_ptr, stride_ym, h32_ptr, FIN_ROWS,
+                       HAS_BIAS)
+        if SPLIT_K > 1:
             tl.atomic_xchg(lock, 0)
 
 
@@ -223,7 +247,7 @@ class GemmConfig:
     btk: int = 2
     split_k: int | None = None
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 1  # loops prefetch by hand (decode_matmul)
     rotate_in_kernel: bool = False
     use_ptx: bool | None = None  # None: on CUDA
 
@@ -287,7 +311,7 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
     locks, h32 = device_buffers(dev)
     if split > 1 and grid_m * nb > LOCK_SLOTS:
         raise ValueError("too many output blocks for the split-K counters")
-    ws = torch.empty((split * grid_m * block_m, n), dtype=torch.float32, device=dev) if split > 1 else h32
+    ws = torch.empty((split * grid_m * block_m, n), dtype=torch.float32, device=dev)
     scratch = (torch.empty((grid_m * nb * block_m, k), dtype=torch.float16, device=dev) if rotate_in_kernel
                else h32)
     y = torch.empty((m, n), dtype=x.dtype, device=dev) if out is None else out.view(m, n)
@@ -299,7 +323,7 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
         m, n, k, n // 16, k_tiles // split, grid_m * block_m, x2.stride(0), y.stride(0),
         USE_PTX=x.is_cuda if cfg.use_ptx is None else cfg.use_ptx,
         BLOCK_M=block_m, BTK=cfg.btk, SPLIT_K=split, ROTATE_IN_KERNEL=rotate_in_kernel,
-        NCH=triton.next_power_of_2(max(1, chunks)), HAS_BIAS=w.bias is not None,
+        NCH=triton.next_power_of_2(max(1, chunks)), FIN_ROWS=min(block_m, 4), HAS_BIAS=w.bias is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts["fmt"],
     )
     return y.reshape(out_shape)
