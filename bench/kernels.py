@@ -169,27 +169,32 @@ class Bench:
             torch.cuda.empty_cache()
 
     def gemv(self):
-        # variants that compile without spills on sm_90 (bench/kernel_resources.py)
-        cfgs = [GemmConfig(block_m=1, btk=b, num_warps=w) for b, w in ((1, 4), (2, 4), (1, 8), (2, 8))]
-        cfgs += [GemmConfig(block_m=1, btk=b, num_warps=w, rotate_in_kernel=True) for b, w in ((1, 4), (1, 8), (2, 8))]
-        cfgs += [GemmConfig(block_m=1, btk=2, num_warps=8, use_ptx=False)]
-        cfgs += [GemmConfig(block_m=16, btk=1, num_warps=4)]
-        best = self.variants("gemv_variants", 1, 8192, 8192, 4, cfgs)
-        if best is not None:  # split around the winner
-            more = [replace(best, split_k=s) for s in (4, 16, 32)]
-            alt = self.variants("gemv_variants", 1, 8192, 8192, 4, more)
-            best = alt if alt is not None and self._faster(alt, best, 1) else best
-        self.best["1"] = best
+        # contenders from earlier runs (docs/performance.md, notes); all compile without spills
+        cfgs = [GemmConfig(block_m=1, btk=2, num_warps=4), GemmConfig(block_m=1, btk=2, num_warps=8),
+                GemmConfig(block_m=1, btk=1, num_warps=4, rotate_in_kernel=True),
+                GemmConfig(block_m=1, btk=2, num_warps=4, rotate_in_kernel=True)]
+        self.best["1"] = self.variants("gemv_variants", 1, 8192, 8192, 4, cfgs)
 
     def _faster(self, a, b, rows) -> bool:
         return self.time_gemm(a, 8192, 8192, 4, rows)["graph_us"] < self.time_gemm(b, 8192, 8192, 4, rows)["graph_us"]
 
     def m16(self):
-        cfgs = [GemmConfig(block_m=16, btk=b, num_warps=w) for b in (1, 2) for w in (4, 8)]
-        cfgs += [GemmConfig(block_m=16, btk=1, num_warps=4, num_stages=2)]
-        cfgs += [GemmConfig(block_m=16, btk=1, num_warps=4, split_k=s) for s in (16, 32)]
-        cfgs += [GemmConfig(block_m=16, btk=1, num_warps=4, rotate_in_kernel=True)]
+        cfgs = [GemmConfig(block_m=16, btk=2, num_warps=4), GemmConfig(block_m=16, btk=2, num_warps=8),
+                GemmConfig(block_m=16, btk=1, num_warps=4)]
         self.best["16"] = self.variants("m16_variants", 16, 8192, 8192, 4, cfgs)
+
+    def splits(self):
+        """Split-K sweep on the table's shapes, to set the split rule from measurements."""
+        for (k, n, bits, rows) in [(8192, 8192, 4, 1), (5376, 21504, 4, 1), (21504, 5376, 4, 1),
+                                   (8192, 8192, 4, 16), (5376, 21504, 4, 16)]:
+            base = self.best.get(str(rows)) or GemmConfig(block_m=1 if rows == 1 else 16)
+            for split in (1, 2, 4, 8, 16, 32):
+                if self.out_of_time():
+                    return
+                cfg = replace(base, split_k=split)
+                rec = {"shape": f"{k}x{n}", "rows": rows, "split": split, "config": cfg.describe()}
+                rec.update(self.time_gemm(cfg, k, n, bits, rows))
+                self.r.add("splits", rec)
 
     def table(self):
         for (k, n, bits, rows), (peer_us, peer_fp16) in PEER.items():
@@ -225,15 +230,29 @@ class Bench:
             if rows == 1:
                 cands = {"fused " + self.best["1"].describe(): self.best["1"]} if self.best.get("1") else {}
             else:
-                cands = {f"fused bm{bm}": c for bm, c in fused.items() if 16 <= bm <= max(16, rows)}
+                cands = {f"fused bm{bm}": c for bm, c in fused.items() if 16 <= bm <= max(16, rows) and rows <= 512}
             for name, cfg in cands.items():
-                rec[name] = time_eager(lambda i: OPS.gemm.exl3_gemm_triton(xs[i], ws[i], cfg), len(ws))["median_us"]
+                fn = lambda i: OPS.gemm.exl3_gemm_triton(xs[i], ws[i], cfg)  # noqa: E731
+                rec[name] = time_eager(fn, len(ws))["median_us"]
+                rec[name + " graph"] = time_graph(fn, len(ws))["median_us"]
             if rows >= 8:
                 rec["dequant+matmul"] = time_eager(lambda i: dequant(i, xs[i]), len(ws))["median_us"]
+                rec["dequant+matmul graph"] = time_graph(lambda i: dequant(i, xs[i]), len(ws))["median_us"]
             rec.update(self.time_fp16(k, n, rows, graph=False))
             self.r.add("crossover", rec)
         x = torch.randn(300, k, device="cuda").half()
         self.r.add("crossover_check", {"dequant_rel_err": rel_err(dequant(0, x), exl3_matmul_ref(x.float(), ws[0]))})
+        # where the time of the large-batch path goes (2048 rows)
+        xs = [torch.randn(2048, k, device="cuda").half() for _ in ws]
+        w_hat = OPS.dequant.dequant_inner_triton(ws[0])
+        acc = torch.matmul(xs[0], w_hat)
+        parts = {
+            "rotate_in": lambda i: OPS.hadamard.exl3_input_rotate(xs[i], ws[i].suh),
+            "dequant": lambda i: OPS.dequant.dequant_inner_triton(ws[i], out=w_hat),
+            "matmul": lambda i: torch.matmul(xs[i], w_hat),
+            "rotate_out": lambda i: OPS.hadamard.exl3_output_rotate(acc, ws[i].svh, None, torch.float16),
+        }
+        self.r.add("large_batch_parts", {name: time_eager(fn, len(ws))["median_us"] for name, fn in parts.items()})
         del ws
         torch.cuda.empty_cache()
 
@@ -246,7 +265,7 @@ class Bench:
                     return
                 stack = Exl3ExpertStack.from_weights(
                     [synthetic_exl3(k, n, bits, Codebook.MCG, seed=i) for i in range(256)], key=name)
-                for tokens in (1, 8):
+                for tokens in (1, 4, 8):
                     g = torch.Generator(device="cuda").manual_seed(tokens)
                     n_rot = 8
                     ids = [torch.stack([torch.randperm(256, generator=g, device="cuda")[:8] for _ in range(tokens)])
@@ -281,7 +300,7 @@ class Bench:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="results directory (default bench/results)")
-    parser.add_argument("--sections", default="env,exact,gemv,m16,table,crossover,moe,formats")
+    parser.add_argument("--sections", default="env,exact,gemv,m16,splits,table,crossover,moe,formats")
     parser.add_argument("--budget", type=float, default=500, help="seconds after which remaining sections are skipped")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -88,10 +88,8 @@ def _exl3_matmul_dequant(x: torch.Tensor, weight: Exl3Weight, ops) -> torch.Tens
     """Large batches: rotate x, dequantize W_hat once, fp16 ``torch.matmul``, rotate the result."""
     xh = ops.hadamard.exl3_input_rotate(x.reshape(-1, x.shape[-1]), weight.suh)
     acc = torch.matmul(xh, ops.dequant.dequant_inner_triton(weight))
-    y = ops.hadamard.hadamard_128_triton(acc, None, weight.svh)
-    if weight.bias is not None:
-        y = y + weight.bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+    y = ops.hadamard.exl3_output_rotate(acc, weight.svh, weight.bias, x.dtype)
+    return y.reshape(*x.shape[:-1], weight.out_features)
 
 
 def exl3_moe(

@@ -21,24 +21,36 @@ from __future__ import annotations
 import torch
 
 
-def _spec(arg):
-    if isinstance(arg, torch.Tensor):
-        return (arg.dtype, arg.data_ptr() & 15 == 0)
-    if isinstance(arg, bool) or arg is None:
-        return arg
-    if isinstance(arg, int):
-        return (arg & 15 == 0, arg == 1, -(2**31) <= arg < 2**31)
-    return type(arg)
+_Tensor = torch.Tensor
+
+
+def _launch_key(args) -> tuple:
+    """What Triton specializes on, cheaply: tensors -> (dtype, 16-byte aligned); other values as they are.
+
+    Integers go into the key by value (a superset of Triton's divisibility / ==1
+    specialization), so a new value only costs one trip through Triton's path.
+    """
+    return tuple([(a.dtype, a.data_ptr() & 15 == 0) if type(a) is _Tensor else a for a in args])
 
 
 def _hooks_active() -> bool:
-    from triton import knobs
-
-    hook = knobs.runtime.launch_enter_hook
+    hook = _knobs().runtime.launch_enter_hook
     if hook is None:
         return False
     calls = getattr(hook, "calls", None)  # newer Triton: a HookChain, empty unless a profiler is attached
     return bool(calls) if calls is not None else True
+
+
+_KNOBS = None
+
+
+def _knobs():
+    global _KNOBS
+    if _KNOBS is None:
+        from triton import knobs
+
+        _KNOBS = knobs
+    return _KNOBS
 
 
 def _current_stream(device: int) -> int:
@@ -70,7 +82,7 @@ class FastLauncher:
             return self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
         device = torch.cuda.current_device()
         cvals = tuple([constexprs[name] for name in self.constexpr_names])
-        key = (cvals, num_warps, num_stages, device, tuple(map(_spec, args)))
+        key = (cvals, num_warps, num_stages, device, _launch_key(args))
         kernel = self.cache.get(key)
         if kernel is None or _hooks_active():
             kernel = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)

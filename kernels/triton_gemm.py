@@ -270,6 +270,11 @@ def choose_split_k(units: int, programs: int, sms: int, target: int | None) -> i
     return divisors[-1]
 
 
+def next_power_of_2(n: int) -> int:
+    """Host-side helper (triton.next_power_of_2 is a JIT-aware wrapper, ~10 us a call)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def launch_constants(w: Exl3Weight) -> dict:
     """The per-weight constexprs and views, computed once and kept on the weight."""
     cached = w.derived.get("triton")
@@ -294,11 +299,10 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
         raise ValueError(f"the fused EXL3 kernel needs dims divisible by 128, got [{k}, {n}]")
     if x.shape[-1] != k:
         raise ValueError(f"{w.key or 'EXL3 linear'}: input has {x.shape[-1]} features, weight expects {k}")
-    out_shape = (*x.shape[:-1], n)
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)  # reshape costs microseconds of dispatch: skip when 2-D
     m = x2.shape[0]
     block_m = cfg.block_m
-    if x2.stride(-1) != 1:
+    if x2.stride(1) != 1:
         x2 = x2.contiguous()
     rotate_in_kernel = cfg.rotate_in_kernel
     if not rotate_in_kernel:
@@ -323,10 +327,10 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
         m, n, k, n // 16, k_tiles // split, grid_m * block_m, x2.stride(0), y.stride(0),
         USE_PTX=x.is_cuda if cfg.use_ptx is None else cfg.use_ptx,
         BLOCK_M=block_m, BTK=cfg.btk, SPLIT_K=split, ROTATE_IN_KERNEL=rotate_in_kernel,
-        NCH=triton.next_power_of_2(max(1, chunks)), FIN_ROWS=min(block_m, 4), HAS_BIAS=w.bias is not None,
+        NCH=next_power_of_2(chunks), FIN_ROWS=min(block_m, 4), HAS_BIAS=w.bias is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts["fmt"],
     )
-    return y.reshape(out_shape)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def with_split(cfg: GemmConfig, split_k: int | None) -> GemmConfig:

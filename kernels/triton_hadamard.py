@@ -3,6 +3,7 @@
 * ``hadamard_128_triton(x, pre, post)``: ``((x * pre) . H) * post`` in fp32.
 * ``exl3_input_rotate(x, suh)``: the EXL3 input side with ExLlamaV3's rounding
   points, ``fp16(H(fp16(x * suh)))``.
+* ``exl3_output_rotate(acc, svh, bias, dtype)``: the output side, ``H(acc) * svh + bias``.
 * ``exl3_input_rotate_gathered(x, suh_stack, x_rows, suh_rows)``: the same for
   rows gathered from ``x`` and each scaled by its own row of ``suh_stack`` (MoE
   slots: token row, expert ``suh``).
@@ -22,9 +23,9 @@ from .triton_decode import HAD_SCALE, hadamard_rows
 
 @triton.jit
 def _hadamard_kernel(
-    x_ptr, pre_ptr, post_ptr, y_ptr, x_rows_ptr, pre_rows_ptr,
+    x_ptr, pre_ptr, post_ptr, bias_ptr, y_ptr, x_rows_ptr, pre_rows_ptr,
     R, C, stride_x, stride_y,
-    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, GATHER: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
     ROUND_FP16: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -45,6 +46,8 @@ def _hadamard_kernel(
     y = hadamard_rows(x, BLOCK_R) * HAD_SCALE
     if HAS_POST:
         y = y * tl.load(post_ptr + cols).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
              mask=mask[:, None])
 
@@ -52,21 +55,23 @@ def _hadamard_kernel(
 _rotate = FastLauncher(_hadamard_kernel)
 
 
-def _launch(x2: torch.Tensor, rows: int, pre, post, out_dtype, round_fp16: bool, x_rows=None, pre_rows=None):
+def _launch(x2: torch.Tensor, rows: int, pre, post, out_dtype, round_fp16: bool, x_rows=None, pre_rows=None,
+            bias=None):
     c = x2.shape[-1]
     if c % 128:
         raise ValueError(f"Hadamard rotation needs a last dimension divisible by 128, got {c}")
-    if x2.stride(-1) != 1:
+    if x2.stride(1) != 1:
         x2 = x2.contiguous()
     y = torch.empty((rows, c), dtype=out_dtype, device=x2.device)
     block_r = 16 if rows <= 16 else 32
     gather = x_rows is not None
     _rotate(
-        (triton.cdiv(rows, block_r), c // 128),
-        x2, pre if pre is not None else x2, post if post is not None else x2, y,
+        (-(-rows // block_r), c // 128),
+        x2, pre if pre is not None else x2, post if post is not None else x2, bias if bias is not None else x2, y,
         x_rows if gather else y, pre_rows if gather else y,
         rows, c, x2.stride(0), y.stride(0),
-        HAS_PRE=pre is not None, HAS_POST=post is not None, GATHER=gather, ROUND_FP16=round_fp16,
+        HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None, GATHER=gather,
+        ROUND_FP16=round_fp16,
         BLOCK_R=block_r, num_warps=4, num_stages=1,
     )
     return y
@@ -80,8 +85,16 @@ def hadamard_128_triton(x: torch.Tensor, pre_scale=None, post_scale=None) -> tor
 
 def exl3_input_rotate(x: torch.Tensor, suh: torch.Tensor) -> torch.Tensor:
     """``fp16(H(fp16(x * suh)))``: the rotated activations an EXL3 GEMM consumes."""
+    if x.dim() == 2:
+        return _launch(x, x.shape[0], suh, None, torch.float16, True)
     x2 = x.reshape(-1, x.shape[-1])
     return _launch(x2, x2.shape[0], suh, None, torch.float16, True).reshape(x.shape)
+
+
+def exl3_output_rotate(acc: torch.Tensor, svh: torch.Tensor, bias: torch.Tensor | None,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """``H(acc) * svh + bias`` in ``out_dtype``: the output side of an EXL3 matmul, one pass."""
+    return _launch(acc, acc.shape[0], None, svh, out_dtype, False, bias=bias)
 
 
 def exl3_input_rotate_gathered(x: torch.Tensor, suh_stack: torch.Tensor, x_rows: torch.Tensor,

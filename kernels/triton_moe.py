@@ -29,6 +29,7 @@ from .triton_gemm import (
     decode_matmul,
     device_buffers,
     rotate_output,
+    next_power_of_2,
     rotate_row_slice_into_scratch,
     sm_count,
 )
@@ -224,7 +225,7 @@ def exl3_moe_triton(
             xs, scratch, ids32, rw, t32, experts.suh, experts.svh, y, ws, locks, h32,
             n, k, n // 16, k_tiles // split, expert_w32, xs.stride(0), y.stride(0),
             TOPK=top_k, X_PER_SLOT=per_slot, REDUCE=reduce, SPLIT_K=split, BTK=btk,
-            NCH=triton.next_power_of_2(max(1, k_tiles // split // 8)), num_warps=num_warps, num_stages=2, **fmt,
+            NCH=next_power_of_2(k_tiles // split // 8), num_warps=num_warps, num_stages=1, **fmt,
         )
         return y if reduce else y.reshape(t, top_k, n)
 
@@ -244,7 +245,7 @@ def exl3_moe_triton(
             xh, slot_ids, block_expert, rw_flat, t32, experts.svh, y, h32,
             n, n // 16, k_tiles, expert_w32, xh.stride(0), y.stride(0),
             HAS_WEIGHTS=routing_weights is not None, BLOCK_M=block_m, BTK=btk,
-            num_warps=num_warps, num_stages=2, **fmt,
+            num_warps=num_warps, num_stages=1, **fmt,
         )
     if routing_weights is None:
         return y.reshape(t, top_k, n)
