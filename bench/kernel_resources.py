@@ -82,10 +82,11 @@ def resources(kernel) -> dict:
 
 def gemm_variants():
     for bm, btk, warps, rot in [(1, 1, 4, True), (1, 2, 4, True), (1, 1, 8, True), (1, 2, 8, True), (1, 4, 8, True),
-                                (1, 2, 8, False), (16, 1, 4, False), (16, 2, 4, False), (16, 4, 4, False),
+                                (1, 2, 8, False), (2, 1, 4, False), (2, 2, 4, False), (4, 1, 4, False), (4, 1, 8, False),
+                                (4, 2, 8, False), (16, 1, 4, False), (16, 2, 4, False), (16, 4, 4, False),
                                 (16, 1, 8, False), (16, 2, 8, False), (16, 4, 8, False),
                                 (16, 2, 8, True), (32, 2, 8, False), (64, 2, 8, False), (128, 1, 8, False)]:
-        yield (f"gemm {'fma' if bm == 1 else 'dot'}{'+rot' if rot else ''} bm{bm} btk{btk} w{warps}",
+        yield (f"gemm {'fma' if bm < 16 else 'dot'}{'+rot' if rot else ''} bm{bm} btk{btk} w{warps}",
                triton_gemm._exl3_gemm_kernel, dict(BLOCK_M=bm, BTK=btk, SPLIT_K=4, ROTATE_IN_KERNEL=rot, NCH=8, FIN_ROWS=min(bm, 4),
                                                    HAS_BIAS=False), warps)
 

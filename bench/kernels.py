@@ -214,9 +214,10 @@ class Bench:
 
     def crossover(self):
         k = n = 8192
-        fused = {16: self.best.get("16") or GemmConfig(block_m=16, btk=1, num_warps=4),
-                 32: GemmConfig(block_m=32, btk=1), 64: GemmConfig(block_m=64, btk=1),
-                 128: GemmConfig(block_m=128, btk=1)}
+        fused = {1: self.best.get("1") or GemmConfig(block_m=1, btk=2), 2: GemmConfig(block_m=2, btk=1, num_warps=4),
+                 4: GemmConfig(block_m=4, btk=1, num_warps=8),
+                 16: self.best.get("16") or GemmConfig(block_m=16, btk=2, num_warps=4),
+                 32: GemmConfig(block_m=32, btk=1), 64: GemmConfig(block_m=64, btk=1)}
         ws = self.weights(k, n, 4)
 
         def dequant(i, x):
@@ -227,10 +228,8 @@ class Bench:
                 break
             xs = [torch.randn(rows, k, device="cuda").half() for _ in ws]
             rec = {"rows": rows}
-            if rows == 1:
-                cands = {"fused " + self.best["1"].describe(): self.best["1"]} if self.best.get("1") else {}
-            else:
-                cands = {f"fused bm{bm}": c for bm, c in fused.items() if 16 <= bm <= max(16, rows) and rows <= 512}
+            cands = {f"fused bm{bm}": c for bm, c in fused.items()
+                     if (bm <= rows <= 4 * bm or (bm == 16 and rows <= 16)) and rows <= 128}
             for name, cfg in cands.items():
                 fn = lambda i: OPS.gemm.exl3_gemm_triton(xs[i], ws[i], cfg)  # noqa: E731
                 rec[name] = time_eager(fn, len(ws))["median_us"]
@@ -281,6 +280,17 @@ class Bench:
                     active = len(torch.unique(ids[0]))
                     rec["weight_GBps_graph"] = active * k * n * bits / 8 / rec["graph_us"] / 1e3
                     self.r.add("moe", rec)
+                if bits == 4:  # prefill: many tokens, grouped by expert
+                    for tokens in (16, 128, 1024):
+                        g = torch.Generator(device="cuda").manual_seed(tokens)
+                        idg = torch.stack([torch.randperm(256, generator=g, device="cuda")[:8] for _ in range(tokens)])
+                        rwg = torch.rand(tokens, 8, device="cuda", generator=g)
+                        xg = torch.randn(*((tokens, 8, k) if weighted else (tokens, k)), device="cuda").half()
+                        run = lambda i: OPS.moe.exl3_moe_triton(xg, stack, idg, rwg if weighted else None,  # noqa
+                                                                schedule="grouped")
+                        err = rel_err(run(0), exl3_moe_ref(xg.float(), stack, idg, rwg if weighted else None))
+                        self.r.add("moe_grouped", {"projection": name, "K": bits, "tokens": tokens, "rel_err": err,
+                                                   "eager_us": time_eager(run, 1)["median_us"]})
                 del stack
                 torch.cuda.empty_cache()
 

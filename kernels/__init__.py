@@ -75,7 +75,8 @@ def exl3_matmul(
     """
     if resolve_backend(backend, x.device) == "triton":
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        plan = matmul_plan(rows, weight.in_features, weight.out_features)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        plan = matmul_plan(rows, weight.in_features, weight.out_features, capturing)
         if plan is not None and rows > 0:
             ops = triton_ops.load()
             if plan.kind == "fused" and not _force_dequant:

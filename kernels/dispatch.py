@@ -56,10 +56,10 @@ class MatmulPlan:
     config: object = None
 
 
-def matmul_plan(rows: int, in_features: int, out_features: int) -> MatmulPlan | None:
+def matmul_plan(rows: int, in_features: int, out_features: int, capturing: bool = False) -> MatmulPlan | None:
     """None when the Triton kernels cannot take the shape (then the reference runs)."""
     if in_features % 128 or out_features % 128:
         return None
     if rows > tuning.fused_max_rows(in_features, out_features):
         return MatmulPlan("dequant")
-    return MatmulPlan("fused", tuning.gemm_config(rows, in_features, out_features))
+    return MatmulPlan("fused", tuning.gemm_config(rows, in_features, out_features, capturing))

@@ -125,7 +125,10 @@ def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_
     else:
         x = tl.load(src_ptr + src_rows[:, None] * stride_src + kt_begin * 16 + r[None, :],
                     mask=src_mask[:, None], other=0.0)
-        acc = tl.zeros((BM, 128), tl.float32)
+        if BM < 16:  # a few rows: FMAs, one decoded weight feeding BM products
+            acc3 = tl.zeros((BM, 16 * BTK, 128), tl.float32)
+        else:
+            acc = tl.zeros((BM, 128), tl.float32)
     for it in range(0, k_tiles, BTK):
         # prefetch the next step (the last step re-reads the first block, which is harmless)
         nxt = kt_begin + (it + BTK) % k_tiles
@@ -138,11 +141,15 @@ def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_
         w = decode_words(w0, w1, w2, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, 8)
         if BM == 1:
             acc2 += x.to(tl.float32)[:, None] * w.to(tl.float32)
+        elif BM < 16:
+            acc3 += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
         else:
             acc = tl.dot(x.to(tl.float16), w, acc)
         w0, w1, w2, x = n0, n1, n2, x_next
     if BM == 1:
         return tl.sum(acc2, axis=0)[None, :]
+    elif BM < 16:
+        return tl.sum(acc3, axis=1)
     else:
         return acc
 
@@ -237,7 +244,7 @@ _gemm = FastLauncher(_exl3_gemm_kernel)
 class GemmConfig:
     """How one fused GEMM call is scheduled (chosen by the dispatcher from measured tables).
 
-    block_m: rows per program (1 = FMA path, >= 16 = tensor cores); btk: tile
+    block_m: rows per program (1, 2, 4: FMA path; >= 16: tensor cores); btk: tile
     rows decoded per step; split_k: target number of K slices (None: enough
     programs for two waves); rotate_in_kernel: rotate x in the kernel's prologue
     (one launch) instead of a separate launch.
@@ -252,20 +259,25 @@ class GemmConfig:
     use_ptx: bool | None = None  # None: on CUDA
 
     def describe(self) -> str:
-        mode = "fma" if self.block_m == 1 else f"dot bm{self.block_m}"
+        mode = "fma" if self.block_m == 1 else (f"fma bm{self.block_m}" if self.block_m < 16 else f"dot bm{self.block_m}")
         return (f"{mode}{'+rot' if self.rotate_in_kernel else ''} btk{self.btk} sk{self.split_k} "
                 f"w{self.num_warps} s{self.num_stages}{' noptx' if self.use_ptx is False else ''}")
+
+
+# Programs per SM the automatic split aims for. Measured on the H100 (splits section of
+# bench/kernels.py): fewer leaves load latency exposed, many more costs per-program overhead.
+PROGRAMS_PER_SM = 6
 
 
 @functools.lru_cache(maxsize=4096)
 def choose_split_k(units: int, programs: int, sms: int, target: int | None) -> int:
     """A divisor of ``units`` (K slices must be whole steps): the largest <= ``target``, or the
-    smallest that gives >= 2 waves of programs when no target is given."""
+    smallest giving ``PROGRAMS_PER_SM`` programs per SM when no target is given."""
     divisors = [d for d in range(1, min(units, 64) + 1) if units % d == 0]
     if target is not None:
         return max(d for d in divisors if d <= max(1, target))
     for d in divisors:
-        if programs * d >= 2 * sms:
+        if programs * d >= PROGRAMS_PER_SM * sms:
             return d
     return divisors[-1]
 

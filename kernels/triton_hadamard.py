@@ -8,7 +8,8 @@
   rows gathered from ``x`` and each scaled by its own row of ``suh_stack`` (MoE
   slots: token row, expert ``suh``).
 
-All use ``hadamard_rows`` (H128 = H8 (x) H16), fp32-accurate.
+A few rows use ``hadamard_rows`` (H128 = H8 (x) H16, tiny operands); blocks of
+many rows one tensor-core product with H loaded from memory. Both fp32-accurate.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from .triton_decode import HAD_SCALE, hadamard_rows
 
 @triton.jit
 def _hadamard_kernel(
-    x_ptr, pre_ptr, post_ptr, bias_ptr, y_ptr, x_rows_ptr, pre_rows_ptr,
+    x_ptr, pre_ptr, post_ptr, bias_ptr, y_ptr, x_rows_ptr, pre_rows_ptr, h_ptr,
     R, C, stride_x, stride_y,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
-    ROUND_FP16: tl.constexpr, BLOCK_R: tl.constexpr,
+    ROUND_FP16: tl.constexpr, BLOCK_R: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * 128 + tl.arange(0, 128)
@@ -41,9 +42,18 @@ def _hadamard_kernel(
     x = x.to(tl.float32)
     if HAS_PRE:
         x = x * tl.load(pre_ptr + pre_rows[:, None].to(tl.int64) * C + cols[None, :]).to(tl.float32)
-    if ROUND_FP16:  # ExLlamaV3 rounds x * suh to fp16 before rotating
-        x = x.to(tl.float16).to(tl.float32)
-    y = hadamard_rows(x, BLOCK_R) * HAD_SCALE
+    if FULL_DOT:  # blocks of many rows: one tensor-core product with H (from memory)
+        i = tl.arange(0, 128)
+        if ROUND_FP16:  # ExLlamaV3 rounds x * suh to fp16; fp16 x +-1 products are exact
+            h = tl.load(h_ptr + i[:, None] * 128 + i[None, :]).to(tl.float16)
+            y = tl.dot(x.to(tl.float16), h) * HAD_SCALE
+        else:
+            h = tl.load(h_ptr + i[:, None] * 128 + i[None, :])
+            y = tl.dot(x, h, input_precision="tf32x3") * HAD_SCALE
+    else:  # a few rows: the factored rotation keeps registers low
+        if ROUND_FP16:
+            x = x.to(tl.float16).to(tl.float32)
+        y = hadamard_rows(x, BLOCK_R) * HAD_SCALE
     if HAS_POST:
         y = y * tl.load(post_ptr + cols).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -63,18 +73,25 @@ def _launch(x2: torch.Tensor, rows: int, pre, post, out_dtype, round_fp16: bool,
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     y = torch.empty((rows, c), dtype=out_dtype, device=x2.device)
-    block_r = 16 if rows <= 16 else 32
+    full_dot = rows > 16  # measured: the factored form is slow on large blocks (bench/kernels.py, large_batch_parts)
+    block_r = 64 if full_dot else 16
     gather = x_rows is not None
     _rotate(
         (-(-rows // block_r), c // 128),
         x2, pre if pre is not None else x2, post if post is not None else x2, bias if bias is not None else x2, y,
-        x_rows if gather else y, pre_rows if gather else y,
+        x_rows if gather else y, pre_rows if gather else y, _sylvester(x2.device),
         rows, c, x2.stride(0), y.stride(0),
         HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None, GATHER=gather,
-        ROUND_FP16=round_fp16,
-        BLOCK_R=block_r, num_warps=4, num_stages=1,
+        ROUND_FP16=round_fp16, BLOCK_R=block_r, FULL_DOT=full_dot,
+        num_warps=4, num_stages=1,
     )
     return y
+
+
+def _sylvester(device: torch.device) -> torch.Tensor:
+    from .triton_gemm import device_buffers
+
+    return device_buffers(device)[1]
 
 
 def hadamard_128_triton(x: torch.Tensor, pre_scale=None, post_scale=None) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """Kernel schedules and crossovers, measured on the GPU by ``bench/kernels.py``.
 
-Figures and the run they come from are in ``docs/performance.md``. Until a
-measurement exists for a setting, the value is marked PROVISIONAL.
+The figures behind each choice (H100 80GB HBM3, Triton 3.6, 2026-11-22) are in
+``docs/performance.md``; rerun the bench on new hardware and update these.
 """
 
 from __future__ import annotations
 
 import functools
 
-# PROVISIONAL until measured: rows above this use dequantize + torch.matmul.
-FUSED_MAX_ROWS = 128
+# Above this many rows an EXL3 matmul dequantizes W_hat and calls torch.matmul
+# (crossover section: the fused kernel re-decodes the weight for every block of
+# rows, the dequantize path decodes it once).
+FUSED_MAX_ROWS = 32
 
 
 def fused_max_rows(in_features: int, out_features: int) -> int:
@@ -17,15 +19,24 @@ def fused_max_rows(in_features: int, out_features: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def gemm_config(rows: int, in_features: int, out_features: int):
+def gemm_config(rows: int, in_features: int, out_features: int, capturing: bool = False):
+    """The fused kernel's schedule for ``rows`` input rows.
+
+    ``capturing``: the call is being recorded into a CUDA graph, where a second
+    launch costs little, so one row uses the separate rotation launch (fastest
+    kernel); eager calls rotate inside the kernel (one launch, less host time).
+    """
     from . import triton_ops
 
     GemmConfig = triton_ops.load().gemm.GemmConfig  # the Triton modules load on first use
-
     if rows == 1:
-        return GemmConfig(block_m=1, btk=2, num_warps=8, rotate_in_kernel=True)  # PROVISIONAL
+        if capturing:
+            return GemmConfig(block_m=1, btk=2, num_warps=8)
+        return GemmConfig(block_m=1, btk=1, num_warps=4, rotate_in_kernel=True)
+    if rows == 2:
+        return GemmConfig(block_m=2, btk=1, num_warps=4)
+    if rows <= 4:
+        return GemmConfig(block_m=4, btk=1, num_warps=8)
     if rows <= 16:
-        return GemmConfig(block_m=16, btk=2, num_warps=8)  # PROVISIONAL
-    if rows <= 64:
-        return GemmConfig(block_m=64, btk=2, num_warps=8)  # PROVISIONAL
-    return GemmConfig(block_m=128, btk=1, num_warps=8, num_stages=1)  # PROVISIONAL
+        return GemmConfig(block_m=16, btk=2, num_warps=4)
+    return GemmConfig(block_m=32, btk=1, num_warps=8)

@@ -60,8 +60,8 @@ def test_full_weight_triton_backend(device):
     assert rel_err(exl3_full_weight(w, backend="triton"), exl3_weight_ref(w)) < 1e-5
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_hadamard(triton_kernels, device, rows):
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_hadamard(triton_kernels, device, rows):  # 3 rows: factored form; 40: tensor-core form
     x = torch.randn(rows, 384, device=device)
     pre, post = torch.randn(384, device=device), torch.randn(384, device=device)
     assert rel_err(hadamard_128(x, pre, post, backend="triton"), hadamard_128_ref(x, pre, post)) < 1e-5
@@ -74,6 +74,9 @@ GEMM_CASES = [  # (rows, bits, codebook, config kwargs)
     (1, 4, Codebook.MCG, dict(block_m=1, btk=1)),
     (1, 2, Codebook.MUL1, dict(block_m=1, btk=2, split_k=2)),
     (1, 3.5, Codebook.MUL1, dict(block_m=1, btk=2, rotate_in_kernel=True, split_k=2)),
+    (2, 4, Codebook.MCG, dict(block_m=2, btk=1)),
+    (3, 3, Codebook.MUL1, dict(block_m=4, btk=1)),
+    (9, 2.5, Codebook.MUL1, dict(block_m=4, btk=2, split_k=2)),
     (3, 5, Codebook.THREE_INST, dict(block_m=16, btk=2)),
     (7, 2.5, Codebook.MUL1, dict(block_m=16, btk=1, split_k=4)),
     (5, 6, Codebook.MCG, dict(block_m=16, btk=2, rotate_in_kernel=True)),
@@ -103,7 +106,7 @@ def test_split_k_is_deterministic_and_counters_reset(triton_kernels, device):
     assert int(locks.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("rows", [1, 5, 150])  # fused GEMV, fused GEMM, dequantize + matmul
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 20, 150])  # every plan of the dispatcher
 def test_public_matmul_dispatch(device, rows):
     w = random_exl3_weight(256, 384, 4, Codebook.MCG, bias=True, device=device)
     x = torch.randn(2, rows, 256, device=device).half()  # batched leading dims
