@@ -197,20 +197,26 @@ class Bench:
                 self.r.add("splits", rec)
 
     def table(self):
+        """The issue's shapes through the public entry point, as users call it."""
         for (k, n, bits, rows), (peer_us, peer_fp16) in PEER.items():
             if self.out_of_time():
                 break
-            cfg = self.best.get(str(rows)) or (GemmConfig(block_m=1, rotate_in_kernel=True) if rows == 1
-                                               else GemmConfig())
-            err = self.check_gemm(cfg, k, n, bits, Codebook.MCG, rows)
-            rec = {"shape": f"{k}x{n}", "K": bits, "rows": rows, "config": cfg.describe(), "rel_err": err,
-                   "exllamav3_us_issue": peer_us, "fp16_us_issue": peer_fp16}
-            rec.update(self.time_gemm(cfg, k, n, bits, rows))
+            w = synthetic_exl3(k, n, bits, Codebook.MCG, seed=1234, bias=True)
+            x = torch.randn(rows, k, device="cuda").half()
+            err = rel_err(exl3_matmul(x, w, backend="triton"), exl3_matmul_ref(x.float(), w))
+            ws = self.weights(k, n, bits)
+            xs = [torch.randn(rows, k, device="cuda").half() for _ in ws]
+            fn = lambda i: exl3_matmul(xs[i], ws[i], backend="triton")  # noqa: E731
+            rec = {"shape": f"{k}x{n}", "K": bits, "rows": rows, "rel_err": err,
+                   "exllamav3_us_issue": peer_us, "fp16_us_issue": peer_fp16,
+                   "eager_us": time_eager(fn, len(ws))["median_us"], "graph_us": time_graph(fn, len(ws))["median_us"]}
             rec.update(self.time_fp16(k, n, rows))
-            weight_bytes = k * n * bits / 8
-            rec["weight_GBps_graph"] = weight_bytes / rec["graph_us"] / 1e3
-            rec["speedup_vs_fp16"] = rec["fp16_eager_us"] / rec["eager_us"]
+            rec["weight_GBps_graph"] = k * n * bits / 8 / rec["graph_us"] / 1e3
+            rec["vs_fp16_graph"] = rec["fp16_graph_us"] / rec["graph_us"]
+            rec["vs_fp16_eager"] = rec["fp16_eager_us"] / rec["eager_us"]
             self.r.add("table", rec)
+            del ws
+            torch.cuda.empty_cache()
 
     def crossover(self):
         k = n = 8192
@@ -221,7 +227,10 @@ class Bench:
         ws = self.weights(k, n, 4)
 
         def dequant(i, x):
-            return exl3_matmul(x, ws[i], backend="triton", _force_dequant=True)
+            return exl3_matmul(x, ws[i], backend="triton", _force_dequant="dequant")
+
+        def reconstruct(i, x):
+            return exl3_matmul(x, ws[i], backend="triton", _force_dequant="reconstruct")
 
         for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048):
             if self.out_of_time():
@@ -237,10 +246,15 @@ class Bench:
             if rows >= 8:
                 rec["dequant+matmul"] = time_eager(lambda i: dequant(i, xs[i]), len(ws))["median_us"]
                 rec["dequant+matmul graph"] = time_graph(lambda i: dequant(i, xs[i]), len(ws))["median_us"]
+            if rows >= 64:
+                rec["reconstruct+matmul"] = time_eager(lambda i: reconstruct(i, xs[i]), len(ws))["median_us"]
+                rec["reconstruct+matmul graph"] = time_graph(lambda i: reconstruct(i, xs[i]), len(ws))["median_us"]
             rec.update(self.time_fp16(k, n, rows, graph=False))
             self.r.add("crossover", rec)
         x = torch.randn(300, k, device="cuda").half()
-        self.r.add("crossover_check", {"dequant_rel_err": rel_err(dequant(0, x), exl3_matmul_ref(x.float(), ws[0]))})
+        ref = exl3_matmul_ref(x.float(), ws[0])
+        self.r.add("crossover_check", {"dequant_rel_err": rel_err(dequant(0, x), ref),
+                                       "reconstruct_rel_err": rel_err(reconstruct(0, x), ref)})
         # where the time of the large-batch path goes (2048 rows)
         xs = [torch.randn(2048, k, device="cuda").half() for _ in ws]
         w_hat = OPS.dequant.dequant_inner_triton(ws[0])
@@ -250,6 +264,7 @@ class Bench:
             "dequant": lambda i: OPS.dequant.dequant_inner_triton(ws[i], out=w_hat),
             "matmul": lambda i: torch.matmul(xs[i], w_hat),
             "rotate_out": lambda i: OPS.hadamard.exl3_output_rotate(acc, ws[i].svh, None, torch.float16),
+            "reconstruct": lambda i: OPS.dequant.reconstruct_triton(ws[i], out=w_hat),
         }
         self.r.add("large_batch_parts", {name: time_eager(fn, len(ws))["median_us"] for name, fn in parts.items()})
         del ws

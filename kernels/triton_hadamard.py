@@ -44,7 +44,9 @@ def _hadamard_kernel(
         x = x * tl.load(pre_ptr + pre_rows[:, None].to(tl.int64) * C + cols[None, :]).to(tl.float32)
     if FULL_DOT:  # blocks of many rows: one tensor-core product with H (from memory)
         i = tl.arange(0, 128)
-        if ROUND_FP16:  # ExLlamaV3 rounds x * suh to fp16; fp16 x +-1 products are exact
+        if ROUND_FP16 or (x_ptr.dtype.element_ty == tl.float16 and not HAS_PRE):
+            # fp16 operands (x * suh rounded as ExLlamaV3 does, or fp16 input): products with +-1
+            # are exact and sums fp32, so the fp16 tensor-core product is as exact as fp32
             h = tl.load(h_ptr + i[:, None] * 128 + i[None, :]).to(tl.float16)
             y = tl.dot(x.to(tl.float16), h) * HAD_SCALE
         else:
@@ -74,7 +76,7 @@ def _launch(x2: torch.Tensor, rows: int, pre, post, out_dtype, round_fp16: bool,
         x2 = x2.contiguous()
     y = torch.empty((rows, c), dtype=out_dtype, device=x2.device)
     full_dot = rows > 16  # measured: the factored form is slow on large blocks (bench/kernels.py, large_batch_parts)
-    block_r = 64 if full_dot else 16
+    block_r = (128 if rows >= 1024 else 64) if full_dot else 16
     gather = x_rows is not None
     _rotate(
         (-(-rows // block_r), c // 128),

@@ -116,6 +116,8 @@ def _exl3_moe_grouped_kernel(
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_b)
+    if e < 0:  # a spare block (align_slots allocates for the worst case)
+        return
     slots = tl.load(slots_ptr + pid_b * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = slots >= 0
     src_rows = tl.where(valid, slots, 0)
@@ -135,28 +137,33 @@ _grouped = FastLauncher(_exl3_moe_grouped_kernel)
 # ------------------------------------------------------------------ launch
 
 def align_slots(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort slots by expert and pad each expert's run to ``block_m`` rows.
+    """Sort slots by expert and pad each expert's run to ``block_m`` rows, without a host sync.
 
-    Returns ``slots`` int32 ``[blocks * block_m]`` (slot index or -1) and
-    ``block_expert`` int32 ``[blocks]``. Negative expert ids are dropped.
+    Returns ``slots`` int32 ``[max_blocks * block_m]`` (slot index or -1) and
+    ``block_expert`` int32 ``[max_blocks]`` (-1 for unused blocks), where
+    ``max_blocks = slots // block_m + num_experts`` bounds the blocks any routing
+    can need. Negative expert ids are dropped.
     """
     flat = expert_ids.reshape(-1).long()
-    keep = flat >= 0
-    ids = torch.where(keep, flat, num_experts)  # dropped slots sort last, into a dummy expert
+    dev, n_slots = flat.device, flat.numel()
+    max_blocks = n_slots // block_m + num_experts
+    ids = torch.where(flat >= 0, flat, num_experts)  # dropped slots sort last, into a dummy expert
     order = torch.argsort(ids, stable=True)
     counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts]
     blocks = (counts + block_m - 1) // block_m
-    padded_start = torch.cumsum(blocks * block_m, 0) - blocks * block_m
+    block_end = torch.cumsum(blocks, 0)
     start = torch.cumsum(counts, 0) - counts
     sorted_ids = ids[order]
-    n_keep = int(keep.sum())
-    sorted_ids, order = sorted_ids[:n_keep], order[:n_keep]
-    rank = torch.arange(n_keep, device=flat.device) - start[sorted_ids]
-    total = int(blocks.sum()) * block_m
-    slots = torch.full((total,), -1, dtype=torch.int32, device=flat.device)
-    slots[padded_start[sorted_ids] + rank] = order.to(torch.int32)
-    block_expert = torch.repeat_interleave(torch.arange(num_experts, device=flat.device, dtype=torch.int32), blocks)
-    return slots, block_expert
+    valid = sorted_ids < num_experts
+    e = sorted_ids.clamp(max=num_experts - 1)
+    pos = (block_end[e] - blocks[e]) * block_m + torch.arange(n_slots, device=dev) - start[e]
+    pos = torch.where(valid, pos, max_blocks * block_m)  # dropped slots land in a spare entry
+    slots = torch.full((max_blocks * block_m + 1,), -1, dtype=torch.int32, device=dev)
+    slots.scatter_(0, pos, order.to(torch.int32))
+    b = torch.arange(max_blocks, device=dev)
+    owner = torch.searchsorted(block_end, b, right=True)
+    block_expert = torch.where(owner < num_experts, owner, -1).to(torch.int32)
+    return slots[:-1], block_expert
 
 
 def _check(x: torch.Tensor, experts: Exl3ExpertStack, expert_ids: torch.Tensor):
@@ -183,7 +190,7 @@ def exl3_moe_triton(
     *,
     schedule: str | None = None,
     split_k: int | None = None,
-    block_m: int = 16,
+    block_m: int | None = None,
     btk: int = 2,
     num_warps: int = 8,
     use_ptx: bool | None = None,
@@ -232,13 +239,15 @@ def exl3_moe_triton(
     # grouped: rotate each slot's row once with its expert's suh, then one decode-GEMM launch
     from .triton_hadamard import exl3_input_rotate_gathered
 
+    if block_m is None:  # measured: bigger blocks pay once experts see many tokens each
+        block_m = 16 if slots <= 16 * experts.num_experts else 64
     slot_ids, block_expert = align_slots(expert_ids, experts.num_experts, block_m)
     flat_ids = expert_ids.reshape(-1)
     x_rows = torch.arange(slots, device=dev) if per_slot else torch.arange(slots, device=dev) // top_k
     xh = exl3_input_rotate_gathered(xs, experts.suh, x_rows, flat_ids.clamp(min=0))
     y = torch.zeros((slots, n), dtype=torch.float32 if routing_weights is not None else x.dtype, device=dev)
     blocks = block_expert.numel()
-    if blocks:
+    if slots:
         rw_flat = routing_weights.float().reshape(-1).contiguous() if routing_weights is not None else h32
         _grouped(
             (nb, blocks),

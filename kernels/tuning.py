@@ -12,10 +12,17 @@ import functools
 # (crossover section: the fused kernel re-decodes the weight for every block of
 # rows, the dequantize path decodes it once).
 FUSED_MAX_ROWS = 32
+# From this many rows up, the full weight W is reconstructed (no activation
+# rotations at all) instead of W_hat. PROVISIONAL until measured.
+RECONSTRUCT_MIN_ROWS = 512
 
 
 def fused_max_rows(in_features: int, out_features: int) -> int:
     return FUSED_MAX_ROWS
+
+
+def reconstruct_min_rows(in_features: int, out_features: int) -> int:
+    return RECONSTRUCT_MIN_ROWS
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,8 +42,6 @@ def gemm_config(rows: int, in_features: int, out_features: int, capturing: bool 
         return GemmConfig(block_m=1, btk=1, num_warps=4, rotate_in_kernel=True)
     if rows == 2:
         return GemmConfig(block_m=2, btk=1, num_warps=4)
-    if rows <= 4:
-        return GemmConfig(block_m=4, btk=1, num_warps=8)
     if rows <= 16:
         return GemmConfig(block_m=16, btk=2, num_warps=4)
     return GemmConfig(block_m=32, btk=1, num_warps=8)

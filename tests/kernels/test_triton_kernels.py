@@ -55,6 +55,12 @@ def test_dequant_golden_trellises(golden, triton_kernels, device, name):
         assert torch.equal(got.cpu().view(torch.int16), ref.get_tensor(f"wi.{key}").view(torch.int16)), key
 
 
+def test_reconstruct_full_weight(triton_kernels, device):
+    w = random_exl3_weight(256, 384, 3, Codebook.MCG, device=device)
+    got = triton_kernels.dequant.reconstruct_triton(w)
+    assert got.dtype == torch.float16 and rel_err(got, exl3_weight_ref(w)) < 1e-3
+
+
 def test_full_weight_triton_backend(device):
     w = random_exl3_weight(256, 128, 4, Codebook.MUL1, device=device)
     assert rel_err(exl3_full_weight(w, backend="triton"), exl3_weight_ref(w)) < 1e-5
@@ -106,7 +112,7 @@ def test_split_k_is_deterministic_and_counters_reset(triton_kernels, device):
     assert int(locks.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 20, 150])  # every plan of the dispatcher
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 20, 150, 600])  # every plan of the dispatcher
 def test_public_matmul_dispatch(device, rows):
     w = random_exl3_weight(256, 384, 4, Codebook.MCG, bias=True, device=device)
     x = torch.randn(2, rows, 256, device=device).half()  # batched leading dims
@@ -154,6 +160,16 @@ def test_moe_grouped_many_tokens(device):
     xs = torch.randn(40, 2, 128, generator=g).to(device).half()
     got = exl3_moe(xs, stack, ids, rw, backend="triton")  # 80 slots: grouped schedule
     assert rel_err(got, exl3_moe_ref(xs.float(), stack, ids, rw)) < MATMUL_TOL
+    ids[3, 1] = -1  # a dropped slot
+    got = exl3_moe(xs, stack, ids, rw, backend="triton")
+    assert rel_err(got, exl3_moe_ref(xs.float(), stack, ids, rw)) < MATMUL_TOL
+
+
+def test_align_slots_layout(triton_kernels, device):
+    ids = torch.tensor([[2, 0], [2, 2], [-1, 0]], device=device)
+    slots, block_expert = triton_kernels.moe.align_slots(ids, 4, 2)
+    blocks = [(int(e), slots[2 * b:2 * b + 2].tolist()) for b, e in enumerate(block_expert) if e >= 0]
+    assert blocks == [(0, [1, 5]), (2, [0, 2]), (2, [3, -1])]  # slots in order, padded per expert
 
 
 def test_expert_stack_rejects_mismatch(device):
