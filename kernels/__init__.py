@@ -66,12 +66,12 @@ def exl3_matmul(
     weight: Exl3Weight,
     backend: str | None = None,
     inner: torch.Tensor | None = None,
-    _force_dequant: str | bool = False,
+    _force_dequant: bool = False,
 ) -> torch.Tensor:
     """``y = x W + b`` for an EXL3 weight. ``x``: ``[..., in_features]`` -> ``[..., out_features]``.
 
     ``inner`` (reference backend only) is an already decoded ``W_hat`` to reuse.
-    ``_force_dequant`` (benchmarks): "dequant" or "reconstruct" forces that large-batch path.
+    ``_force_dequant`` (benchmarks) takes the large-batch path whatever the size.
     """
     if resolve_backend(backend, x.device) == "triton":
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -79,14 +79,8 @@ def exl3_matmul(
         plan = matmul_plan(rows, weight.in_features, weight.out_features, capturing)
         if plan is not None and rows > 0:
             ops = triton_ops.load()
-            kind = _force_dequant or plan.kind
-            if kind == "fused":
+            if plan.kind == "fused" and not _force_dequant:
                 return ops.gemm.exl3_gemm_triton(x, weight, plan.config)
-            if kind == "reconstruct":
-                y = torch.matmul(x.to(torch.float16), ops.dequant.reconstruct_triton(weight))
-                if weight.bias is not None:
-                    y = y + weight.bias
-                return y.to(x.dtype)
             return _exl3_matmul_dequant(x, weight, ops)
     return exl3_matmul_ref(x, weight, inner=inner)
 

@@ -52,7 +52,7 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
 class MatmulPlan:
     """How to run one EXL3 matmul: the fused kernel with ``config``, or dequantize + torch.matmul."""
 
-    kind: str  # "fused", "dequant" (W_hat + rotations) or "reconstruct" (full W)
+    kind: str  # "fused" or "dequant" (W_hat + rotations + torch.matmul)
     config: object = None
 
 
@@ -60,8 +60,6 @@ def matmul_plan(rows: int, in_features: int, out_features: int, capturing: bool 
     """None when the Triton kernels cannot take the shape (then the reference runs)."""
     if in_features % 128 or out_features % 128:
         return None
-    if rows >= tuning.reconstruct_min_rows(in_features, out_features):
-        return MatmulPlan("reconstruct")
     if rows > tuning.fused_max_rows(in_features, out_features):
         return MatmulPlan("dequant")
     return MatmulPlan("fused", tuning.gemm_config(rows, in_features, out_features, capturing))

@@ -12,17 +12,11 @@ import functools
 # (crossover section: the fused kernel re-decodes the weight for every block of
 # rows, the dequantize path decodes it once).
 FUSED_MAX_ROWS = 32
-# From this many rows up, the full weight W is reconstructed (no activation
-# rotations at all) instead of W_hat. PROVISIONAL until measured.
-RECONSTRUCT_MIN_ROWS = 512
 
 
 def fused_max_rows(in_features: int, out_features: int) -> int:
     return FUSED_MAX_ROWS
 
-
-def reconstruct_min_rows(in_features: int, out_features: int) -> int:
-    return RECONSTRUCT_MIN_ROWS
 
 
 @functools.lru_cache(maxsize=None)

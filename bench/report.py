@@ -1,0 +1,67 @@
+"""Render a bench/kernels.py results file as the Markdown tables of docs/performance.md.
+
+    python bench/report.py bench/results/kernels-2026-11-22-H100-run8.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _f(v, digits=1):
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def render(data: dict) -> str:
+    meta, sec = data["meta"], data["sections"]
+    out = [f"GPU {meta['gpu']} ({meta['sms']} SMs, {meta['l2_mb']:.0f} MB L2), torch {meta['torch']}, "
+           f"Triton {meta['triton']}, {meta['date']}, command `{meta['command']}`", ""]
+    env = (sec.get("env") or [{}])[0]
+    if env:
+        out += [f"Copy bandwidth (read + write): {env['copy_bandwidth_GBps']:.0f} GB/s. Launch cost per Python call "
+                f"(events around an idle GPU): empty Triton kernel {env['empty_triton_launch_us']:.1f} us through "
+                f"Triton, {env.get('empty_fast_launch_us', float('nan')):.1f} us through `FastLauncher`.", ""]
+    if sec.get("table"):
+        out += ["| shape (in x out) | K | rows | ours eager us | ours graph us | fp16 eager us | fp16 graph us | "
+                "graph vs fp16 | ExLlamaV3 us (issue) | weight GB/s (graph) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sec["table"]:
+            out.append(f"| {r['shape']} | {r['K']:g} | {r['rows']} | {_f(r['eager_us'])} | {_f(r['graph_us'])} | "
+                       f"{_f(r['fp16_eager_us'])} | {_f(r['fp16_graph_us'])} | {r['fp16_graph_us'] / r['graph_us']:.2f}x | "
+                       f"{r['exllamav3_us_issue']} | {_f(r['weight_GBps_graph'], 0)} |")
+        out.append("")
+    if sec.get("crossover"):
+        keys = []
+        for r in sec["crossover"]:
+            keys += [k for k in r if k.endswith("graph") and k not in keys]
+        out += ["| rows | " + " | ".join(keys) + " | fp16 eager us |", "|---" * (len(keys) + 2) + "|"]
+        for r in sec["crossover"]:
+            out.append(f"| {r['rows']} | " + " | ".join(_f(r.get(k)) for k in keys) + f" | {_f(r['fp16_eager_us'])} |")
+        out.append("")
+    if sec.get("large_batch_parts"):
+        p = sec["large_batch_parts"][0]
+        out += ["Large-batch path at 2048 rows, per part (eager us): " +
+                ", ".join(f"{k} {v:.1f}" for k, v in p.items()), ""]
+    if sec.get("moe"):
+        out += ["| projection | K | tokens | eager us | graph us | weight GB/s (graph) |", "|---|---|---|---|---|---|"]
+        for r in sec["moe"]:
+            out.append(f"| {r['projection']} {r['shape']} | {r['K']:g} | {r['tokens']} | {_f(r['eager_us'])} | "
+                       f"{_f(r['graph_us'])} | {_f(r['weight_GBps_graph'], 0)} |")
+        out.append("")
+    if sec.get("moe_grouped"):
+        out += ["| grouped (prefill) projection | K | tokens | eager us |", "|---|---|---|---|"]
+        for r in sec["moe_grouped"]:
+            out.append(f"| {r['projection']} | {r['K']:g} | {r['tokens']} | {_f(r['eager_us'])} |")
+        out.append("")
+    if sec.get("splits"):
+        out += ["| shape | rows | split | eager us | graph us |", "|---|---|---|---|---|"]
+        for r in sec["splits"]:
+            out.append(f"| {r['shape']} | {r['rows']} | {r['split']} | {_f(r['eager_us'])} | {_f(r['graph_us'])} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        print(render(json.load(open(path))))
