@@ -9,7 +9,9 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..options import RuntimeOptions
+from .batch import ForwardBatch
 from .blocks.linear import Linear
+from .cache_spec import LayerCacheSpec
 
 
 class CausalLM(nn.Module):
@@ -44,6 +46,18 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids [B, T]`` -> fp32 logits ``[B, T, vocab]`` over the whole sequence (no cache)."""
+        raise NotImplementedError
+
+    def cache_spec(self) -> list[LayerCacheSpec]:
+        """The decode-time state of each layer, in layer order (the runtime allocates it)."""
+        raise NotImplementedError
+
+    def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch,
+                      logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed tokens ``input_ids [T]`` of several sequences, cached state in ``batch.cache``.
+
+        Returns fp32 logits for the rows in ``logits_rows`` (default: every row): ``[N, vocab]``.
+        """
         raise NotImplementedError
 
     def linears(self) -> list[Linear]:

@@ -1,4 +1,4 @@
-"""Llama-class decoder (Llama 2/3, Mistral without sliding window).
+"""Llama-class decoder (Llama 2/3, Mistral with or without its sliding window).
 
 RMSNorm, RoPE (default / linear / llama3 scaling), grouped-query attention,
 SwiGLU MLP, untied (or tied) output head. Serves the golden EXL3 test models and
@@ -17,11 +17,13 @@ from ..errors import CheckpointError
 from ..kernels.weights import DenseWeight
 from ..options import RuntimeOptions
 from .base import CausalLM
+from .batch import ForwardBatch, running
 from .blocks.attention import GQAAttention
 from .blocks.linear import Linear
 from .blocks.mlp import GatedMLP
 from .blocks.norm import RMSNorm
 from .blocks.rope import RopeConfig, RotaryEmbedding, inverse_frequencies
+from .cache_spec import LayerCacheSpec, kv_spec
 from .config_reader import ConfigReader
 
 
@@ -40,6 +42,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: keys with q_pos - k_pos < window
 
     @staticmethod
     def from_hf(cfg: dict, path) -> "LlamaConfig":
@@ -48,9 +51,9 @@ class LlamaConfig:
         heads = r.get("num_attention_heads", int)
         act = r.get("hidden_act", str, "silu")
         r.require("hidden_act", ("silu",), act)
-        window = cfg.get("sliding_window")
-        if window is not None and cfg.get("use_sliding_window", True):
-            r.require("sliding_window", (None,), window, "Llama-class models here use full attention")
+        window = r.get("sliding_window", int, None) if cfg.get("use_sliding_window", True) else None
+        if window is not None and window < 1:
+            r.require("sliding_window", ("a positive integer", None), window)
         return LlamaConfig(
             vocab_size=r.get("vocab_size", int),
             hidden_size=hidden,
@@ -65,6 +68,7 @@ class LlamaConfig:
             tie_word_embeddings=r.get("tie_word_embeddings", bool, False),
             attention_bias=r.get("attention_bias", bool, False),
             mlp_bias=r.get("mlp_bias", bool, False),
+            sliding_window=window,
         )
 
 
@@ -74,8 +78,8 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn, self.mlp = attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_norm, post_attn_norm
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -123,6 +127,7 @@ class LlamaForCausalLM(CausalLM):
                 linear(f"{p}.self_attn.v_proj", cfg.hidden_size, kv_size),
                 linear(f"{p}.self_attn.o_proj", q_size, cfg.hidden_size),
                 num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope=rope,
+                layer_idx=i, window=cfg.sliding_window,
             )
             mlp = GatedMLP(
                 linear(f"{p}.mlp.gate_proj", cfg.hidden_size, cfg.intermediate_size),
@@ -153,3 +158,18 @@ class LlamaForCausalLM(CausalLM):
         for layer in self.layers:
             x = layer(x, positions)
         return self.lm_head(self.norm(x)).float()
+
+    def cache_spec(self) -> list[LayerCacheSpec]:
+        cfg = self.config
+        return [kv_spec(cfg.num_kv_heads, cfg.head_dim, self.options.dtype, self.options.device,
+                        window=cfg.sliding_window) for _ in range(cfg.num_layers)]
+
+    def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch,
+                      logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        with running(batch):
+            x = self.embed_tokens[input_ids]
+            for layer in self.layers:
+                x = layer(x, batch.positions, batch)
+            if logits_rows is not None:
+                x = x[logits_rows]
+            return self.lm_head(self.norm(x)).float()

@@ -18,12 +18,13 @@ from __future__ import annotations
 import torch
 
 from . import triton_ops
-from .dispatch import BACKENDS, matmul_plan, resolve_backend, triton_available
+from .dispatch import BACKENDS, assume_capture, capturing, matmul_plan, resolve_backend, triton_available
 from .reference import (
     dense_matmul_ref,
     exl3_inner_ref,
     exl3_matmul_ref,
     exl3_moe_ref,
+    paged_attention_ref,
     exl3_weight_ref,
     hadamard_128_ref,
 )
@@ -75,8 +76,7 @@ def exl3_matmul(
     """
     if resolve_backend(backend, x.device) == "triton":
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        plan = matmul_plan(rows, weight.in_features, weight.out_features, capturing)
+        plan = matmul_plan(rows, weight.in_features, weight.out_features, capturing(x.device))
         if plan is not None and rows > 0:
             ops = triton_ops.load()
             if plan.kind == "fused" and not _force_dequant:
@@ -105,6 +105,34 @@ def exl3_moe(
                                                                             experts.out_features):
         return triton_ops.load().moe.exl3_moe_triton(x, experts, expert_ids, routing_weights)
     return exl3_moe_ref(x, experts, expert_ids, routing_weights)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    page_table: torch.Tensor,
+    cu_q: list[int],
+    kv_lens: list[int],
+    q_positions: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    kv_lens_t: torch.Tensor | None = None,
+    is_decode: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal (optionally sliding-window) attention of packed queries over paged keys/values.
+
+    See ``kernels.reference.attention.paged_attention_ref`` for shapes. On CUDA a
+    pure decode step (one query per sequence) runs the Triton paged-decode kernel,
+    which reads lengths from ``kv_lens_t`` and is safe to capture in a CUDA graph.
+    """
+    if (is_decode and kv_lens_t is not None and resolve_backend(backend, q.device) == "triton"):
+        return triton_ops.load().attention.paged_decode_attention(
+            q, k_cache, v_cache, page_table=page_table, kv_lens=kv_lens_t, scale=scale, window=window)
+    return paged_attention_ref(q, k_cache, v_cache, page_table=page_table, cu_q=cu_q, kv_lens=kv_lens,
+                               q_positions=q_positions, scale=scale, window=window)
 
 
 def linear(x: torch.Tensor, weight: LinearWeight, backend: str | None = None) -> torch.Tensor:
@@ -141,6 +169,7 @@ __all__ = [
     "exl3_moe",
     "hadamard_128",
     "linear",
+    "paged_attention",
     "resolve_backend",
     "triton_available",
     "words_per_tile",

@@ -14,7 +14,9 @@ the crossovers measured by ``bench/kernels.py`` (``kernels/tuning.py``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +48,28 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
             raise InvalidArgumentError("backend 'triton' on a CPU tensor needs Triton's interpreter, "
                                        "which is off in this process (CUDA is present): use device='cuda'")
     return backend
+
+
+_STATE = threading.local()
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether the current call is being recorded into a CUDA graph (or is the warm-up for one)."""
+    if getattr(_STATE, "assume_capture", False):
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+@contextlib.contextmanager
+def assume_capture():
+    """Make kernels choose their CUDA-graph schedules, e.g. while warming up before a capture, so
+    that every kernel the graph will hold is compiled and loaded before capturing starts."""
+    previous = getattr(_STATE, "assume_capture", False)
+    _STATE.assume_capture = True
+    try:
+        yield
+    finally:
+        _STATE.assume_capture = previous
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ _ERROR: str | None = None
 
 
 def load() -> types.SimpleNamespace | None:
-    """The kernel modules (``dequant``, ``gemm``, ``hadamard``, ``moe``), or None if Triton cannot run here."""
+    """The kernel modules (``attention``, ``dequant``, ``gemm``, ``hadamard``, ``moe``), or None if Triton cannot run here."""
     global _MODULES, _ERROR
     if _MODULES is not None or _ERROR is not None:
         return _MODULES
@@ -32,6 +32,7 @@ def load() -> types.SimpleNamespace | None:
         importlib.import_module("triton")
         pkg = __name__.rsplit(".", 1)[0]
         _MODULES = types.SimpleNamespace(
+            attention=importlib.import_module(f"{pkg}.triton_attention"),
             dequant=importlib.import_module(f"{pkg}.triton_dequant"),
             gemm=importlib.import_module(f"{pkg}.triton_gemm"),
             hadamard=importlib.import_module(f"{pkg}.triton_hadamard"),

@@ -4,6 +4,8 @@ Public API (imported lazily so that ``import exl3_triton`` stays cheap and the
 subpackages can import ``exl3_triton.errors`` without cycles):
 
     exl3_triton.load(model_dir, ...)   -> Model
+    exl3_triton.Generator(model, ...)  -> continuous-batching generator (Job, SamplingParams, JobEvent)
+    exl3_triton.AsyncGenerator(gen)    -> the same from asyncio
     exl3_triton.Checkpoint(model_dir)  -> checkpoint reader
 """
 
@@ -25,6 +27,11 @@ _LAZY = {
     "LoadOptions": ("exl3_triton.model", "LoadOptions"),
     "Checkpoint": ("exl3_triton.checkpoint", "Checkpoint"),
     "Tokenizer": ("exl3_triton.tokenizer", "Tokenizer"),
+    "Generator": ("exl3_triton.runtime.generator", "Generator"),
+    "AsyncGenerator": ("exl3_triton.runtime.async_generator", "AsyncGenerator"),
+    "Job": ("exl3_triton.runtime.job", "Job"),
+    "JobEvent": ("exl3_triton.runtime.job", "JobEvent"),
+    "SamplingParams": ("exl3_triton.runtime.sampling", "SamplingParams"),
 }
 
 

@@ -3,7 +3,8 @@
     exl3-triton inspect  MODEL_DIR
     exl3-triton dequant  MODEL_DIR MODULE_KEY --out FILE
     exl3-triton logits   MODEL_DIR --ids IDS.json --out FILE
-    exl3-triton generate MODEL_DIR --prompt TEXT
+    exl3-triton generate MODEL_DIR --prompt TEXT [sampling options]
+    exl3-triton chat     MODEL_DIR
 
 Errors a user can cause print one line ``error: ...`` to stderr and exit with
 status 2; nothing prints a traceback for bad input.
@@ -148,20 +149,114 @@ def cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------ generate
+# ------------------------------------------------------------------ generate / chat
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import generate_uncached
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--min-new-tokens", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ban-token", type=int, action="append", default=[], help="token id never to emit (repeatable)")
+    g.add_argument("--max-seq-len", type=int, default=None, help="prompt + output limit (default: model's)")
+    g.add_argument("--cache-tokens", type=int, default=None, help="tokens the cache holds (default: sized to fit)")
+    g.add_argument("--stats", action="store_true", help="print timing statistics to stderr at the end")
+
+
+def _job_kwargs(args: argparse.Namespace) -> dict:
+    from .runtime import SamplingParams
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty, banned_tokens=tuple(args.ban_token),
+                              seed=args.seed)
+    return dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, sampling=sampling,
+                stop_strings=args.stop)
+
+
+def _load_for_generation(args: argparse.Namespace):
     from .model import load
+    from .runtime import Generator
 
     model = load(args.model_dir, device=args.device, dtype=args.dtype,
                  backend=None if args.backend == "auto" else args.backend)
     if model.tokenizer is None:
         raise InvalidArgumentError(f"{args.model_dir} has no tokenizer.json, so text cannot be generated")
-    for piece in generate_uncached(model, args.prompt, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed):
-        print(piece, end="", flush=True)
+    gen = Generator(model, max_batch_size=1, max_seq_len=args.max_seq_len, cache_tokens=args.cache_tokens)
+    return model, gen
+
+
+def _print_stats(stats) -> None:
+    parts = [f"prompt {stats.prompt_tokens} tokens", f"generated {stats.new_tokens} tokens"]
+    if stats.time_to_first_token is not None:
+        parts.append(f"first token after {stats.time_to_first_token * 1000:.0f} ms")
+    if stats.prompt_tokens_per_second:
+        parts.append(f"prefill {stats.prompt_tokens_per_second:.1f} tokens/s")
+    if stats.new_tokens_per_second:
+        parts.append(f"generation {stats.new_tokens_per_second:.1f} tokens/s")
+    print("[" + ", ".join(parts) + "]", file=sys.stderr)
+
+
+def _stream(gen, job) -> object:
+    gen.enqueue(job)
+    last = None
+    for event in gen.iterate():
+        if event.job is job:
+            print(event.text, end="", flush=True)
+            last = event
+    if job.finish_reason == "error":
+        raise InvalidArgumentError(job.error)
+    return last
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .runtime import Job
+
+    _, gen = _load_for_generation(args)
+    last = _stream(gen, Job(args.prompt, **_job_kwargs(args)))
     print()
+    if args.stats and last is not None:
+        _print_stats(last.stats)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat: each line you type is a user turn; /reset clears the history, /exit quits."""
+    from .runtime import Job
+
+    model, gen = _load_for_generation(args)
+    tok = model.tokenizer
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+        job = Job(tok.encode(prompt, add_bos=False), **_job_kwargs(args))
+        last = _stream(gen, job)
+        print()
+        messages.append({"role": "assistant", "content": job.text})
+        if args.stats and last is not None:
+            _print_stats(last.stats)
     return 0
 
 
@@ -190,15 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.set_defaults(func=cmd_logits)
 
-    p = sub.add_parser("generate", help="generate text from a prompt")
+    p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
     p.add_argument("model_dir")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
-    p.add_argument("--seed", type=int, default=None)
+    _add_generation_args(p)
     _add_runtime_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template (streams replies)")
+    p.add_argument("model_dir")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_generation_args(p)
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

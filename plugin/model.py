@@ -80,10 +80,18 @@ def load(
 
     ``progress(done, total)`` is called as layers load.
     """
-    options = RuntimeOptions.create(device=device, dtype=dtype, backend=backend)
     checkpoint = Checkpoint(model_dir)
+    tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
+    return load_checkpoint(checkpoint, tokenizer=tokenizer, device=device, dtype=dtype, backend=backend,
+                           progress=progress)
+
+
+def load_checkpoint(checkpoint, *, tokenizer: Tokenizer | None = None, device=None, dtype=None, backend=None,
+                    progress: ProgressCallback | None = None) -> Model:
+    """Build a model from an already opened checkpoint (or anything with the same interface, such as
+    the benchmarks' synthetic checkpoints)."""
+    options = RuntimeOptions.create(device=device, dtype=dtype, backend=backend)
     adapter = registry.resolve(checkpoint.architecture, config_path=checkpoint.config_path)
     network = adapter.from_checkpoint(checkpoint, options, progress=progress)
     network.eval()
-    tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
     return Model(checkpoint, network, tokenizer, options)

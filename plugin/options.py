@@ -22,16 +22,22 @@ class RuntimeOptions:
     cache_decoded_weights: on the reference backend, keep each layer's decoded
              W_hat after first use (fast CPU runs of small models; costs 2 bytes
              per weight).
+    batch_invariant: run each sequence's rows through the linear layers on
+             their own, so that a job's output never depends on the jobs batched
+             with it (on by default on CPU; on CUDA batched kernels are used for
+             speed and results can differ in the last bits between batch sizes).
     """
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     backend: str | None = None
     cache_decoded_weights: bool = True
+    batch_invariant: bool = True
 
     @staticmethod
     def create(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               backend: str | None = None, cache_decoded_weights: bool = True) -> "RuntimeOptions":
+               backend: str | None = None, cache_decoded_weights: bool = True,
+               batch_invariant: bool | None = None) -> "RuntimeOptions":
         dev = torch.device(device or "cpu")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InvalidArgumentError(f"device {str(dev)!r} was requested but CUDA is not available on this machine")
@@ -44,4 +50,7 @@ class RuntimeOptions:
         from .kernels.dispatch import resolve_backend
 
         resolve_backend(backend, dev)  # validates the name and availability
-        return RuntimeOptions(device=dev, dtype=dtype, backend=backend, cache_decoded_weights=cache_decoded_weights)
+        if batch_invariant is None:
+            batch_invariant = dev.type == "cpu"
+        return RuntimeOptions(device=dev, dtype=dtype, backend=backend, cache_decoded_weights=cache_decoded_weights,
+                              batch_invariant=batch_invariant)

@@ -88,6 +88,23 @@ class Tokenizer:
             ids = [self.bos_token_id] + ids
         return ids
 
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """bos_token, eos_token, ... as strings, the variables chat templates use."""
+        out = {}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            content = _token_content(self.config.get(name))
+            if content is not None:
+                out[name] = content
+        return out
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """The conversation as prompt text, rendered with this model's template."""
+        from .chat import render_chat
+
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           special_tokens=self.special_tokens, **extra)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

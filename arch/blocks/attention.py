@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ... import kernels
 from ...kernels.reference.attention import attention_ref
+from ..batch import ForwardBatch
 from .linear import Linear
-from .rope import RotaryEmbedding, apply_rope_neox
+from .rope import RotaryEmbedding, apply_rope_neox, apply_rope_neox_flat
 
 
 class GQAAttention(nn.Module):
@@ -15,6 +17,11 @@ class GQAAttention(nn.Module):
 
     Optional pieces used by other families: ``q_norm``/``k_norm`` (per-head
     RMSNorm before RoPE), a sliding ``window``.
+
+    Two ways in: ``x [B, T, hidden]`` with no batch (a plain causal pass over
+    those tokens, no cache), or packed tokens ``x [T, hidden]`` with a
+    ``ForwardBatch``: new keys/values go into the paged cache (layer
+    ``layer_idx``) and attention reads each sequence's cached history.
     """
 
     def __init__(
@@ -32,8 +39,10 @@ class GQAAttention(nn.Module):
         window: int | None = None,
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
+        layer_idx: int = 0,
     ):
         super().__init__()
+        self.layer_idx = layer_idx
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
@@ -43,8 +52,34 @@ class GQAAttention(nn.Module):
         self.window = window
         self.q_norm, self.k_norm = q_norm, k_norm
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x [B, T, hidden]``, ``positions [B, T]`` -> ``[B, T, hidden]`` (full causal forward)."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        if batch is not None:
+            return self._forward_cached(x, batch)
+        return self._forward_full(x, positions)
+
+    def _forward_cached(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        cos, sin = self.rope(batch.positions)
+        q, k = apply_rope_neox_flat(q, cos, sin), apply_rope_neox_flat(k, cos, sin)
+        state = batch.cache.paged[self.layer_idx]
+        k_cache, v_cache = state["k"], state["v"]
+        k_cache.view(-1, *k_cache.shape[2:])[batch.slot_mapping] = k.to(k_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[batch.slot_mapping] = v.to(v_cache.dtype)
+        out = kernels.paged_attention(
+            q, k_cache, v_cache, page_table=batch.page_table, cu_q=batch.cu_q, kv_lens=batch.kv_lens,
+            q_positions=batch.positions, scale=self.scale, window=self.window, kv_lens_t=batch.kv_lens_t,
+            is_decode=batch.is_decode, backend=self.o_proj.backend)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+    def _forward_full(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, hidden]``, ``positions [B, T]`` -> ``[B, T, hidden]`` (causal, no cache)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)

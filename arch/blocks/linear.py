@@ -8,6 +8,7 @@ from torch import nn
 from ... import kernels
 from ...kernels.weights import DenseWeight, Exl3Weight, LinearWeight
 from ...options import RuntimeOptions
+from ..batch import current_batch
 
 
 class Linear(nn.Module):
@@ -44,6 +45,14 @@ class Linear(nn.Module):
         return self._decoded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = current_batch()
+        if self.options.batch_invariant and batch is not None and batch.num_seqs > 1 and x.dim() == 2:
+            # Each sequence's rows on their own: a GEMM's rounding depends on how many rows it
+            # multiplies, and a job's output must not depend on the jobs running beside it.
+            return torch.cat([self._apply(x[lo:hi]) for _, lo, hi in batch.segments()])
+        return self._apply(x)
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{w.key}: input has {x.shape[-1]} features, layer expects {self.in_features}")

@@ -87,3 +87,9 @@ def apply_rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     """Rotate ``x [B, H, T, D]`` with ``cos``/``sin [B, T, D]`` (pairs (i, i + D/2))."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_neox_flat(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate packed tokens ``x [T, H, D]`` with ``cos``/``sin [T, D]``."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin

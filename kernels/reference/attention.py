@@ -50,3 +50,42 @@ def attention_ref(
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = probs.reshape(b, hkv, group * tq, k.shape[2]) @ v.float()
     return out.reshape(b, hq, tq, v.shape[-1]).to(q.dtype)
+
+
+def gather_pages(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` entries of a sequence from paged storage ``[P, S, ...]`` -> ``[length, ...]``."""
+    return cache[pages].reshape(-1, *cache.shape[2:])[:length]
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    page_table: torch.Tensor,
+    cu_q: list[int],
+    kv_lens: list[int],
+    q_positions: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Attention of packed queries over each sequence's cached keys/values.
+
+    q: ``[T, Hq, D]`` (sequence b owns rows ``cu_q[b]:cu_q[b+1]``); caches
+    ``[pages, page_size, Hkv, D]``; key j of sequence b sits at position j.
+    Returns ``[T, Hq, Dv]`` in q's dtype.
+    """
+    out = torch.empty(q.shape[0], q.shape[1], v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    page_size = k_cache.shape[1]
+    for b, kv_len in enumerate(kv_lens):
+        lo, hi = cu_q[b], cu_q[b + 1]
+        if hi == lo:
+            continue
+        pages = page_table[b, : -(-kv_len // page_size)].long()
+        k = gather_pages(k_cache, pages, kv_len)  # [L, Hkv, D]
+        v = gather_pages(v_cache, pages, kv_len)
+        k_pos = torch.arange(kv_len, device=q.device)[None]
+        res = attention_ref(q[lo:hi].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                            q_positions[lo:hi][None], k_pos, scale=scale, window=window)
+        out[lo:hi] = res[0].transpose(0, 1)
+    return out

@@ -1,0 +1,65 @@
+"""Per-step metadata the runtime hands to a model: which tokens belong to which sequence.
+
+Tokens of all sequences in a step are packed into one flat row dimension ``[T]``
+(varlen): sequence ``b`` owns rows ``cu_q[b]:cu_q[b+1]``; after the step it has
+``kv_lens[b]`` tokens in the cache. New keys/values are written at
+``slot_mapping`` (flat ``page * page_size + offset`` indices into the paged
+tensors) and read back through ``page_table``.
+
+``current_batch()`` exposes the batch being run to code that is not handed it
+explicitly (``Linear`` uses it to run each sequence's rows on their own when the
+model must be batch-invariant).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    positions: torch.Tensor  # [T] long, position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] long, where each new token's state is written
+    page_table: torch.Tensor  # [B, P] int32, -1 padded
+    kv_lens_t: torch.Tensor  # [B] int32 on the device
+    seq_slots: torch.Tensor  # [B] long, each sequence's state slot
+    cu_q: list[int]  # host: B + 1 row offsets
+    kv_lens: list[int]  # host: tokens cached per sequence after this step
+    cache: object  # runtime.cache.PagedCache
+    is_decode: bool = False  # every sequence has exactly one new token
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.kv_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.cu_q[-1]
+
+    def segments(self):
+        """(sequence index, first row, end row) for each sequence."""
+        for b in range(self.num_seqs):
+            yield b, self.cu_q[b], self.cu_q[b + 1]
+
+    def last_rows(self) -> list[int]:
+        return [self.cu_q[b + 1] - 1 for b in range(self.num_seqs)]
+
+
+_CURRENT: contextvars.ContextVar[ForwardBatch | None] = contextvars.ContextVar("exl3_batch", default=None)
+
+
+def current_batch() -> ForwardBatch | None:
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def running(batch: ForwardBatch | None):
+    token = _CURRENT.set(batch)
+    try:
+        yield batch
+    finally:
+        _CURRENT.reset(token)

@@ -1,0 +1,135 @@
+"""End-to-end decode and prefill speed of a synthetic EXL3 model on a GPU (runtime issue).
+
+    python bench/decode.py --synthetic llama3-8b --bits 4 [--batch 1,8,32] [--steps 64]
+                           [--prompt-len 128] [--prefill-len 2048] [--out DIR]
+
+The model has the real shapes and random trellises (bench/synthetic.py). Decode
+speed: B jobs with random prompts are prefilled, then ``--steps`` decode steps
+(CUDA graphs) are timed with the GPU synchronised before and after: tokens/s =
+B * steps / time. The bandwidth bound for batch 1 is the copy bandwidth
+(read + write, measured in the same run) over the weight bytes one token reads.
+Prefill: one prompt of ``--prefill-len`` tokens in one chunk; time to its first
+token. Results: JSON in ``--out`` (default bench/results) and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, Results, copy_bandwidth, environment  # noqa: E402
+from synthetic import SyntheticCheckpoint  # noqa: E402
+
+from exl3_triton import Generator, Job  # noqa: E402
+from exl3_triton.model import load_checkpoint  # noqa: E402
+
+
+def decode_speed(model, batch: int, steps: int, prompt_len: int, max_seq_len: int) -> dict:
+    gen = Generator(model, max_batch_size=batch, max_seq_len=max_seq_len, chunk_size=max(2048, prompt_len))
+    vocab = model.network.vocab_size
+    g = torch.Generator().manual_seed(batch)
+    jobs = [gen.enqueue(Job(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
+                            max_new_tokens=steps + 8, stop_tokens=[])) for _ in range(batch)]
+    while any(not j.output_ids for j in jobs):  # prefill (and capture the decode graph on the first decode)
+        gen.step()
+    for _ in range(3):  # warm-up decode steps (graph capture happens here)
+        gen.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    produced0 = sum(len(j.output_ids) for j in jobs)
+    for _ in range(steps):
+        gen.step()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    produced = sum(len(j.output_ids) for j in jobs) - produced0
+    for j in jobs:
+        j.cancel()
+    gen.step()
+    return {"batch": batch, "steps": steps, "tokens": produced, "seconds": dt, "tokens_per_s": produced / dt,
+            "ms_per_step": dt / steps * 1000, "graphs": sorted(gen.runner.graphs)}
+
+
+def consistency(model) -> dict:
+    """On the GPU: the cached path (prefill + eager decode, and decode from CUDA graphs) against the
+    plain full forward, for a short random sequence."""
+    from exl3_triton.runtime.cache import PagedCache
+    from exl3_triton.runtime.runner import ModelRunner, StepItem
+
+    net = model.network
+    ids = torch.randint(0, net.vocab_size, (48,), generator=torch.Generator().manual_seed(3)).tolist()
+    full = model.forward(torch.tensor(ids))
+    out = {}
+    for graphs in (False, True):
+        cache = PagedCache(net.cache_spec(), num_pages=4, page_size=256, max_seqs=2)
+        runner = ModelRunner(net, cache, max_pages_per_seq=2, use_cuda_graphs=graphs)
+        seq = cache.new_sequence()
+        cache.reserve(seq, len(ids))
+        logits = [runner.run([StepItem(seq, ids[:32], True)])]
+        for t in ids[32:]:
+            logits.append(runner.run([StepItem(seq, [t], True)]))
+        got = torch.cat(logits)
+        ref = full[31:]
+        out["graphs" if graphs else "eager"] = ((got - ref).norm() / ref.norm()).item()
+    return {"decode_vs_full_rel_err_eager": out["eager"], "decode_vs_full_rel_err_graphs": out["graphs"]}
+
+
+def prefill_speed(model, length: int) -> dict:
+    gen = Generator(model, max_batch_size=1, max_seq_len=length + 16, chunk_size=length)
+    vocab = model.network.vocab_size
+    prompt = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(7)).tolist()
+    for attempt in range(2):  # the first run compiles kernels
+        job = gen.enqueue(Job(prompt, max_new_tokens=1, stop_tokens=[]))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while not job.finished:
+            gen.step()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    return {"prompt_tokens": length, "seconds": dt, "tokens_per_s": length / dt, "ttft_ms": dt * 1000}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synthetic", default="llama3-8b")
+    p.add_argument("--bits", type=float, default=4)
+    p.add_argument("--head-bits", type=float, default=6)
+    p.add_argument("--batch", default="1,8,32")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/decode.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    meta = environment()
+    out_dir = Path(args.out) if args.out else REPO / "bench" / "results"
+    res = Results(out_dir / f"decode-{args.synthetic}-{meta['date']}-{meta['gpu'].replace(' ', '_')}.json", meta)
+    bw = copy_bandwidth()
+    t0 = time.perf_counter()
+    ckpt = SyntheticCheckpoint(args.synthetic, bits=args.bits, head_bits=args.head_bits)
+    model = load_checkpoint(ckpt, device="cuda")
+    torch.cuda.synchronize()
+    weight_gb = ckpt.weight_bytes / 1e9
+    res.add("model", {"name": args.synthetic, "bits": args.bits, "head_bits": args.head_bits,
+                      "weight_GB_per_token": weight_gb, "copy_bandwidth_GBps": bw,
+                      "bound_tokens_per_s": bw / weight_gb, "load_s": time.perf_counter() - t0,
+                      "gpu_memory_GB": torch.cuda.memory_allocated() / 1e9})
+    res.add("check", consistency(model))
+    for b in (int(x) for x in args.batch.split(",")):
+        rec = decode_speed(model, b, args.steps, args.prompt_len, args.prompt_len + args.steps + 32)
+        rec["bound_fraction"] = rec["tokens_per_s"] / (bw / weight_gb) if b == 1 else None
+        rec["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        res.add("decode", rec)
+        torch.cuda.empty_cache()
+    res.add("prefill", prefill_speed(model, args.prefill_len))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

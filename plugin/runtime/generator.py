@@ -1,0 +1,332 @@
+"""``Generator``: continuous batching over a loaded model.
+
+Each ``step()``:
+
+1. finishes jobs whose cancellation was requested;
+2. admits waiting jobs (first come, first served) while there is a free batch
+   slot and room in the cache for their first prompt chunk, attaching shared
+   prefix pages where another job already computed the same prompt start;
+3. plans the step: every decoding job feeds its last token, and prefilling jobs
+   feed prompt chunks until ``chunk_size`` tokens are planned; pages are
+   reserved, and if they run out the most recently admitted job is sent back
+   to the queue (it will recompute its tokens later) -- a job that cannot fit
+   even alone fails with a clear message;
+4. runs the model once over all planned tokens (``ModelRunner``);
+5. samples a token for every job whose pending tokens are now all cached,
+   streams its text, applies the stop conditions and emits ``JobEvent``s.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Iterator
+
+import torch
+
+from ..errors import InvalidArgumentError
+from .cache import OutOfPagesError, PagedCache
+from .job import Job, JobEvent, JobStatus
+from .runner import ModelRunner, StepItem
+from .sampling import RowState, sample
+from .text import IncrementalDecoder
+
+
+class Generator:
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch_size: int = 8,
+        max_seq_len: int | None = None,
+        cache_tokens: int | None = None,
+        page_size: int | None = None,
+        chunk_size: int = 512,
+        use_cuda_graphs: bool = True,
+        prefix_sharing: bool = True,
+    ):
+        """``model``: an ``exl3_triton.Model``.
+
+        max_seq_len: longest prompt + output (default: the config's
+        ``max_position_embeddings``, capped at 8192). cache_tokens: tokens the
+        paged cache holds in all (default: ``max_batch_size * max_seq_len`` on
+        CPU; on CUDA as much as fits in 90% of free memory, capped at that).
+        """
+        if max_batch_size < 1:
+            raise InvalidArgumentError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if chunk_size < 1:
+            raise InvalidArgumentError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.model = model
+        self.network = model.network
+        self.tokenizer = model.tokenizer
+        self.device = model.options.device
+        self.max_batch_size = max_batch_size
+        self.chunk_size = chunk_size
+        config_len = getattr(self.network.config, "max_position_embeddings", None) or \
+            model.checkpoint.config.get("max_position_embeddings") or 8192
+        self.max_seq_len = int(max_seq_len or min(int(config_len), 8192))
+        if self.max_seq_len < 2:
+            raise InvalidArgumentError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        page_size = page_size or (256 if self.device.type == "cuda" else 16)
+        specs = self.network.cache_spec()
+        self.prefix_sharing = prefix_sharing and not any(s.slots for s in specs)
+        num_pages = self._cache_pages(specs, page_size, cache_tokens)
+        graphs = use_cuda_graphs and self.device.type == "cuda"
+        # captured decode steps need one extra page for their padding rows
+        self.cache = PagedCache(specs, num_pages=num_pages + graphs, page_size=page_size, max_seqs=max_batch_size)
+        self.runner = ModelRunner(self.network, self.cache, max_pages_per_seq=-(-self.max_seq_len // page_size),
+                                  use_cuda_graphs=graphs)
+        self.capacity_tokens = num_pages * page_size
+        self.waiting: deque[Job] = deque()
+        self.running: list[Job] = []
+
+    def _cache_pages(self, specs, page_size: int, cache_tokens: int | None) -> int:
+        wanted = cache_tokens or self.max_batch_size * self.max_seq_len
+        if cache_tokens is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            per_token = max(1.0, PagedCache.bytes_per_token(specs))
+            wanted = min(wanted, int(0.9 * free / per_token))
+        pages = -(-int(wanted) // page_size)
+        if pages < 1 or (cache_tokens is not None and cache_tokens < 1):
+            raise InvalidArgumentError(f"cache_tokens={cache_tokens}: the cache needs room for at least one token")
+        return pages
+
+    # ------------------------------------------------------------- jobs in
+
+    def enqueue(self, job: Job) -> Job:
+        """Validate and queue a job. Raises InvalidArgumentError for a request that can never run."""
+        if job.status != JobStatus.QUEUED or job.prompt_ids:
+            raise InvalidArgumentError("this job was already submitted")
+        job.prompt_ids = self._prompt_ids(job)
+        vocab = self.network.vocab_size
+        n = len(job.prompt_ids)
+        if n == 0:
+            raise InvalidArgumentError("the prompt is empty")
+        if any(not 0 <= t < vocab for t in job.prompt_ids):
+            raise InvalidArgumentError(f"prompt token ids must be in [0, {vocab})")
+        if n >= self.max_seq_len:
+            raise InvalidArgumentError(f"the prompt has {n} tokens; max_seq_len is {self.max_seq_len} "
+                                       "(prompt and output together)")
+        if job.max_new_tokens < 1 or job.min_new_tokens < 0 or job.min_new_tokens > job.max_new_tokens:
+            raise InvalidArgumentError(f"need 0 <= min_new_tokens ({job.min_new_tokens}) <= max_new_tokens "
+                                       f"({job.max_new_tokens}) and max_new_tokens >= 1")
+        if job.top_logprobs < 0:
+            raise InvalidArgumentError(f"top_logprobs must be >= 0, got {job.top_logprobs}")
+        job.sampling.validate(vocab)
+        if n + 1 > self.capacity_tokens:
+            raise InvalidArgumentError(f"the prompt needs {n + 1} tokens of cache but the cache holds "
+                                       f"{self.capacity_tokens}; raise cache_tokens")
+        eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else []
+        job.eos_ids = tuple(eos if job.stop_tokens is None else job.stop_tokens)
+        if job.sampling.seed is not None or not job.sampling.greedy:
+            job.generator = torch.Generator(device=self.device)
+            job.generator.manual_seed(job.sampling.seed if job.sampling.seed is not None
+                                      else int(torch.randint(0, 2**62, (1,))))
+        if self.tokenizer is not None:
+            job.decoder = IncrementalDecoder(self.tokenizer.decode, job.prompt_ids)
+        job.stats.prompt_tokens = n
+        job.stats.time_enqueued = time.perf_counter()
+        self.waiting.append(job)
+        return job
+
+    def _prompt_ids(self, job: Job) -> list[int]:
+        p = job.prompt
+        if isinstance(p, str):
+            if self.tokenizer is None:
+                raise InvalidArgumentError("this model has no tokenizer.json; pass token ids instead of text")
+            return self.tokenizer.encode(p, add_bos=job.add_bos)
+        if isinstance(p, torch.Tensor):
+            if p.dim() != 1 or p.dtype not in (torch.int32, torch.int64):
+                raise InvalidArgumentError(f"a token-id prompt must be a 1-D integer tensor, got {p.dtype} "
+                                           f"{list(p.shape)}")
+            return [int(t) for t in p]
+        if isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            return list(p)
+        raise InvalidArgumentError("the prompt must be text, a list of token ids or a 1-D integer tensor")
+
+    def cancel(self, job: Job) -> None:
+        job.cancel()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------- step
+
+    def step(self) -> list[JobEvent]:
+        """Run one batched forward pass; returns the events it produced."""
+        events: list[JobEvent] = []
+        self._finish_cancelled(events)
+        self._admit()
+        items = self._plan(events)
+        if not items:
+            return events
+        try:
+            logits = self.runner.run(items)
+        except torch.cuda.OutOfMemoryError as e:  # lose the step's jobs, not the generator
+            for job in list(self.running):
+                self._finish(job, "error", events, error=f"out of GPU memory: {e}")
+            return events
+        sampled = [job for job, it in zip(self._planned_jobs, items) if it.want_logits]
+        self._register_prefixes()
+        self._postprocess(sampled, logits, events)
+        return events
+
+    def iterate(self) -> Iterator[JobEvent]:
+        """Step until every queued job finished, yielding events as they come."""
+        while self.has_work:
+            yield from self.step()
+
+    def generate(self, prompt, **job_kwargs) -> str:
+        """Run one prompt to the end (other queued jobs advance too) and return its text."""
+        job = self.enqueue(Job(prompt, **job_kwargs))
+        for _ in self.iterate():
+            if job.finished:
+                break
+        if job.finish_reason == "error":
+            raise RuntimeError(job.error)
+        return job.text
+
+    def stream(self, prompt, **job_kwargs) -> Iterator[str]:
+        """Yield one prompt's text as it is generated."""
+        job = self.enqueue(Job(prompt, **job_kwargs))
+        while not job.finished:
+            for ev in self.step():
+                if ev.job is job and ev.text:
+                    yield ev.text
+
+    # ------------------------------------------------------------- scheduling
+
+    def _finish_cancelled(self, events: list[JobEvent]) -> None:
+        for job in [j for j in self.waiting if j.cancel_requested]:
+            self.waiting.remove(job)
+            self._finish(job, "cancelled", events)
+        for job in [j for j in self.running if j.cancel_requested]:
+            self._finish(job, "cancelled", events)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch_size and self.cache.free_slots:
+            job = self.waiting[0]
+            first_chunk = min(len(job.tokens), self.chunk_size) + 1
+            if self.cache.pages_for(first_chunk) > self.cache.num_free_pages and self.running:
+                break  # wait for pages; with nothing running the planner reports what does not fit
+            self.waiting.popleft()
+            job.cache = self.cache.new_sequence()
+            if self.prefix_sharing:
+                cached = self.cache.match_prefix(job.cache, job.tokens)
+                if not job.output_ids:
+                    job.stats.cached_prompt_tokens = cached
+            job.status = JobStatus.RUNNING
+            self.running.append(job)
+
+    def _plan(self, events: list[JobEvent]) -> list[StepItem]:
+        """Decide what every running job feeds this step, reserving pages (preempting if they run out)."""
+        while True:
+            budget = self.chunk_size
+            items, jobs = [], []
+            decoding = [j for j in self.running if len(j.tokens) - j.cache.num_tokens == 1]
+            prefilling = [j for j in self.running if len(j.tokens) - j.cache.num_tokens > 1]
+            for job in decoding + prefilling:
+                pending = job.tokens[job.cache.num_tokens:]
+                n = 1 if job in decoding else min(len(pending), budget)
+                if n <= 0:
+                    continue
+                budget -= n
+                items.append(StepItem(job.cache, pending[:n], want_logits=(n == len(pending))))
+                jobs.append(job)
+            failed = self._reserve(items, jobs, events)
+            if not failed:
+                self._planned_jobs = jobs
+                for job in jobs:
+                    if job.stats.time_prefill_start is None:
+                        job.stats.time_prefill_start = time.perf_counter()
+                return items
+
+    def _reserve(self, items: list[StepItem], jobs: list[Job], events: list[JobEvent]) -> bool:
+        """Reserve pages for the plan; on shortage free a job and return True (plan again)."""
+        for it, job in zip(items, jobs):
+            try:
+                self.cache.reserve(it.seq, it.seq.num_tokens + len(it.tokens))
+            except OutOfPagesError:
+                victim = self.running[-1] if self.running[-1] is not job else None
+                if victim is None and len(self.running) > 1:
+                    victim = self.running[-2]
+                if victim is None:  # alone and still too big
+                    need = self.cache.pages_for(it.seq.num_tokens + len(it.tokens)) * self.cache.page_size
+                    self._finish(job, "error", events, error=(
+                        f"the cache is too small for this job: it needs {need} tokens of cache, the cache holds "
+                        f"{self.capacity_tokens}; raise cache_tokens"))
+                else:
+                    self._preempt(victim)
+                return True
+        return False
+
+    def _preempt(self, job: Job) -> None:
+        """Send a running job back to the front of the queue; it recomputes its cache when readmitted."""
+        self.cache.release(job.cache)
+        job.cache = None
+        job.status = JobStatus.QUEUED
+        self.running.remove(job)
+        self.waiting.appendleft(job)
+
+    def _register_prefixes(self) -> None:
+        if self.prefix_sharing:
+            for job in self.running:
+                self.cache.register_full_pages(job.cache, job.tokens)
+
+    # ------------------------------------------------------------- results
+
+    def _postprocess(self, jobs: list[Job], logits: torch.Tensor, events: list[JobEvent]) -> None:
+        if not jobs:
+            return
+        rows = []
+        for job in jobs:
+            suppress = job.eos_ids if len(job.output_ids) < job.min_new_tokens else ()
+            rows.append(RowState(job.sampling, job.tokens, len(job.prompt_ids), job.generator, suppress))
+        tokens, logprobs, tops = sample(logits, rows, want_logprobs=[j.return_logprobs for j in jobs],
+                                        top_logprobs=[j.top_logprobs for j in jobs])
+        now = time.perf_counter()
+        for job, token, lp, top in zip(jobs, tokens, logprobs, tops):
+            if job.stats.time_first_token is None:
+                job.stats.time_first_token = now
+            job.stats.time_last_token = now
+            if token in job.eos_ids:
+                self._finish(job, "stop_token", events)
+                continue
+            job.output_ids.append(token)
+            job.stats.new_tokens += 1
+            text, stop = self._text_for(job, token)
+            event = JobEvent(job, text=text, token_ids=[token], logprobs=None if lp is None else [lp],
+                             top_logprobs=None if top is None else [top])
+            job.text += text
+            if stop is not None:
+                self._finish(job, "stop_string", events, last=event)
+            elif len(job.output_ids) >= job.max_new_tokens:
+                self._finish(job, "max_new_tokens", events, last=event)
+            elif len(job.tokens) >= self.max_seq_len:
+                self._finish(job, "max_seq_len", events, last=event)
+            else:
+                events.append(event)
+
+    def _text_for(self, job: Job, token: int) -> tuple[str, str | None]:
+        if job.decoder is None:
+            return "", None
+        return job.stopper.feed(job.decoder.add(token))
+
+    def _finish(self, job: Job, reason: str, events: list[JobEvent], *, last: JobEvent | None = None,
+                error: str | None = None) -> None:
+        event = last or JobEvent(job)
+        if reason != "stop_string" and job.decoder is not None:
+            tail, _ = job.stopper.feed(job.decoder.flush())
+            tail += job.stopper.flush()
+            event.text += tail
+            job.text += tail
+        event.finished, event.finish_reason, event.stats, event.error = True, reason, job.stats, error
+        job.finish_reason, job.error = reason, error
+        job.status = JobStatus.FINISHED
+        if job.cache is not None:
+            self.cache.release(job.cache)
+            job.cache = None
+        if job in self.running:
+            self.running.remove(job)
+        events.append(event)

@@ -1,0 +1,148 @@
+"""Runs one step of the model over packed sequences, with CUDA graphs for decode steps.
+
+``ModelRunner.run(items)`` takes, per sequence, the new tokens to feed (a prefill
+chunk or one decode token), lays them out as a ``ForwardBatch`` and returns the
+logits of the rows that need them.
+
+Decode steps on CUDA (every sequence feeds one token) are replayed from CUDA
+graphs, one per batch-size bucket (1, 2, 4, 8, ...), captured on first use. The
+graph's inputs live in static buffers; rows beyond the real batch point at a
+dummy page reserved for that purpose, so they never touch a real sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..arch.base import CausalLM
+from ..arch.batch import ForwardBatch
+from ..kernels.dispatch import assume_capture
+from .cache import PagedCache, SequenceCache
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass
+class StepItem:
+    seq: SequenceCache
+    tokens: list[int]  # new tokens fed this step
+    want_logits: bool  # this step ends the sequence's pending tokens: sample from its last row
+
+
+class ModelRunner:
+    def __init__(self, network: CausalLM, cache: PagedCache, *, max_pages_per_seq: int,
+                 use_cuda_graphs: bool = True):
+        self.network = network
+        self.cache = cache
+        self.device = network.options.device
+        self.max_pages = max_pages_per_seq
+        self.page_size = cache.page_size
+        self.use_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.graphs: dict[int, _DecodeGraph] = {}
+        self.dummy_page = cache.reserve_dummy_page() if self.use_graphs else None
+
+    # ------------------------------------------------------------- layout
+
+    def _slots(self, seq: SequenceCache, start: int, n: int) -> list[int]:
+        s = self.page_size
+        return [seq.page_ids[p // s] * s + p % s for p in range(start, start + n)]
+
+    def build_batch(self, items: list[StepItem]) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
+        ids, positions, slots, cu_q, kv_lens = [], [], [], [0], []
+        table = torch.full((len(items), max(1, max(len(it.seq.page_ids) for it in items))), -1, dtype=torch.int32)
+        for b, it in enumerate(items):
+            start, n = it.seq.num_tokens, len(it.tokens)
+            ids += it.tokens
+            positions += range(start, start + n)
+            slots += self._slots(it.seq, start, n)
+            cu_q.append(cu_q[-1] + n)
+            kv_lens.append(start + n)
+            table[b, :len(it.seq.page_ids)] = torch.tensor(it.seq.page_ids, dtype=torch.int32)
+        dev = self.device
+        batch = ForwardBatch(
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            page_table=table.to(dev),
+            kv_lens_t=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
+            seq_slots=torch.tensor([it.seq.slot for it in items], dtype=torch.long, device=dev),
+            cu_q=cu_q, kv_lens=kv_lens, cache=self.cache,
+            is_decode=all(len(it.tokens) == 1 for it in items),
+        )
+        rows = torch.tensor([cu_q[b + 1] - 1 for b, it in enumerate(items) if it.want_logits], dtype=torch.long,
+                            device=dev)
+        return torch.tensor(ids, dtype=torch.long, device=dev), batch, rows
+
+    # ------------------------------------------------------------- run
+
+    @torch.inference_mode()
+    def run(self, items: list[StepItem]) -> torch.Tensor:
+        """Feed every item's tokens; returns fp32 logits ``[items wanting logits, vocab]``."""
+        decode = all(len(it.tokens) == 1 and it.want_logits for it in items)
+        if decode and self.use_graphs and len(items) <= GRAPH_BUCKETS[-1] and self._fits_graph(items):
+            logits = self._run_graph(items)
+        else:
+            ids, batch, rows = self.build_batch(items)
+            logits = self.network.forward_batch(ids, batch, rows)
+        for it in items:
+            it.seq.num_tokens += len(it.tokens)
+        return logits
+
+    def _fits_graph(self, items: list[StepItem]) -> bool:
+        return all(len(it.seq.page_ids) <= self.max_pages for it in items)
+
+    def _run_graph(self, items: list[StepItem]) -> torch.Tensor:
+        bucket = next(b for b in GRAPH_BUCKETS if b >= len(items))
+        graph = self.graphs.get(bucket)
+        if graph is None:
+            graph = self.graphs[bucket] = _DecodeGraph(self, bucket)
+        return graph.replay(items)[: len(items)]
+
+
+class _DecodeGraph:
+    """One captured decode step for up to ``size`` sequences."""
+
+    def __init__(self, runner: ModelRunner, size: int):
+        dev, s = runner.device, runner.page_size
+        self.runner, self.size = runner, size
+        self.ids = torch.zeros(size, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(size, dtype=torch.long, device=dev)
+        self.slots = torch.full((size,), runner.dummy_page * s, dtype=torch.long, device=dev)
+        self.table = torch.full((size, runner.max_pages), -1, dtype=torch.int32, device=dev)
+        self.table[:, 0] = runner.dummy_page
+        self.kv_lens = torch.ones(size, dtype=torch.int32, device=dev)
+        self.seq_slots = torch.zeros(size, dtype=torch.long, device=dev)
+        self.batch = ForwardBatch(positions=self.positions, slot_mapping=self.slots, page_table=self.table,
+                                  kv_lens_t=self.kv_lens, seq_slots=self.seq_slots,
+                                  cu_q=list(range(size + 1)), kv_lens=[1] * size, cache=runner.cache, is_decode=True)
+        net = runner.network
+        with assume_capture():  # compile and load every kernel the graph will use before capturing
+            for _ in range(2):
+                self.logits = net.forward_batch(self.ids, self.batch, None)
+        torch.cuda.synchronize(dev)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = net.forward_batch(self.ids, self.batch, None)
+
+    def replay(self, items: list[StepItem]) -> torch.Tensor:
+        r, s, n = self.runner, self.runner.page_size, len(items)
+        ids = torch.tensor([it.tokens[0] for it in items], dtype=torch.long)
+        pos = [it.seq.num_tokens for it in items]
+        slots = [it.seq.page_ids[p // s] * s + p % s for it, p in zip(items, pos)]
+        table = torch.full((n, r.max_pages), -1, dtype=torch.int32)
+        for b, it in enumerate(items):
+            table[b, :len(it.seq.page_ids)] = torch.tensor(it.seq.page_ids, dtype=torch.int32)
+        pad = self.size - n  # padding rows must point at the dummy page again: a row left over from a
+        dummy = r.dummy_page  # bigger earlier step would write into a page that is no longer its own
+        self.ids.copy_(torch.cat([ids, torch.zeros(pad, dtype=torch.long)]))
+        self.positions.copy_(torch.tensor(pos + [0] * pad, dtype=torch.long))
+        self.slots.copy_(torch.tensor(slots + [dummy * s] * pad, dtype=torch.long))
+        full_table = torch.full((self.size, r.max_pages), -1, dtype=torch.int32)
+        full_table[:n] = table
+        full_table[n:, 0] = dummy
+        self.table.copy_(full_table)
+        self.kv_lens.copy_(torch.tensor([p + 1 for p in pos] + [1] * pad, dtype=torch.int32))
+        self.seq_slots.copy_(torch.tensor([it.seq.slot for it in items] + [0] * pad, dtype=torch.long))
+        self.graph.replay()
+        return self.logits

@@ -1,0 +1,135 @@
+"""Sampling settings and the batched sampler.
+
+Order of operations for one row (the usual one, as in transformers/vLLM):
+penalties and biases on the raw logits -> banned tokens -> temperature ->
+top-k -> top-p -> min-p -> softmax -> draw with the job's own generator.
+``temperature == 0`` is greedy (argmax after penalties and bans).
+
+* repetition_penalty (transformers semantics): logits of tokens that occur in
+  the prompt or output are divided by it when positive, multiplied when negative.
+* presence / frequency penalty (OpenAI semantics): over generated tokens,
+  ``logit -= presence * [count > 0] + frequency * count``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    banned_tokens: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def validate(self, vocab_size: int) -> None:
+        def bad(name, value, rule):
+            raise InvalidArgumentError(f"sampling option {name}={value!r} is invalid: {rule}")
+
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            bad("temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            bad("top_k", self.top_k, "must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "must be in (0, 1]")
+        if not 0 <= self.min_p < 1:
+            bad("min_p", self.min_p, "must be in [0, 1)")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 = off)")
+        for tid in list(self.logit_bias) + list(self.banned_tokens):
+            if not (isinstance(tid, int) and 0 <= tid < vocab_size):
+                bad("logit_bias/banned_tokens", tid, f"token ids must be in [0, {vocab_size})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RowState:
+    """What the sampler needs to know about one job for this step."""
+
+    params: SamplingParams
+    history: list[int]  # prompt + generated token ids
+    num_prompt: int
+    generator: torch.Generator | None
+    suppress: tuple[int, ...] = ()  # e.g. stop tokens before min_new_tokens
+
+
+def apply_penalties(logits: torch.Tensor, row: RowState) -> torch.Tensor:
+    p = row.params
+    if p.repetition_penalty != 1.0 and row.history:
+        ids = torch.tensor(sorted(set(row.history)), device=logits.device)
+        vals = logits[ids]
+        logits[ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    generated = row.history[row.num_prompt:]
+    if (p.presence_penalty or p.frequency_penalty) and generated:
+        ids, counts = torch.tensor(generated, device=logits.device).unique(return_counts=True)
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits.device)
+        logits[ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+    banned = tuple(p.banned_tokens) + tuple(row.suppress)
+    if banned:
+        logits[torch.tensor(banned, device=logits.device)] = float("-inf")
+    return logits
+
+
+def filtered_distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p (one row)."""
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # keep the smallest set whose mass reaches top_p (the token that crosses it stays)
+        drop = (torch.cumsum(sorted_p, 0) - sorted_p) >= p.top_p
+        probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return probs / probs.sum()
+
+
+def sample(logits: torch.Tensor, rows: list[RowState], *, want_logprobs: list[bool],
+           top_logprobs: list[int]) -> tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]:
+    """Sample one token per row of ``logits [B, V]`` (fp32).
+
+    Returns the tokens, their log-probabilities under the model (raw logits) where
+    asked, and the top alternatives where asked.
+    """
+    tokens, logprobs, tops = [], [], []
+    for b, row in enumerate(rows):
+        raw = logits[b]
+        processed = apply_penalties(raw.clone(), row)
+        if row.params.greedy:
+            token = int(torch.argmax(processed))
+        else:
+            probs = filtered_distribution(processed, row.params)
+            token = int(torch.multinomial(probs, 1, generator=row.generator))
+        tokens.append(token)
+        if want_logprobs[b] or top_logprobs[b]:
+            lp = torch.log_softmax(raw, dim=-1)
+            logprobs.append(float(lp[token]) if want_logprobs[b] else None)
+            if top_logprobs[b]:
+                vals, ids = torch.topk(lp, top_logprobs[b])
+                tops.append(list(zip(ids.tolist(), vals.tolist())))
+            else:
+                tops.append(None)
+        else:
+            logprobs.append(None)
+            tops.append(None)
+    return tokens, logprobs, tops
