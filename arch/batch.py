@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,7 @@ class ForwardBatch:
     kv_lens: list[int]  # host: tokens cached per sequence after this step
     cache: object  # runtime.cache.PagedCache
     is_decode: bool = False  # every sequence has exactly one new token
+    memo: dict = field(default_factory=dict)  # per-step values shared by layers (e.g. RoPE tables)
 
     @property
     def num_seqs(self) -> int:

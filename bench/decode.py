@@ -121,6 +121,13 @@ def main() -> int:
                       "bound_tokens_per_s": bw / weight_gb, "load_s": time.perf_counter() - t0,
                       "gpu_memory_GB": torch.cuda.memory_allocated() / 1e9})
     res.add("check", consistency(model))
+    from exl3_triton.kernels import tuning
+
+    for rotate_in_kernel in (True, False):  # measure the graph-time launch choice for one-row matmuls
+        tuning.GRAPH_ROTATE_IN_KERNEL = rotate_in_kernel
+        tuning.gemm_config.cache_clear()
+        rec = decode_speed(model, 1, args.steps, args.prompt_len, args.prompt_len + args.steps + 32)
+        res.add("graph_rotation_choice", {"rotate_in_kernel": rotate_in_kernel, "tokens_per_s": rec["tokens_per_s"]})
     for b in (int(x) for x in args.batch.split(",")):
         rec = decode_speed(model, b, args.steps, args.prompt_len, args.prompt_len + args.steps + 32)
         rec["bound_fraction"] = rec["tokens_per_s"] / (bw / weight_gb) if b == 1 else None

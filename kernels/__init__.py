@@ -25,6 +25,7 @@ from .reference import (
     exl3_matmul_ref,
     exl3_moe_ref,
     paged_attention_ref,
+    rope_store_kv_ref,
     exl3_weight_ref,
     hadamard_128_ref,
 )
@@ -135,6 +136,19 @@ def paged_attention(
                                q_positions=q_positions, scale=scale, window=window)
 
 
+def rope_store_kv(q, k, v, *, positions, inv_freq, slot_mapping, k_cache, v_cache, scaling: float = 1.0,
+                  tables=None, backend: str | None = None) -> torch.Tensor:
+    """NEOX rotary embedding on q and k plus the cache write of k and v; returns the rotated q.
+
+    q ``[T, Hq, D]``, k ``[T, Hkv, D]``, v ``[T, Hkv, Dv]``; caches ``[pages, page_size, Hkv, D]``.
+    ``tables``: precomputed (cos, sin) for the reference path.
+    """
+    if resolve_backend(backend, q.device) == "triton" and q.is_cuda:
+        return triton_ops.load().rope.rope_store_kv_triton(q, k, v, positions, inv_freq, slot_mapping, k_cache,
+                                                           v_cache, scaling)
+    return rope_store_kv_ref(q, k, v, positions, inv_freq, slot_mapping, k_cache, v_cache, scaling, tables)
+
+
 def linear(x: torch.Tensor, weight: LinearWeight, backend: str | None = None) -> torch.Tensor:
     """``y = x W + b`` for either kind of weight."""
     if isinstance(weight, Exl3Weight):
@@ -171,6 +185,7 @@ __all__ = [
     "linear",
     "paged_attention",
     "resolve_backend",
+    "rope_store_kv",
     "triton_available",
     "words_per_tile",
 ]

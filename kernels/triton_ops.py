@@ -37,6 +37,7 @@ def load() -> types.SimpleNamespace | None:
             gemm=importlib.import_module(f"{pkg}.triton_gemm"),
             hadamard=importlib.import_module(f"{pkg}.triton_hadamard"),
             moe=importlib.import_module(f"{pkg}.triton_moe"),
+            rope=importlib.import_module(f"{pkg}.triton_rope"),
         )
     except Exception as e:  # ImportError, or a Triton that does not work on this platform
         _ERROR = f"{type(e).__name__}: {e}"

@@ -14,6 +14,11 @@ import functools
 FUSED_MAX_ROWS = 32
 
 
+# In CUDA graphs, one-row matmuls rotate x in the kernel (one launch) instead of in a
+# separate launch. PROVISIONAL until bench/decode.py measures both on a whole model.
+GRAPH_ROTATE_IN_KERNEL = False
+
+
 def fused_max_rows(in_features: int, out_features: int) -> int:
     return FUSED_MAX_ROWS
 
@@ -31,7 +36,7 @@ def gemm_config(rows: int, in_features: int, out_features: int, capturing: bool 
 
     GemmConfig = triton_ops.load().gemm.GemmConfig  # the Triton modules load on first use
     if rows == 1:
-        if capturing:
+        if capturing and not GRAPH_ROTATE_IN_KERNEL:
             return GemmConfig(block_m=1, btk=2, num_warps=8)
         return GemmConfig(block_m=1, btk=1, num_warps=4, rotate_in_kernel=True)
     if rows == 2:

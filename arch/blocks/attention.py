@@ -9,7 +9,7 @@ from ... import kernels
 from ...kernels.reference.attention import attention_ref
 from ..batch import ForwardBatch
 from .linear import Linear
-from .rope import RotaryEmbedding, apply_rope_neox, apply_rope_neox_flat
+from .rope import RotaryEmbedding, apply_rope_neox
 
 
 class GQAAttention(nn.Module):
@@ -66,12 +66,16 @@ class GQAAttention(nn.Module):
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        cos, sin = self.rope(batch.positions)
-        q, k = apply_rope_neox_flat(q, cos, sin), apply_rope_neox_flat(k, cos, sin)
         state = batch.cache.paged[self.layer_idx]
         k_cache, v_cache = state["k"], state["v"]
-        k_cache.view(-1, *k_cache.shape[2:])[batch.slot_mapping] = k.to(k_cache.dtype)
-        v_cache.view(-1, *v_cache.shape[2:])[batch.slot_mapping] = v.to(v_cache.dtype)
+        tables = None
+        if not q.is_cuda:  # the reference path reuses one cos/sin table for every layer of the step
+            tables = batch.memo.get(id(self.rope))
+            if tables is None:
+                tables = batch.memo[id(self.rope)] = self.rope(batch.positions)
+        q = kernels.rope_store_kv(q, k, v, positions=batch.positions, inv_freq=self.rope.inv_freq,
+                                  slot_mapping=batch.slot_mapping, k_cache=k_cache, v_cache=v_cache,
+                                  scaling=self.rope.attention_scaling, tables=tables, backend=self.o_proj.backend)
         out = kernels.paged_attention(
             q, k_cache, v_cache, page_table=batch.page_table, cu_q=batch.cu_q, kv_lens=batch.kv_lens,
             q_positions=batch.positions, scale=self.scale, window=self.window, kv_lens_t=batch.kv_lens_t,

@@ -19,8 +19,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and _fused_rms_norm is not None:  # one kernel instead of five
+            return _fused_rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
             y = y * self.weight
         return y.to(x.dtype)
+
+
+_fused_rms_norm = getattr(torch.nn.functional, "rms_norm", None)

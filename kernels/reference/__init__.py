@@ -45,3 +45,7 @@ __all__ += ["attention_mask", "attention_ref", "gather_pages", "paged_attention_
 from .moe import exl3_moe_ref  # noqa: E402
 
 __all__ += ["exl3_moe_ref"]
+
+from .rope import rope_store_kv_ref, rope_tables, rotate_neox  # noqa: E402
+
+__all__ += ["rope_store_kv_ref", "rope_tables", "rotate_neox"]

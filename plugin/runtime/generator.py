@@ -81,14 +81,18 @@ class Generator:
         self.running: list[Job] = []
 
     def _cache_pages(self, specs, page_size: int, cache_tokens: int | None) -> int:
-        wanted = cache_tokens or self.max_batch_size * self.max_seq_len
-        if cache_tokens is None and self.device.type == "cuda":
+        if cache_tokens is not None:
+            if cache_tokens < 1:
+                raise InvalidArgumentError(f"cache_tokens={cache_tokens}: the cache needs room for at least one token")
+            return -(-int(cache_tokens) // page_size)
+        # every sequence occupies whole pages: size for max_batch_size full-length sequences
+        pages = self.max_batch_size * -(-self.max_seq_len // page_size)
+        if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            per_token = max(1.0, PagedCache.bytes_per_token(specs))
-            wanted = min(wanted, int(0.9 * free / per_token))
-        pages = -(-int(wanted) // page_size)
-        if pages < 1 or (cache_tokens is not None and cache_tokens < 1):
-            raise InvalidArgumentError(f"cache_tokens={cache_tokens}: the cache needs room for at least one token")
+            per_page = max(1.0, PagedCache.bytes_per_token(specs)) * page_size
+            pages = min(pages, int(0.9 * free / per_page))
+        if pages < 1:
+            raise InvalidArgumentError("not enough free device memory for even one cache page")
         return pages
 
     # ------------------------------------------------------------- jobs in

@@ -97,7 +97,8 @@ class ModelRunner:
         graph = self.graphs.get(bucket)
         if graph is None:
             graph = self.graphs[bucket] = _DecodeGraph(self, bucket)
-        return graph.replay(items)[: len(items)]
+        # a copy: the graph's output buffer is overwritten by the next replay
+        return graph.replay(items)[: len(items)].clone()
 
 
 class _DecodeGraph:
