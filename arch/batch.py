@@ -33,6 +33,20 @@ class ForwardBatch:
     is_decode: bool = False  # every sequence has exactly one new token
     memo: dict = field(default_factory=dict)  # per-step values shared by layers (e.g. RoPE tables)
 
+    def on(self, device: torch.device) -> "ForwardBatch":
+        """This batch with its tensors on ``device`` (for layers placed on another GPU); memoised."""
+        if self.positions.device == device:
+            return self
+        key = ("on", str(device))
+        moved = self.memo.get(key)
+        if moved is None:
+            moved = self.memo[key] = ForwardBatch(
+                positions=self.positions.to(device), slot_mapping=self.slot_mapping.to(device),
+                page_table=self.page_table.to(device), kv_lens_t=self.kv_lens_t.to(device),
+                seq_slots=self.seq_slots.to(device), cu_q=self.cu_q, kv_lens=self.kv_lens, cache=self.cache,
+                is_decode=self.is_decode)
+        return moved
+
     @property
     def num_seqs(self) -> int:
         return len(self.kv_lens)

@@ -101,52 +101,53 @@ class LlamaForCausalLM(CausalLM):
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, options: RuntimeOptions, progress=None) -> "LlamaForCausalLM":
         cfg = cls.config_from_checkpoint(checkpoint)
-        dev, dt = options.device, options.dtype
+        dt = options.dtype
 
-        def linear(key: str, n_in: int, n_out: int) -> Linear:
-            return Linear(checkpoint.linear(key, in_features=n_in, out_features=n_out), n_in, n_out, options)
+        def linear(key: str, n_in: int, n_out: int, opts: RuntimeOptions) -> Linear:
+            return Linear(checkpoint.linear(key, in_features=n_in, out_features=n_out), n_in, n_out, opts)
 
-        def norm(key: str) -> RMSNorm:
-            return RMSNorm(checkpoint.tensor(key, device=dev), cfg.rms_norm_eps)
+        def norm(key: str, opts: RuntimeOptions) -> RMSNorm:
+            return RMSNorm(checkpoint.tensor(key, device=opts.device), cfg.rms_norm_eps)
 
-        embed = checkpoint.tensor("model.embed_tokens.weight", dtype=dt, device=dev)
+        embed = checkpoint.tensor("model.embed_tokens.weight", dtype=dt, device=options.for_embedding().device)
         if tuple(embed.shape) != (cfg.vocab_size, cfg.hidden_size):
             raise CheckpointError(
                 f"shape {list(embed.shape)} does not match vocab_size x hidden_size "
                 f"[{cfg.vocab_size}, {cfg.hidden_size}] from config.json",
                 path=checkpoint.info("model.embed_tokens.weight").file, tensor="model.embed_tokens.weight")
-        rope = RotaryEmbedding(inverse_frequencies(cfg.rope, cfg.head_dim)).to(dev)
+        inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
 
         layers = []
         for i in range(cfg.num_layers):
-            p = f"model.layers.{i}"
+            p, o = f"model.layers.{i}", options.for_layer(i)
             attn = GQAAttention(
-                linear(f"{p}.self_attn.q_proj", cfg.hidden_size, q_size),
-                linear(f"{p}.self_attn.k_proj", cfg.hidden_size, kv_size),
-                linear(f"{p}.self_attn.v_proj", cfg.hidden_size, kv_size),
-                linear(f"{p}.self_attn.o_proj", q_size, cfg.hidden_size),
-                num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope=rope,
-                layer_idx=i, window=cfg.sliding_window,
+                linear(f"{p}.self_attn.q_proj", cfg.hidden_size, q_size, o),
+                linear(f"{p}.self_attn.k_proj", cfg.hidden_size, kv_size, o),
+                linear(f"{p}.self_attn.v_proj", cfg.hidden_size, kv_size, o),
+                linear(f"{p}.self_attn.o_proj", q_size, cfg.hidden_size, o),
+                num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                rope=RotaryEmbedding(inv_freq).to(o.device), layer_idx=i, window=cfg.sliding_window,
             )
             mlp = GatedMLP(
-                linear(f"{p}.mlp.gate_proj", cfg.hidden_size, cfg.intermediate_size),
-                linear(f"{p}.mlp.up_proj", cfg.hidden_size, cfg.intermediate_size),
-                linear(f"{p}.mlp.down_proj", cfg.intermediate_size, cfg.hidden_size),
+                linear(f"{p}.mlp.gate_proj", cfg.hidden_size, cfg.intermediate_size, o),
+                linear(f"{p}.mlp.up_proj", cfg.hidden_size, cfg.intermediate_size, o),
+                linear(f"{p}.mlp.down_proj", cfg.intermediate_size, cfg.hidden_size, o),
                 cfg.hidden_act,
             )
-            layers.append(LlamaDecoderLayer(attn, mlp, norm(f"{p}.input_layernorm.weight"),
-                                            norm(f"{p}.post_attention_layernorm.weight")))
+            layers.append(LlamaDecoderLayer(attn, mlp, norm(f"{p}.input_layernorm.weight", o),
+                                            norm(f"{p}.post_attention_layernorm.weight", o)))
             if progress is not None:
                 progress(i + 1, cfg.num_layers + 1)
 
         # EXL3 converters always write a separate (quantized) lm_head, even for
         # tied models (exl3-format.md 1.2), so look for it before tying.
+        head = options.for_head()
         if checkpoint.linear_format("lm_head") is not None or not cfg.tie_word_embeddings:
-            lm_head = linear("lm_head", cfg.hidden_size, cfg.vocab_size)
+            lm_head = linear("lm_head", cfg.hidden_size, cfg.vocab_size, head)
         else:
-            lm_head = Linear(DenseWeight(embed, key="model.embed_tokens"), cfg.hidden_size, cfg.vocab_size, options)
-        model = cls(cfg, options, embed, layers, norm("model.norm.weight"), lm_head)
+            lm_head = Linear(DenseWeight(embed, key="model.embed_tokens"), cfg.hidden_size, cfg.vocab_size, head)
+        model = cls(cfg, options, embed, layers, norm("model.norm.weight", head), lm_head)
         if progress is not None:
             progress(cfg.num_layers + 1, cfg.num_layers + 1)
         return model
@@ -154,22 +155,27 @@ class LlamaForCausalLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is None:
             positions = self.default_positions(input_ids)
-        x = self.embed_tokens[input_ids]
+        x = self.embed_tokens[input_ids.to(self.embed_tokens.device)]
         for layer in self.layers:
-            x = layer(x, positions)
-        return self.lm_head(self.norm(x)).float()
+            dev = layer.input_layernorm.weight.device
+            x = layer(x.to(dev), positions.to(dev))
+        return self.lm_head(self.norm(x.to(self.norm.weight.device))).float()
 
     def cache_spec(self) -> list[LayerCacheSpec]:
         cfg = self.config
-        return [kv_spec(cfg.num_kv_heads, cfg.head_dim, self.options.dtype, self.options.device,
-                        window=cfg.sliding_window) for _ in range(cfg.num_layers)]
+        return [kv_spec(cfg.num_kv_heads, cfg.head_dim, self.options.dtype, self.options.for_layer(i).device,
+                        window=cfg.sliding_window) for i in range(cfg.num_layers)]
 
     def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch,
                       logits_rows: torch.Tensor | None = None) -> torch.Tensor:
         with running(batch):
-            x = self.embed_tokens[input_ids]
+            x = self.embed_tokens[input_ids.to(self.embed_tokens.device)]
             for layer in self.layers:
-                x = layer(x, batch.positions, batch)
+                dev = layer.input_layernorm.weight.device
+                on_dev = batch.on(dev)
+                x = layer(x.to(dev), on_dev.positions, on_dev)
+            head_dev = self.norm.weight.device
+            x = x.to(head_dev)
             if logits_rows is not None:
-                x = x[logits_rows]
+                x = x[logits_rows.to(head_dev)]
             return self.lm_head(self.norm(x)).float()

@@ -15,8 +15,9 @@ FUSED_MAX_ROWS = 32
 
 
 # In CUDA graphs, one-row matmuls rotate x in the kernel (one launch) instead of in a
-# separate launch. PROVISIONAL until bench/decode.py measures both on a whole model.
-GRAPH_ROTATE_IN_KERNEL = False
+# separate launch: measured on a whole 8B model, 145 vs 136 tokens/s at batch 1
+# (bench/decode.py, graph_rotation_choice; docs/performance.md).
+GRAPH_ROTATE_IN_KERNEL = True
 
 
 def fused_max_rows(in_features: int, out_features: int) -> int:

@@ -74,24 +74,38 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     backend: str | None = None,
+    gpu_split: list[float] | str | None = None,
+    devices: list | None = None,
     progress: ProgressCallback | None = None,
 ) -> Model:
     """Load a model directory (EXL3 or unquantized) for the architecture its config names.
 
-    ``progress(done, total)`` is called as layers load.
+    ``gpu_split``: spread the layers over several GPUs, as a list of GB per GPU or
+    ``"auto"`` (by free memory); ``devices`` overrides which devices that means
+    (default: every CUDA GPU). ``progress(done, total)`` is called as layers load.
     """
     checkpoint = Checkpoint(model_dir)
     tokenizer = Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
     return load_checkpoint(checkpoint, tokenizer=tokenizer, device=device, dtype=dtype, backend=backend,
-                           progress=progress)
+                           gpu_split=gpu_split, devices=devices, progress=progress)
 
 
 def load_checkpoint(checkpoint, *, tokenizer: Tokenizer | None = None, device=None, dtype=None, backend=None,
-                    progress: ProgressCallback | None = None) -> Model:
+                    gpu_split=None, devices=None, progress: ProgressCallback | None = None) -> Model:
     """Build a model from an already opened checkpoint (or anything with the same interface, such as
     the benchmarks' synthetic checkpoints)."""
-    options = RuntimeOptions.create(device=device, dtype=dtype, backend=backend)
+    options = RuntimeOptions.create(device=device if gpu_split is None else (devices or ["cuda"])[0],
+                                    dtype=dtype, backend=backend)
     adapter = registry.resolve(checkpoint.architecture, config_path=checkpoint.config_path)
+    if gpu_split is not None:
+        from dataclasses import replace
+
+        from .devices import make_plan
+
+        num_layers = adapter.config_from_checkpoint(checkpoint).num_layers
+        plan = make_plan(checkpoint, num_layers, gpu_split,
+                         devices=[torch.device(d) for d in devices] if devices else None)
+        options = replace(options, plan=plan, device=plan.embed_device)
     network = adapter.from_checkpoint(checkpoint, options, progress=progress)
     network.eval()
     return Model(checkpoint, network, tokenizer, options)

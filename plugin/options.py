@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,6 +33,17 @@ class RuntimeOptions:
     backend: str | None = None
     cache_decoded_weights: bool = True
     batch_invariant: bool = True
+    plan: object = None  # devices.DevicePlan when layers are split over several devices
+
+    def for_layer(self, index: int) -> "RuntimeOptions":
+        """These options with the device that holds layer ``index``."""
+        return self if self.plan is None else replace(self, device=self.plan.layer_devices[index])
+
+    def for_embedding(self) -> "RuntimeOptions":
+        return self if self.plan is None else replace(self, device=self.plan.embed_device)
+
+    def for_head(self) -> "RuntimeOptions":
+        return self if self.plan is None else replace(self, device=self.plan.head_device)
 
     @staticmethod
     def create(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,

@@ -39,7 +39,8 @@ class ModelRunner:
         self.device = network.options.device
         self.max_pages = max_pages_per_seq
         self.page_size = cache.page_size
-        self.use_graphs = use_cuda_graphs and self.device.type == "cuda"
+        # graphs capture one device's stream; a model split over several GPUs runs eagerly
+        self.use_graphs = use_cuda_graphs and self.device.type == "cuda" and network.options.plan is None
         self.graphs: dict[int, _DecodeGraph] = {}
         self.dummy_page = cache.reserve_dummy_page() if self.use_graphs else None
 
