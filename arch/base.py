@@ -9,7 +9,7 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..options import RuntimeOptions
-from .batch import ForwardBatch
+from .batch import ForwardBatch, running
 from .blocks.linear import Linear
 from .cache_spec import LayerCacheSpec
 
@@ -67,3 +67,50 @@ class CausalLM(nn.Module):
     def default_positions(input_ids: torch.Tensor) -> torch.Tensor:
         b, t = input_ids.shape
         return torch.arange(t, device=input_ids.device).expand(b, t)
+
+
+class DecoderStackLM(CausalLM):
+    """The common shape: embedding -> decoder layers -> final norm -> head.
+
+    Subclasses build the parts and may override ``embed`` (scaling, dtype of the
+    residual stream) and ``head`` (softcapping). Each layer is called as
+    ``layer(x, positions, batch)`` and runs on the device of its ``input_layernorm``
+    (layers may be spread over GPUs).
+    """
+
+    def __init__(self, config, options: RuntimeOptions, embed_tokens: torch.Tensor, layers: list[nn.Module],
+                 norm: nn.Module, lm_head: Linear):
+        super().__init__(config, options)
+        self.register_buffer("embed_tokens", embed_tokens)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens[input_ids.to(self.embed_tokens.device)]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x)).float()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = self.default_positions(input_ids)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            dev = layer.input_layernorm.weight.device
+            x = layer(x.to(dev), positions.to(dev))
+        return self.head(x.to(self.norm.weight.device))
+
+    def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch,
+                      logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        with running(batch):
+            x = self.embed(input_ids)
+            for layer in self.layers:
+                dev = layer.input_layernorm.weight.device
+                on_dev = batch.on(dev)
+                x = layer(x.to(dev), on_dev.positions, on_dev)
+            head_dev = self.norm.weight.device
+            x = x.to(head_dev)
+            if logits_rows is not None:
+                x = x[logits_rows.to(head_dev)]
+            return self.head(x)

@@ -6,6 +6,11 @@ Tokens of all sequences in a step are packed into one flat row dimension ``[T]``
 ``slot_mapping`` (flat ``page * page_size + offset`` indices into the paged
 tensors) and read back through ``page_table``.
 
+Ring layers (``LayerCacheSpec.ring``) use ``ring_slot_mapping`` and
+``ring_page_table`` instead: the same layout, over each sequence's ring of
+pages. A ring slot of -1 marks a token of a long prefill chunk whose entry
+would be overwritten later in the same chunk, so it is not written at all.
+
 ``current_batch()`` exposes the batch being run to code that is not handed it
 explicitly (``Linear`` uses it to run each sequence's rows on their own when the
 model must be batch-invariant).
@@ -32,6 +37,8 @@ class ForwardBatch:
     cache: object  # runtime.cache.PagedCache
     is_decode: bool = False  # every sequence has exactly one new token
     memo: dict = field(default_factory=dict)  # per-step values shared by layers (e.g. RoPE tables)
+    ring_slot_mapping: torch.Tensor | None = None  # [T] long
+    ring_page_table: torch.Tensor | None = None  # [B, P] int32: logical page -> ring page
 
     def on(self, device: torch.device) -> "ForwardBatch":
         """This batch with its tensors on ``device`` (for layers placed on another GPU); memoised."""
@@ -44,7 +51,9 @@ class ForwardBatch:
                 positions=self.positions.to(device), slot_mapping=self.slot_mapping.to(device),
                 page_table=self.page_table.to(device), kv_lens_t=self.kv_lens_t.to(device),
                 seq_slots=self.seq_slots.to(device), cu_q=self.cu_q, kv_lens=self.kv_lens, cache=self.cache,
-                is_decode=self.is_decode)
+                is_decode=self.is_decode,
+                ring_slot_mapping=None if self.ring_slot_mapping is None else self.ring_slot_mapping.to(device),
+                ring_page_table=None if self.ring_page_table is None else self.ring_page_table.to(device))
         return moved
 
     @property

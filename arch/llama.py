@@ -16,8 +16,8 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
 from ..kernels.weights import DenseWeight
 from ..options import RuntimeOptions
-from .base import CausalLM
-from .batch import ForwardBatch, running
+from .base import DecoderStackLM
+from .batch import ForwardBatch
 from .blocks.attention import GQAAttention
 from .blocks.linear import Linear
 from .blocks.mlp import GatedMLP
@@ -83,16 +83,8 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaForCausalLM(CausalLM):
+class LlamaForCausalLM(DecoderStackLM):
     architectures = ("LlamaForCausalLM", "MistralForCausalLM")
-
-    def __init__(self, config: LlamaConfig, options: RuntimeOptions, embed_tokens: torch.Tensor,
-                 layers: list[LlamaDecoderLayer], norm: RMSNorm, lm_head: Linear):
-        super().__init__(config, options)
-        self.register_buffer("embed_tokens", embed_tokens)
-        self.layers = nn.ModuleList(layers)
-        self.norm = norm
-        self.lm_head = lm_head
 
     @classmethod
     def config_from_checkpoint(cls, checkpoint: Checkpoint) -> LlamaConfig:
@@ -152,30 +144,7 @@ class LlamaForCausalLM(CausalLM):
             progress(cfg.num_layers + 1, cfg.num_layers + 1)
         return model
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        if positions is None:
-            positions = self.default_positions(input_ids)
-        x = self.embed_tokens[input_ids.to(self.embed_tokens.device)]
-        for layer in self.layers:
-            dev = layer.input_layernorm.weight.device
-            x = layer(x.to(dev), positions.to(dev))
-        return self.lm_head(self.norm(x.to(self.norm.weight.device))).float()
-
     def cache_spec(self) -> list[LayerCacheSpec]:
         cfg = self.config
         return [kv_spec(cfg.num_kv_heads, cfg.head_dim, self.options.dtype, self.options.for_layer(i).device,
                         window=cfg.sliding_window) for i in range(cfg.num_layers)]
-
-    def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch,
-                      logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        with running(batch):
-            x = self.embed_tokens[input_ids.to(self.embed_tokens.device)]
-            for layer in self.layers:
-                dev = layer.input_layernorm.weight.device
-                on_dev = batch.on(dev)
-                x = layer(x.to(dev), on_dev.positions, on_dev)
-            head_dev = self.norm.weight.device
-            x = x.to(head_dev)
-            if logits_rows is not None:
-                x = x[logits_rows.to(head_dev)]
-            return self.lm_head(self.norm(x)).float()

@@ -24,6 +24,9 @@ ENTRY_POINT_GROUP = "exl3_triton.architectures"
 _BUILTIN: dict[str, str] = {
     "LlamaForCausalLM": "exl3_triton.arch.llama:LlamaForCausalLM",
     "MistralForCausalLM": "exl3_triton.arch.llama:LlamaForCausalLM",
+    "Gemma4ForConditionalGeneration": "exl3_triton.arch.gemma4:Gemma4ForCausalLM",
+    "Gemma4UnifiedForConditionalGeneration": "exl3_triton.arch.gemma4:Gemma4ForCausalLM",
+    "Gemma4ForCausalLM": "exl3_triton.arch.gemma4:Gemma4ForCausalLM",
 }
 
 _registered: dict[str, type | str] = {}

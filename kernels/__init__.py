@@ -24,7 +24,9 @@ from .reference import (
     exl3_inner_ref,
     exl3_matmul_ref,
     exl3_moe_ref,
+    attention_ref,
     paged_attention_ref,
+    ring_prefill_attention_ref,
     rope_store_kv_ref,
     exl3_weight_ref,
     hadamard_128_ref,
@@ -133,7 +135,30 @@ def paged_attention(
         return triton_ops.load().attention.paged_decode_attention(
             q, k_cache, v_cache, page_table=page_table, kv_lens=kv_lens_t, scale=scale, window=window)
     return paged_attention_ref(q, k_cache, v_cache, page_table=page_table, cu_q=cu_q, kv_lens=kv_lens,
-                               q_positions=q_positions, scale=scale, window=window)
+                               q_positions=q_positions, scale=scale, window=window, attend=_attend(q, backend))
+
+
+def ring_prefill_attention(q, k, v, k_ring, v_ring, *, ring_page_table, ring_slot_mapping, cu_q, kv_lens,
+                           q_positions, scale: float, window: int, backend: str | None = None) -> torch.Tensor:
+    """Prefill of sliding-window layers that keep a ring cache (see ``ring_prefill_attention_ref``).
+
+    Decode steps of ring layers go through ``rope_store_kv`` and the Triton
+    ``paged_attention`` over the ring's page table instead; here the attention
+    core is PyTorch's fused SDPA on CUDA.
+    """
+    return ring_prefill_attention_ref(q, k, v, k_ring, v_ring, ring_page_table=ring_page_table,
+                                      ring_slot_mapping=ring_slot_mapping, cu_q=cu_q, kv_lens=kv_lens,
+                                      q_positions=q_positions, scale=scale, window=window,
+                                      attend=_attend(q, backend))
+
+
+def _attend(q: torch.Tensor, backend: str | None):
+    """The attention core for prefill: PyTorch's fused SDPA on CUDA, the fp32 reference elsewhere."""
+    if q.is_cuda and resolve_backend(backend, q.device) == "triton":
+        from .torch_attention import attention_sdpa
+
+        return attention_sdpa
+    return attention_ref
 
 
 def rope_store_kv(q, k, v, *, positions, inv_freq, slot_mapping, k_cache, v_cache, scaling: float = 1.0,
@@ -184,6 +209,7 @@ __all__ = [
     "hadamard_128",
     "linear",
     "paged_attention",
+    "ring_prefill_attention",
     "resolve_backend",
     "rope_store_kv",
     "triton_available",

@@ -73,7 +73,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     group = hq // hkv
     out = torch.empty(b, hq, dv, dtype=q.dtype, device=q.device)
-    block_n = min(64, page)
+    # keys per loop step: 64 for heads up to 128 wide, fewer for Gemma 4's 256/512-wide heads so that
+    # the double-buffered key and value tiles stay within shared memory
+    block_n = max(16, min(64, page, 8192 // max(d, dv)))
     _decode((b, hkv), q.contiguous(), k_cache, v_cache, out, page_table, kv_lens,
             float(scale), int(window or 0), page_table.stride(0),
             HQ=hq, HKV=hkv, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, DV=dv,

@@ -1,4 +1,4 @@
-"""Grouped-query self-attention with RoPE (Llama-class)."""
+"""Grouped-query self-attention with RoPE (Llama-class, Gemma 4)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from torch import nn
 
 from ... import kernels
 from ...kernels.reference.attention import attention_ref
+from ...kernels.reference.rope import rotate_neox
 from ..batch import ForwardBatch
 from .linear import Linear
 from .rope import RotaryEmbedding, apply_rope_neox
@@ -16,7 +17,10 @@ class GQAAttention(nn.Module):
     """q/k/v projections, RoPE on q and k, causal attention, output projection.
 
     Optional pieces used by other families: ``q_norm``/``k_norm`` (per-head
-    RMSNorm before RoPE), a sliding ``window``.
+    RMSNorm before RoPE), ``v_norm`` (per-head, on the values), no ``v_proj``
+    (Gemma 4's ``attention_k_eq_v``: the values are the raw, un-normed,
+    un-rotated key projection), a sliding ``window``, and ``ring``: the layer's
+    cache keeps only the window (``arch.cache_spec``).
 
     Two ways in: ``x [B, T, hidden]`` with no batch (a plain causal pass over
     those tokens, no cache), or packed tokens ``x [T, hidden]`` with a
@@ -28,7 +32,7 @@ class GQAAttention(nn.Module):
         self,
         q_proj: Linear,
         k_proj: Linear,
-        v_proj: Linear,
+        v_proj: Linear | None,
         o_proj: Linear,
         *,
         num_heads: int,
@@ -39,59 +43,81 @@ class GQAAttention(nn.Module):
         window: int | None = None,
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
+        v_norm: nn.Module | None = None,
+        ring: bool = False,
         layer_idx: int = 0,
     ):
         super().__init__()
         self.layer_idx = layer_idx
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        if ring and not window:
+            raise ValueError("a ring cache needs a sliding window")
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope = rope
         self.scale = head_dim**-0.5 if scale is None else scale
         self.window = window
-        self.q_norm, self.k_norm = q_norm, k_norm
+        self.ring = ring
+        self.q_norm, self.k_norm, self.v_norm = q_norm, k_norm, v_norm
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         if batch is not None:
             return self._forward_cached(x, batch)
         return self._forward_full(x, positions)
 
-    def _forward_cached(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+    def _project(self, x: torch.Tensor):
+        """q ``[..., Hq, D]``, k and v ``[..., Hkv, D]`` with the norms applied, before RoPE."""
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        v = k if self.v_proj is None else self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        return q, k, v.contiguous()
+
+    def _rope_tables(self, batch: ForwardBatch):
+        """cos/sin for this step's positions, shared by every layer with the same rotary embedding."""
+        tables = batch.memo.get(id(self.rope))
+        if tables is None:
+            tables = batch.memo[id(self.rope)] = self.rope(batch.positions)
+        return tables
+
+    def _forward_cached(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self._project(x)
         state = batch.cache.paged[self.layer_idx]
         k_cache, v_cache = state["k"], state["v"]
-        tables = None
-        if not q.is_cuda:  # the reference path reuses one cos/sin table for every layer of the step
-            tables = batch.memo.get(id(self.rope))
-            if tables is None:
-                tables = batch.memo[id(self.rope)] = self.rope(batch.positions)
+        backend = self.o_proj.backend
+        if self.ring and not batch.is_decode:
+            cos, sin = self._rope_tables(batch)
+            out = kernels.ring_prefill_attention(
+                rotate_neox(q, cos, sin), rotate_neox(k, cos, sin), v, k_cache, v_cache,
+                ring_page_table=batch.ring_page_table, ring_slot_mapping=batch.ring_slot_mapping,
+                cu_q=batch.cu_q, kv_lens=batch.kv_lens, q_positions=batch.positions, scale=self.scale,
+                window=self.window, backend=backend)
+            return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        slots = batch.ring_slot_mapping if self.ring else batch.slot_mapping
+        table = batch.ring_page_table if self.ring else batch.page_table
+        # the reference path reuses one cos/sin table for every layer of the step
+        tables = None if q.is_cuda else self._rope_tables(batch)
         q = kernels.rope_store_kv(q, k, v, positions=batch.positions, inv_freq=self.rope.inv_freq,
-                                  slot_mapping=batch.slot_mapping, k_cache=k_cache, v_cache=v_cache,
-                                  scaling=self.rope.attention_scaling, tables=tables, backend=self.o_proj.backend)
+                                  slot_mapping=slots, k_cache=k_cache, v_cache=v_cache,
+                                  scaling=self.rope.attention_scaling, tables=tables, backend=backend)
         out = kernels.paged_attention(
-            q, k_cache, v_cache, page_table=batch.page_table, cu_q=batch.cu_q, kv_lens=batch.kv_lens,
+            q, k_cache, v_cache, page_table=table, cu_q=batch.cu_q, kv_lens=batch.kv_lens,
             q_positions=batch.positions, scale=self.scale, window=self.window, kv_lens_t=batch.kv_lens_t,
-            is_decode=batch.is_decode, backend=self.o_proj.backend)
+            is_decode=batch.is_decode, backend=backend)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
     def _forward_full(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``x [B, T, hidden]``, ``positions [B, T]`` -> ``[B, T, hidden]`` (causal, no cache)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
+        q, k, v = self._project(x)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = self.rope(positions)
         q, k = apply_rope_neox(q, cos, sin), apply_rope_neox(k, cos, sin)

@@ -9,7 +9,7 @@ import torch
 
 from ..config_reader import ConfigReader
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "proportional")
 
 
 @dataclass(frozen=True)
@@ -20,15 +20,21 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    partial_rotary_factor: float = 1.0  # "proportional" (Gemma 4 full layers): share of dims that rotate
 
     @staticmethod
-    def from_hf(reader: ConfigReader) -> "RopeConfig":
-        """Reads ``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling``."""
-        if reader.has("rope_parameters"):
-            params = reader.section("rope_parameters")
-        else:
-            params = reader.section("rope_scaling") if reader.has("rope_scaling") else None
-        theta = reader.get("rope_theta", float, 10000.0)
+    def from_hf(reader: ConfigReader, params: ConfigReader | None = None,
+                default_theta: float = 10000.0) -> "RopeConfig":
+        """Reads ``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling``.
+
+        ``params``: an explicit parameter section (Gemma 4 has one per layer type).
+        """
+        if params is None:
+            if reader.has("rope_parameters"):
+                params = reader.section("rope_parameters")
+            else:
+                params = reader.section("rope_scaling") if reader.has("rope_scaling") else None
+        theta = reader.get("rope_theta", float, default_theta)
         if params is None:
             return RopeConfig(theta=theta)
         rope_type = params.get("rope_type", str, None) or params.get("type", str, "default")
@@ -40,11 +46,14 @@ class RopeConfig:
             low_freq_factor=params.get("low_freq_factor", float, 1.0),
             high_freq_factor=params.get("high_freq_factor", float, 4.0),
             original_max_position_embeddings=params.get("original_max_position_embeddings", int, 8192),
+            partial_rotary_factor=params.get("partial_rotary_factor", float, 1.0),
         )
 
 
 def inverse_frequencies(cfg: RopeConfig, rotary_dim: int) -> torch.Tensor:
     """``1 / theta^(2i/d)`` for i < d/2, adjusted by the scaling type (fp32)."""
+    if cfg.rope_type == "proportional":
+        return proportional_inverse_frequencies(cfg, rotary_dim)
     # fp32 throughout, as transformers computes it, so that logits match closely.
     inv = 1.0 / (cfg.theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
     if cfg.rope_type == "linear":
@@ -62,6 +71,20 @@ def inverse_frequencies(cfg: RopeConfig, rotary_dim: int) -> torch.Tensor:
         mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
         inv = torch.where(mid, blended, inv)
     return inv
+
+
+def proportional_inverse_frequencies(cfg: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Gemma 4's "proportional" RoPE over a whole head (architectures.md 1.4).
+
+    The first ``int(partial_rotary_factor * head_dim // 2)`` frequencies are
+    ``theta^(-2i/head_dim)`` (the divisor is the full head, not the rotated
+    part); the rest are zero, so those dimension pairs pass through unrotated.
+    Used as a plain NEOX rotation over ``head_dim``, which is exact.
+    """
+    angles = int(cfg.partial_rotary_factor * head_dim // 2)
+    rotated = 1.0 / (cfg.theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim))
+    inv = torch.cat([rotated, torch.zeros(head_dim // 2 - angles)])
+    return inv / cfg.factor
 
 
 class RotaryEmbedding(torch.nn.Module):

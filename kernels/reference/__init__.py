@@ -38,9 +38,15 @@ __all__ = [
     "trellis_states",
 ]
 
-from .attention import attention_mask, attention_ref, gather_pages, paged_attention_ref  # noqa: E402
+from .attention import (  # noqa: E402
+    attention_mask,
+    attention_ref,
+    gather_pages,
+    paged_attention_ref,
+    ring_prefill_attention_ref,
+)
 
-__all__ += ["attention_mask", "attention_ref", "gather_pages", "paged_attention_ref"]
+__all__ += ["attention_mask", "attention_ref", "gather_pages", "paged_attention_ref", "ring_prefill_attention_ref"]
 
 from .moe import exl3_moe_ref  # noqa: E402
 

@@ -2,8 +2,15 @@
 
 Storage: for every layer and every ``PagedTensorSpec`` of that layer a tensor
 ``[num_pages, page_size // tokens_per_entry, *entry_shape]``; for every
-``SlotTensorSpec`` a tensor ``[max_seqs, *shape]``. All layers use the same page
+``SlotTensorSpec`` a tensor ``[max_seqs + 1, *shape]``. All layers use the same page
 numbers, so one page table per sequence serves the whole model.
+
+Ring layers (sliding-window layers that keep only their window, see
+``arch.cache_spec``) instead get ``ring_pages`` pages per sequence slot:
+``[(max_seqs + 1) * ring_pages, page_size, *entry_shape]``, slot ``s`` owning pages
+``s * ring_pages ...``. The runner maps positions onto them (``ring_slot``).
+The extra slot (``dummy_slot``) is where padding rows of captured decode steps
+write, so they never touch a live sequence's state.
 
 Pages are reference-counted. A full page whose tokens (and all tokens before
 them) are known is registered under a hash of that token prefix; a new sequence
@@ -24,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..arch.cache_spec import LayerCacheSpec
+from ..arch.cache_spec import LayerCacheSpec, ring_pages
 from ..errors import InvalidArgumentError
 
 
@@ -54,17 +61,22 @@ class PagedCache:
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_seqs = max_seqs
+        self.dummy_slot = max_seqs
+        self.ring_pages = ring_pages(specs, page_size)
         self.paged: list[dict[str, torch.Tensor]] = []
         self.slots: list[dict[str, torch.Tensor]] = []
         for spec in specs:
             layer_paged = {}
+            pages = (max_seqs + 1) * self.ring_pages if spec.ring else num_pages
             for t in spec.paged:
                 if page_size % t.tokens_per_entry:
                     raise InvalidArgumentError(f"page_size {page_size} is not a multiple of {t.tokens_per_entry}")
-                layer_paged[t.name] = torch.zeros((num_pages, page_size // t.tokens_per_entry, *t.entry_shape),
+                if spec.ring and t.tokens_per_entry != 1:
+                    raise InvalidArgumentError(f"ring layers store one entry per token ({t.name})")
+                layer_paged[t.name] = torch.zeros((pages, page_size // t.tokens_per_entry, *t.entry_shape),
                                                   dtype=t.dtype, device=spec.device)
             self.paged.append(layer_paged)
-            self.slots.append({t.name: torch.zeros((max_seqs, *t.shape), dtype=t.dtype, device=spec.device)
+            self.slots.append({t.name: torch.zeros((max_seqs + 1, *t.shape), dtype=t.dtype, device=spec.device)
                                for t in spec.slots})
         self.refcount = [0] * num_pages
         # pop() hands out from the end: blank pages sit there, pages with reusable contents at the front
@@ -78,6 +90,31 @@ class PagedCache:
     @staticmethod
     def bytes_per_token(specs: list[LayerCacheSpec]) -> float:
         return sum(s.bytes_per_token() for s in specs)
+
+    @staticmethod
+    def fixed_bytes(specs: list[LayerCacheSpec], page_size: int, max_seqs: int) -> float:
+        """Bytes that do not depend on the page count: the rings and per-sequence slots."""
+        ring_tokens = (max_seqs + 1) * ring_pages(specs, page_size) * page_size
+        total = 0.0
+        for spec in specs:
+            if spec.ring:
+                total += spec.entry_bytes() * ring_tokens
+            for t in spec.slots:
+                numel = 1
+                for d in t.shape:
+                    numel *= d
+                total += numel * torch.tensor([], dtype=t.dtype).element_size() * (max_seqs + 1)
+        return total
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """Prefix pages can be shared only when every layer's state lives in the pages."""
+        return self.ring_pages == 0 and not any(s.slots for s in self.specs)
+
+    def ring_slot(self, seq_slot: int, position: int) -> int:
+        """Flat index of ``position``'s entry in the ring of sequence slot ``seq_slot``."""
+        r, s = self.ring_pages, self.page_size
+        return (seq_slot * r + (position // s) % r) * s + position % s
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -155,6 +192,8 @@ class PagedCache:
         prompt token's output). Returns the number of tokens now cached.
         """
         assert not seq.page_ids, "prefix matching is for new sequences"
+        if not self.shares_prefixes:
+            return 0
         digest = b""
         full = (len(tokens) - 1) // self.page_size
         for i in range(full):

@@ -69,11 +69,12 @@ class Generator:
             raise InvalidArgumentError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         page_size = page_size or (256 if self.device.type == "cuda" else 16)
         specs = self.network.cache_spec()
-        self.prefix_sharing = prefix_sharing and not any(s.slots for s in specs)
         num_pages = self._cache_pages(specs, page_size, cache_tokens)
         graphs = use_cuda_graphs and self.device.type == "cuda"
         # captured decode steps need one extra page for their padding rows
         self.cache = PagedCache(specs, num_pages=num_pages + graphs, page_size=page_size, max_seqs=max_batch_size)
+        # models with per-sequence state outside the pages (rings, slots) cannot share prefix pages
+        self.prefix_sharing = prefix_sharing and self.cache.shares_prefixes
         self.runner = ModelRunner(self.network, self.cache, max_pages_per_seq=-(-self.max_seq_len // page_size),
                                   use_cuda_graphs=graphs)
         self.capacity_tokens = num_pages * page_size
@@ -89,6 +90,12 @@ class Generator:
         pages = self.max_batch_size * -(-self.max_seq_len // page_size)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
+            fixed = PagedCache.fixed_bytes(specs, page_size, self.max_batch_size)
+            if fixed > 0.9 * free:
+                raise InvalidArgumentError(
+                    f"the per-sequence state for max_batch_size={self.max_batch_size} needs {fixed / 2**30:.2f} GiB "
+                    f"but {free / 2**30:.2f} GiB are free on {self.device}; lower max_batch_size")
+            free -= fixed
             per_page = max(1.0, PagedCache.bytes_per_token(specs)) * page_size
             pages = min(pages, int(0.9 * free / per_page))
         if pages < 1:

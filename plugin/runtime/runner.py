@@ -50,6 +50,17 @@ class ModelRunner:
         s = self.page_size
         return [seq.page_ids[p // s] * s + p % s for p in range(start, start + n)]
 
+    def _ring_slots(self, seq_slot: int, start: int, n: int) -> list[int]:
+        """Ring entries for positions start..start+n-1; -1 for those the same chunk overwrites later."""
+        keep_from = start + n - self.cache.ring_pages * self.page_size
+        return [self.cache.ring_slot(seq_slot, p) if p >= keep_from else -1 for p in range(start, start + n)]
+
+    def _ring_table(self, seq_slots: list[int], width: int) -> torch.Tensor:
+        """Logical page j of slot s -> ring page s * R + j % R, for every row."""
+        r = self.cache.ring_pages
+        j = torch.arange(width, dtype=torch.int32) % r
+        return torch.tensor(seq_slots, dtype=torch.int32)[:, None] * r + j[None, :]
+
     def build_batch(self, items: list[StepItem]) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
         ids, positions, slots, cu_q, kv_lens = [], [], [], [0], []
         table = torch.full((len(items), max(1, max(len(it.seq.page_ids) for it in items))), -1, dtype=torch.int32)
@@ -62,6 +73,13 @@ class ModelRunner:
             kv_lens.append(start + n)
             table[b, :len(it.seq.page_ids)] = torch.tensor(it.seq.page_ids, dtype=torch.int32)
         dev = self.device
+        ring_slots = ring_table = None
+        if self.cache.ring_pages:
+            ring_slots, seq_slots = [], [it.seq.slot for it in items]
+            for it in items:
+                ring_slots += self._ring_slots(it.seq.slot, it.seq.num_tokens, len(it.tokens))
+            ring_slots = torch.tensor(ring_slots, dtype=torch.long, device=dev)
+            ring_table = self._ring_table(seq_slots, table.shape[1]).to(dev)
         batch = ForwardBatch(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
@@ -70,6 +88,7 @@ class ModelRunner:
             seq_slots=torch.tensor([it.seq.slot for it in items], dtype=torch.long, device=dev),
             cu_q=cu_q, kv_lens=kv_lens, cache=self.cache,
             is_decode=all(len(it.tokens) == 1 for it in items),
+            ring_slot_mapping=ring_slots, ring_page_table=ring_table,
         )
         rows = torch.tensor([cu_q[b + 1] - 1 for b, it in enumerate(items) if it.want_logits], dtype=torch.long,
                             device=dev)
@@ -114,10 +133,17 @@ class _DecodeGraph:
         self.table = torch.full((size, runner.max_pages), -1, dtype=torch.int32, device=dev)
         self.table[:, 0] = runner.dummy_page
         self.kv_lens = torch.ones(size, dtype=torch.int32, device=dev)
-        self.seq_slots = torch.zeros(size, dtype=torch.long, device=dev)
+        dummy_slot = runner.cache.dummy_slot
+        self.seq_slots = torch.full((size,), dummy_slot, dtype=torch.long, device=dev)
+        self.ring_slots = self.ring_table = None
+        if runner.cache.ring_pages:
+            self.ring_slots = torch.tensor([runner.cache.ring_slot(dummy_slot, 0)] * size, dtype=torch.long,
+                                           device=dev)
+            self.ring_table = runner._ring_table([dummy_slot] * size, runner.max_pages).to(dev)
         self.batch = ForwardBatch(positions=self.positions, slot_mapping=self.slots, page_table=self.table,
                                   kv_lens_t=self.kv_lens, seq_slots=self.seq_slots,
-                                  cu_q=list(range(size + 1)), kv_lens=[1] * size, cache=runner.cache, is_decode=True)
+                                  cu_q=list(range(size + 1)), kv_lens=[1] * size, cache=runner.cache, is_decode=True,
+                                  ring_slot_mapping=self.ring_slots, ring_page_table=self.ring_table)
         net = runner.network
         with assume_capture():  # compile and load every kernel the graph will use before capturing
             for _ in range(2):
@@ -145,6 +171,11 @@ class _DecodeGraph:
         full_table[n:, 0] = dummy
         self.table.copy_(full_table)
         self.kv_lens.copy_(torch.tensor([p + 1 for p in pos] + [1] * pad, dtype=torch.int32))
-        self.seq_slots.copy_(torch.tensor([it.seq.slot for it in items] + [0] * pad, dtype=torch.long))
+        seq_slots = [it.seq.slot for it in items] + [r.cache.dummy_slot] * pad
+        self.seq_slots.copy_(torch.tensor(seq_slots, dtype=torch.long))
+        if self.ring_slots is not None:
+            ring = [r.cache.ring_slot(slot, p) for slot, p in zip(seq_slots, pos + [0] * pad)]
+            self.ring_slots.copy_(torch.tensor(ring, dtype=torch.long))
+            self.ring_table.copy_(r._ring_table(seq_slots, r.max_pages))
         self.graph.replay()
         return self.logits

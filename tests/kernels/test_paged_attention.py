@@ -56,3 +56,42 @@ def test_triton_paged_decode(triton_kernels, device, hq, hkv, window):
                                kv_lens=kv_lens, q_positions=torch.tensor(kv_lens, device=device) - 1,
                                scale=0.2, window=window)
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_sdpa_core_matches_reference(window):
+    """The fused prefill core used on CUDA (run here on the CPU) against the fp32 reference."""
+    from exl3_triton.kernels.torch_attention import attention_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 20, 32, generator=g)
+    k, v = torch.randn(2, 2, 50, 32, generator=g), torch.randn(2, 2, 50, 16, generator=g)
+    q_pos, k_pos = torch.arange(30, 50).expand(2, 20), torch.arange(50).expand(2, 50)
+    got = attention_sdpa(q, k, v, q_pos, k_pos, scale=0.3, window=window)
+    torch.testing.assert_close(got, attention_ref(q, k, v, q_pos, k_pos, scale=0.3, window=window),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [256, 512])
+def test_triton_paged_decode_over_a_ring(triton_kernels, device, d):
+    """Gemma 4's sliding layers: a ring of 2 pages per sequence reached through a page table that
+    repeats them (logical page j -> ring page j % 2), window = ring size, wide heads."""
+    page, ring, window = 16, 2, 32
+    kv_lens = [5, 32, 77, 100]
+    g = torch.Generator().manual_seed(d)
+    k_ring = torch.randn(len(kv_lens) * ring, page, 1, d, generator=g).to(device)
+    v_ring = torch.randn(len(kv_lens) * ring, page, 1, d, generator=g).to(device)
+    width = -(-max(kv_lens) // page)
+    table = (torch.arange(len(kv_lens))[:, None] * ring + torch.arange(width)[None] % ring).int().to(device)
+    q = torch.randn(len(kv_lens), 4, d, generator=g).to(device)
+    lens_t = torch.tensor(kv_lens, dtype=torch.int32, device=device)
+    got = triton_kernels.attention.paged_decode_attention(q, k_ring, v_ring, page_table=table, kv_lens=lens_t,
+                                                          scale=d**-0.5, window=window)
+    for b, n in enumerate(kv_lens):  # the window's keys, read from the ring by position
+        p = torch.arange(max(0, n - window), n)
+        rows = (b * ring + (p // page) % ring) * page + p % page
+        k = k_ring.view(-1, 1, d)[rows.to(device)]
+        v = v_ring.view(-1, 1, d)[rows.to(device)]
+        want = attention_ref(q[b][None, :, None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                             torch.tensor([[n - 1]], device=device), p[None].to(device), scale=d**-0.5)
+        assert rel_err(got[b], want[0, :, 0]) < 1e-5
