@@ -12,6 +12,7 @@ from __future__ import annotations
 from .errors import (
     CheckpointError,
     ConfigError,
+    ConversionError,
     Exl3TritonError,
     InvalidArgumentError,
     UnsupportedArchitectureError,
@@ -25,6 +26,7 @@ _LAZY = {
     "LoadOptions": ("exl3_triton.model", "LoadOptions"),
     "Checkpoint": ("exl3_triton.checkpoint", "Checkpoint"),
     "Tokenizer": ("exl3_triton.tokenizer", "Tokenizer"),
+    "convert_model": ("exl3_triton.convert", "convert_model"),
 }
 
 
@@ -40,6 +42,7 @@ def __getattr__(name: str):
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "ConversionError",
     "Exl3TritonError",
     "InvalidArgumentError",
     "UnsupportedArchitectureError",
