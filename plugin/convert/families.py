@@ -18,6 +18,7 @@ architecture strings in ``FAMILIES``; the converter itself does not change.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -73,6 +74,20 @@ class CalibrationRunner:
 
 class ConversionFamily:
     architectures: ClassVar[tuple[str, ...]] = ()
+    # Module order inside one decoder layer, as the reference model graph lists it (the order of
+    # quantization_config.json's tensor_storage); modules not listed follow in name order.
+    layer_module_order: ClassVar[tuple[str, ...]] = ()
+
+    def tensor_sort_key(self, name: str) -> tuple:
+        """Embedding first, then layer by layer in ``layer_module_order``, other tensors, the head last."""
+        m = re.match(r".*?\.layers\.(\d+)\.(.*)\.[^.]+$", name)
+        if m:
+            sub = m.group(2)
+            rank = self.layer_module_order.index(sub) if sub in self.layer_module_order else len(self.layer_module_order)
+            return (1, int(m.group(1)), rank, name)
+        if "embed" in name:
+            return (0, 0, 0, name)
+        return (3 if name.startswith("lm_head") else 2, 0, 0, name)
 
     def plan(self, config: dict, has_tensor) -> ConversionPlan:
         raise NotImplementedError
@@ -109,6 +124,9 @@ class LlamaFamily(ConversionFamily):
     """Llama 2/3 and Mistral (full attention): 4 attention + 3 MLP linears per layer."""
 
     architectures = ("LlamaForCausalLM", "MistralForCausalLM")
+    layer_module_order = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                          "self_attn.o_proj", "post_attention_layernorm", "mlp.up_proj", "mlp.gate_proj",
+                          "mlp.down_proj")
 
     def plan(self, config: dict, has_tensor) -> ConversionPlan:
         layers = []

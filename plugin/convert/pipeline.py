@@ -331,7 +331,7 @@ class _Converter:
                 quantized_tensors.setdefault(name.rpartition(".")[0], {})[name] = t
 
         tensors: dict[str, torch.Tensor] = {}
-        for name in _natural_order(self.source.tensor_names()):
+        for name in sorted(self.source.tensor_names(), key=self.family.tensor_sort_key):
             key = name.rpartition(".")[0]
             if key in quantized_keys or (key == self.plan.head_key):
                 if key in quantized_tensors:
@@ -357,18 +357,6 @@ class _Converter:
         report = {k: asdict(r) for k, r in self.result.records.items()}
         (self.out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
         shutil.rmtree(self.work.path, ignore_errors=True)
-
-
-def _natural_order(names: list[str]) -> list[str]:
-    """Sort tensor names so that layer 10 follows layer 9, embedding first, head last."""
-    import re
-
-    def key(name: str):
-        parts = re.split(r"(\d+)", name)
-        head = name.startswith("lm_head")
-        return (head, [int(p) if p.isdigit() else p for p in parts])
-
-    return sorted(names, key=key)
 
 
 def _linear_modules(layer: torch.nn.Module) -> dict[str, torch.nn.Module]:
