@@ -14,6 +14,7 @@ from __future__ import annotations
 from .errors import (
     CheckpointError,
     ConfigError,
+    ConversionError,
     Exl3TritonError,
     InvalidArgumentError,
     UnsupportedArchitectureError,
@@ -32,6 +33,7 @@ _LAZY = {
     "Job": ("exl3_triton.runtime.job", "Job"),
     "JobEvent": ("exl3_triton.runtime.job", "JobEvent"),
     "SamplingParams": ("exl3_triton.runtime.sampling", "SamplingParams"),
+    "convert_model": ("exl3_triton.convert", "convert_model"),
 }
 
 
@@ -47,6 +49,7 @@ def __getattr__(name: str):
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "ConversionError",
     "Exl3TritonError",
     "InvalidArgumentError",
     "UnsupportedArchitectureError",

@@ -5,6 +5,7 @@
     exl3-triton logits   MODEL_DIR --ids IDS.json --out FILE
     exl3-triton generate MODEL_DIR --prompt TEXT [sampling options]
     exl3-triton chat     MODEL_DIR
+    exl3-triton convert  IN_DIR OUT_DIR --bits B [--head-bits H] [--codebook mcg|mul1|3inst] ...
 
 Errors a user can cause print one line ``error: ...`` to stderr and exit with
 status 2; nothing prints a traceback for bad input.
@@ -260,6 +261,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ convert
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertOptions, convert_model, stderr_progress
+
+    options = ConvertOptions(
+        bits=args.bits, head_bits=args.head_bits, codebook=args.codebook, cal_rows=args.cal_rows,
+        cal_cols=args.cal_cols, calibrate=not args.no_calibration, out_scales=args.out_scales,
+        scale_search=args.scale_search, device=args.device, seed=args.seed, shard_size_mb=args.shard_size,
+    )
+    result = convert_model(args.in_dir, args.out_dir, options, progress=None if args.quiet else stderr_progress)
+    worst = max(result.records.items(), key=lambda kv: kv[1].predicted_error, default=None)
+    print(f"{args.out_dir}: {len(result.records)} EXL3 linears, {result.average_bits:.2f} bits average "
+          f"(head {args.head_bits:g}), {result.seconds:.1f} s"
+          + (f"; resumed {len(result.resumed_units)} finished unit(s)" if result.resumed_units else ""))
+    if worst is not None:
+        print(f"largest relative weight error: {worst[1].predicted_error:.4f} ({worst[0]})")
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,6 +319,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     _add_runtime_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="quantize an unquantized Hugging Face model to EXL3",
+                       description="Quantize an unquantized model directory to EXL3 (resumable: rerun the same "
+                                   "command after an interruption).")
+    p.add_argument("in_dir", help="source model directory (config.json + safetensors, bf16/fp16/fp32)")
+    p.add_argument("out_dir", help="new output directory (must be empty or an unfinished conversion)")
+    p.add_argument("--bits", type=float, required=True,
+                   help="average bits per weight of the decoder linears, 1-8 (e.g. 4, 3.5, 2.5)")
+    p.add_argument("--head-bits", type=float, default=6,
+                   help="bits of the output head: 1-8, 1.5/2.5/3.5 with mul1, or 16 to keep it fp16 (default 6)")
+    p.add_argument("--codebook", default="mul1", choices=["mcg", "mul1", "3inst"],
+                   help="trellis codebook (default mul1, the reference's; half-integer rates need mul1)")
+    p.add_argument("--cal-rows", type=int, default=250, help="calibration rows (default 250)")
+    p.add_argument("--cal-cols", type=int, default=2048, help="tokens per calibration row (default 2048)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="skip calibration: plain MSE without LDLQ (fast, lower quality)")
+    p.add_argument("--out-scales", default="auto", choices=["auto", "always", "never"],
+                   help="fold output-channel RMS scales into svh (default auto)")
+    p.add_argument("--scale-search", default="full", choices=["full", "fast", "none"],
+                   help="global scale search: the reference's full schedule, a fast one, or none")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sign flips and calibration data")
+    p.add_argument("--shard-size", type=int, default=8192, help="safetensors shard size in MB (default 8192)")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

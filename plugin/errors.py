@@ -45,3 +45,8 @@ class UnsupportedArchitectureError(ConfigError):
 
 class InvalidArgumentError(Exl3TritonError, ValueError):
     """A caller passed an option or tensor that does not fit (wrong shape, dtype, unknown option)."""
+
+
+class ConversionError(Exl3TritonError):
+    """The converter cannot go on: a work directory from different options, an unusable output directory,
+    a tensor the converter cannot quantize. The message names the path, tensor or option."""

@@ -1,0 +1,166 @@
+"""Per-architecture conversion plans: which linears are quantized, how they share inputs, how they group.
+
+A ``ConversionFamily`` tells the converter, for one model family:
+
+* the quantized linears of each decoder layer (``LinearSpec``): module key,
+  the *input group* of linears that read the same activations (they share one
+  Hessian, as q/k/v and gate/up do), and the *bit group* that the allocator
+  raises together (exl3-format.md 6.7);
+* the output head's key (quantized at ``--head-bits``, or kept fp16);
+* how to run the unquantized model one piece at a time for calibration
+  (``CalibrationRunner``): embed, each decoder layer, the final norm.
+
+Everything not listed as a quantized linear is copied as stored (embeddings,
+norms, ... exl3-format.md 1.5). Adding Gemma 4 / DeepSeek-V4 / OpenPanguV2
+means writing one more ``ConversionFamily`` subclass and registering its
+architecture strings in ``FAMILIES``; the converter itself does not change.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One quantizable linear of the source model."""
+
+    key: str  # module key; tensors are "<key>.weight" (+ ".bias") in the source
+    input_group: str  # linears with the same input share a Hessian
+    bit_group: str  # raised together by the bit allocator
+    priority: int  # higher is raised first (attention 2, MLP 0, as the reference)
+    layer: int  # decoder layer index, -1 for the head
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    layers: list[list[LinearSpec]]  # per decoder layer, in quantization order
+    head_key: str  # output head module key
+    tied_embeddings: bool  # the source has no separate head tensor: quantize a copy of the embedding
+    embedding_key: str
+
+    @property
+    def body_linears(self) -> list[LinearSpec]:
+        return [spec for layer in self.layers for spec in layer]
+
+
+class CalibrationRunner:
+    """Runs the unquantized model piece by piece. A family provides one built from its adapter."""
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer(self, index: int) -> nn.Module:
+        """The decoder layer module (its quantizable ``Linear``s are found inside it by key)."""
+        raise NotImplementedError
+
+    def run_layer(self, index: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the output head reads (after the final norm)."""
+        raise NotImplementedError
+
+    def head_module(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class ConversionFamily:
+    architectures: ClassVar[tuple[str, ...]] = ()
+    # Module order inside one decoder layer, as the reference model graph lists it (the order of
+    # quantization_config.json's tensor_storage); modules not listed follow in name order.
+    layer_module_order: ClassVar[tuple[str, ...]] = ()
+
+    def tensor_sort_key(self, name: str) -> tuple:
+        """Embedding first, then layer by layer in ``layer_module_order``, other tensors, the head last."""
+        m = re.match(r".*?\.layers\.(\d+)\.(.*)\.[^.]+$", name)
+        if m:
+            sub = m.group(2)
+            rank = self.layer_module_order.index(sub) if sub in self.layer_module_order else len(self.layer_module_order)
+            return (1, int(m.group(1)), rank, name)
+        if "embed" in name:
+            return (0, 0, 0, name)
+        return (3 if name.startswith("lm_head") else 2, 0, 0, name)
+
+    def plan(self, config: dict, has_tensor) -> ConversionPlan:
+        raise NotImplementedError
+
+    def runner(self, model) -> CalibrationRunner:
+        """``model``: the ``exl3_triton.Model`` loaded from the unquantized source."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------- Llama
+
+
+class _LlamaRunner(CalibrationRunner):
+    def __init__(self, network):
+        self.net = network
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.net.embed_tokens[ids]
+
+    def layer(self, index: int) -> nn.Module:
+        return self.net.layers[index]
+
+    def run_layer(self, index: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.net.layers[index](hidden, positions)
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net.norm(hidden)
+
+    def head_module(self) -> nn.Module:
+        return self.net.lm_head
+
+
+class LlamaFamily(ConversionFamily):
+    """Llama 2/3 and Mistral (full attention): 4 attention + 3 MLP linears per layer."""
+
+    architectures = ("LlamaForCausalLM", "MistralForCausalLM")
+    layer_module_order = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                          "self_attn.o_proj", "post_attention_layernorm", "mlp.up_proj", "mlp.gate_proj",
+                          "mlp.down_proj")
+
+    def plan(self, config: dict, has_tensor) -> ConversionPlan:
+        layers = []
+        for i in range(int(config["num_hidden_layers"])):
+            attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            layers.append([
+                LinearSpec(f"{attn}.q_proj", f"{attn}.input", f"{attn}.qkv", 2, i),
+                LinearSpec(f"{attn}.k_proj", f"{attn}.input", f"{attn}.qkv", 2, i),
+                LinearSpec(f"{attn}.v_proj", f"{attn}.input", f"{attn}.qkv", 2, i),
+                LinearSpec(f"{attn}.o_proj", f"{attn}.o_input", f"{attn}.o", 2, i),
+                LinearSpec(f"{mlp}.up_proj", f"{mlp}.input", f"{mlp}.gu", 0, i),
+                LinearSpec(f"{mlp}.gate_proj", f"{mlp}.input", f"{mlp}.gu", 0, i),
+                LinearSpec(f"{mlp}.down_proj", f"{mlp}.down_input", f"{mlp}.d", 0, i),
+            ])
+        return ConversionPlan(
+            layers=layers,
+            head_key="lm_head",
+            tied_embeddings=not has_tensor("lm_head.weight"),
+            embedding_key="model.embed_tokens",
+        )
+
+    def runner(self, model) -> CalibrationRunner:
+        return _LlamaRunner(model.network)
+
+
+FAMILIES: dict[str, type[ConversionFamily]] = {arch: LlamaFamily for arch in LlamaFamily.architectures}
+
+
+def family_for(architecture: str, config_path=None) -> ConversionFamily:
+    try:
+        return FAMILIES[architecture]()
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"the converter does not support architecture {architecture!r} yet; "
+            f"supported: {', '.join(sorted(FAMILIES))}",
+            path=config_path,
+        ) from None
