@@ -60,6 +60,30 @@ class CausalLM(nn.Module):
         """
         raise NotImplementedError
 
+    # ---- MTP draft layers (families whose checkpoints ship them; used by the generator's "mtp" drafting)
+    #
+    # Contract (see plugin/runtime/drafting.py for how the generator drives it):
+    # * ``mtp_depth``: how many chained draft layers are loaded (0: none).
+    # * ``forward_batch(ids, batch, rows, return_hidden=True)`` returns ``(logits, hidden)``, where
+    #   ``hidden [T, ...]`` is, for every row, the state that seeds depth 1 (e.g. after the mHC
+    #   merge and before the final norm).
+    # * ``mtp_forward(depth, hidden, next_ids, batch, rows)`` runs draft layer ``depth`` (1-based)
+    #   over rows whose ``hidden`` is the previous depth's output (depth 1: the trunk's) at
+    #   ``batch.positions``, and whose ``next_ids`` are the tokens one step ahead. It writes the draft
+    #   layer's own cache at the batch's slots (its state is declared in ``cache_spec()`` after the
+    #   trunk's layers and lives at the same positions) and returns ``(fp32 logits [rows, vocab],
+    #   hidden [T, ...])``; that hidden seeds depth + 1.
+    # Draft-layer state, like all decode state, must be indexed by position (pages or rings), so
+    # that rejecting drafted tokens is just forgetting positions.
+
+    @property
+    def mtp_depth(self) -> int:
+        return 0
+
+    def mtp_forward(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch,
+                    logits_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no MTP draft layers")
+
     def linears(self) -> list[Linear]:
         return [m for m in self.modules() if isinstance(m, Linear)]
 

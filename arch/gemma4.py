@@ -91,6 +91,12 @@ class Gemma4Config:
         return torch.tensor(self.hidden_size**0.5, dtype=torch.bfloat16).item()
 
     @staticmethod
+    def from_model_config(cfg: dict, path) -> "Gemma4Config":
+        """From a checkpoint's config.json: the text tower of a multimodal model, or a text model."""
+        arch = (cfg.get("architectures") or ["Gemma4ForConditionalGeneration"])[0]
+        return Gemma4Config.from_hf(cfg, path, text_tower=arch != "Gemma4ForCausalLM" and "text_config" in cfg)
+
+    @staticmethod
     def from_hf(cfg: dict, path, *, text_tower: bool) -> "Gemma4Config":
         top = ConfigReader(cfg, path)
         r = top.section("text_config") if text_tower else top
@@ -156,7 +162,9 @@ class Gemma4Config:
             if not 0 < top_k <= experts:
                 raise ConfigError(f"key '{r.prefix}top_k_experts' = {top_k} must be in [1, num_experts={experts}]",
                                   path=path)
-        tie = r.get("tie_word_embeddings", bool, top.get("tie_word_embeddings", bool, True))
+        # transformers ties a multimodal model's head by the top-level flag, a text model's by its own
+        tie = top.get("tie_word_embeddings", bool, None) if text_tower else None
+        tie = r.get("tie_word_embeddings", bool, True) if tie is None else tie
         softcap = r.get("final_logit_softcapping", float, None)
         return Gemma4Config(
             prefix="model.language_model" if text_tower else "model",
@@ -279,9 +287,7 @@ class Gemma4ForCausalLM(DecoderStackLM):
 
     @classmethod
     def config_from_checkpoint(cls, checkpoint: Checkpoint) -> Gemma4Config:
-        arch = (checkpoint.config.get("architectures") or ["Gemma4ForConditionalGeneration"])[0]
-        text_tower = arch != "Gemma4ForCausalLM" and "text_config" in checkpoint.config
-        return Gemma4Config.from_hf(checkpoint.config, checkpoint.config_path, text_tower=text_tower)
+        return Gemma4Config.from_model_config(checkpoint.config, checkpoint.config_path)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, options: RuntimeOptions, progress=None) -> "Gemma4ForCausalLM":

@@ -83,7 +83,8 @@ def gemma4_model(directory: Path, *, seed: int = 0, causal_lm: bool = False, **t
     if causal_lm:
         model = transformers.Gemma4ForCausalLM(Gemma4TextConfig(**text))
     else:
-        cfg = Gemma4Config(text_config=text, vision_config=GEMMA4_VISION, audio_config=None)
+        cfg = Gemma4Config(text_config=text, vision_config=GEMMA4_VISION, audio_config=None,
+                           tie_word_embeddings=text.get("tie_word_embeddings", True))
         model = transformers.Gemma4ForConditionalGeneration(cfg)
     model = model.float().eval()
     randomise_(model, seed)

@@ -16,6 +16,9 @@ Storage comes in two forms:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 from torch import nn
 
@@ -24,26 +27,45 @@ from ...checkpoint import Checkpoint
 from ...errors import CheckpointError
 from ...kernels.weights import DenseWeight, Exl3ExpertStack, Exl3Weight
 from ...options import RuntimeOptions
-from .mlp import ACTIVATIONS
+from .linear import Linear
+from .mlp import ACTIVATIONS, GatedMLP
+
+
+# Set by the converter while it records the inputs of every expert's linears: each expert then
+# runs on every token (the reference converter's "calibration_all_experts"), so rarely routed
+# experts still get a full Hessian. The output stays the routed mix either way.
+_CALIBRATE_ALL_EXPERTS: contextvars.ContextVar[bool] = contextvars.ContextVar("exl3_all_experts", default=False)
+
+
+@contextlib.contextmanager
+def all_experts_see_all_tokens():
+    token = _CALIBRATE_ALL_EXPERTS.set(True)
+    try:
+        yield
+    finally:
+        _CALIBRATE_ALL_EXPERTS.reset(token)
 
 
 class RoutedExperts(nn.Module):
     """``y[t] = sum_j w[t, j] * down_e(act(gate_e(x[t])) * up_e(x[t]))`` with ``e = ids[t, j]``.
 
-    ``gate``/``up``/``down`` are either three ``Exl3ExpertStack``s or three dense
-    tensors ``[E, out, in]`` (``nn.Linear`` layout).
+    Either three ``Exl3ExpertStack``s (``stacks``: gate, up, down), run by the
+    MoE kernels, or one ``GatedMLP`` of ``Linear``s per expert (``mlps``), run
+    expert by expert: unquantized models, and the converter, which hooks and
+    swaps those ``Linear``s like any other.
     """
 
-    def __init__(self, gate, up, down, *, hidden_size: int, intermediate_size: int, activation: str,
-                 options: RuntimeOptions):
+    def __init__(self, *, hidden_size: int, intermediate_size: int, activation: str, options: RuntimeOptions,
+                 stacks: tuple[Exl3ExpertStack, Exl3ExpertStack, Exl3ExpertStack] | None = None,
+                 mlps: list[GatedMLP] | None = None):
         super().__init__()
-        self.quantized = isinstance(gate, Exl3ExpertStack)
+        if (stacks is None) == (mlps is None):
+            raise ValueError("give either the quantized stacks or the per-expert MLPs")
+        self.quantized = stacks is not None
         if self.quantized:
-            self.gate, self.up, self.down = gate, up, down
+            self.gate, self.up, self.down = stacks
         else:
-            self.register_buffer("gate", gate)
-            self.register_buffer("up", up)
-            self.register_buffer("down", down)
+            self.mlps = nn.ModuleList(mlps)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.act = ACTIVATIONS[activation]
         self.options = options
@@ -51,7 +73,7 @@ class RoutedExperts(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.gate.num_experts if self.quantized else self.gate.shape[0]
+        return self.gate.num_experts if self.quantized else len(self.mlps)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``x [T, H]``, ``expert_ids [T, k]`` (long), ``weights [T, k]`` -> ``[T, H]`` in x's dtype."""
@@ -74,11 +96,15 @@ class RoutedExperts(nn.Module):
 
     def _forward_dense(self, x, expert_ids, weights):
         out = torch.zeros(x.shape[0], self.hidden_size, dtype=torch.float32, device=x.device)
-        for e in torch.unique(expert_ids).tolist():
+        every_token = _CALIBRATE_ALL_EXPERTS.get()
+        for e, mlp in enumerate(self.mlps):
             tok, slot = torch.nonzero(expert_ids == e, as_tuple=True)
-            h = x[tok]
-            y = nn.functional.linear(self.act(nn.functional.linear(h, self.gate[e])) * nn.functional.linear(h, self.up[e]),
-                                     self.down[e])
+            if every_token:
+                y = mlp(x)[tok]
+            elif tok.numel():
+                y = mlp(x[tok])
+            else:
+                continue
             out.index_add_(0, tok, y.float() * weights[tok, slot, None].float())
         return out.to(x.dtype)
 
@@ -89,44 +115,45 @@ def load_routed_experts(checkpoint: Checkpoint, prefix: str, *, num_experts: int
     """The experts under ``prefix`` (e.g. ``model.layers.3.experts``) in whichever form the checkpoint has.
 
     Per-expert linears ``{prefix}.{e}.{gate,up,down}``: EXL3 (stacked) or dense.
-    Otherwise the fused dense form ``{prefix}.gate_up_proj`` / ``{prefix}.down_proj``.
+    Otherwise the fused dense form ``{prefix}.gate_up_proj`` / ``{prefix}.down_proj``,
+    cut into per-expert linears named as the EXL3 ones would be.
     """
-    gate_n, up_n, down_n = names
-    dev = options.device
-    if checkpoint.linear_format(f"{prefix}.0.{gate_n}") is not None:
-        stacks = []
-        for name, n_in, n_out in ((gate_n, hidden_size, intermediate_size), (up_n, hidden_size, intermediate_size),
-                                  (down_n, intermediate_size, hidden_size)):
-            ws = [checkpoint.linear(f"{prefix}.{e}.{name}", in_features=n_in, out_features=n_out)
-                  for e in range(num_experts)]
-            if all(isinstance(w, Exl3Weight) for w in ws):
-                stack = Exl3ExpertStack.from_weights([w.to(dev) for w in ws], key=f"{prefix}.*.{name}")
-                if any(w.bias is not None for w in ws):
-                    raise CheckpointError("expert projections with a bias are not supported",
-                                          path=checkpoint.model_dir, tensor=f"{prefix}.0.{name}.bias")
-            elif all(isinstance(w, DenseWeight) for w in ws):
-                stack = torch.stack([w.weight for w in ws]).to(device=dev, dtype=options.dtype)
-            else:
-                raise CheckpointError("experts mix EXL3 and unquantized storage", path=checkpoint.model_dir,
-                                      tensor=f"{prefix}.*.{name}")
-            stacks.append(stack)
-        if len({type(s) for s in stacks}) != 1:
-            raise CheckpointError("expert projections mix EXL3 and unquantized storage", path=checkpoint.model_dir,
+    sizes = {names[0]: (hidden_size, intermediate_size), names[1]: (hidden_size, intermediate_size),
+             names[2]: (intermediate_size, hidden_size)}
+    common = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, activation=activation,
+                  options=options)
+    if checkpoint.linear_format(f"{prefix}.0.{names[0]}") is not None:
+        weights = {name: [checkpoint.linear(f"{prefix}.{e}.{name}", in_features=n_in, out_features=n_out)
+                          for e in range(num_experts)] for name, (n_in, n_out) in sizes.items()}
+        every = [w for ws in weights.values() for w in ws]
+        if all(isinstance(w, Exl3Weight) for w in every):
+            if any(w.bias is not None for w in every):
+                raise CheckpointError("expert projections with a bias are not supported", path=checkpoint.model_dir,
+                                      tensor=f"{prefix}.*.bias")
+            stacks = tuple(Exl3ExpertStack.from_weights([w.to(options.device) for w in weights[name]],
+                                                        key=f"{prefix}.*.{name}") for name in names)
+            return RoutedExperts(stacks=stacks, **common)
+        if not all(isinstance(w, DenseWeight) for w in every):
+            raise CheckpointError("experts mix EXL3 and unquantized storage", path=checkpoint.model_dir,
                                   tensor=f"{prefix}.*")
-        gate, up, down = stacks
+        per_expert = [[weights[name][e] for name in names] for e in range(num_experts)]
     elif checkpoint.has_tensor(f"{prefix}.gate_up_proj"):
-        gate_up = _fused(checkpoint, f"{prefix}.gate_up_proj", (num_experts, 2 * intermediate_size, hidden_size), options)
-        down = _fused(checkpoint, f"{prefix}.down_proj", (num_experts, hidden_size, intermediate_size), options)
-        gate, up = gate_up[:, :intermediate_size].contiguous(), gate_up[:, intermediate_size:].contiguous()
+        i = intermediate_size
+        gate_up = _fused(checkpoint, f"{prefix}.gate_up_proj", (num_experts, 2 * i, hidden_size))
+        down = _fused(checkpoint, f"{prefix}.down_proj", (num_experts, hidden_size, i))
+        per_expert = [[DenseWeight(gate_up[e, :i], key=f"{prefix}.{e}.{names[0]}"),
+                       DenseWeight(gate_up[e, i:], key=f"{prefix}.{e}.{names[1]}"),
+                       DenseWeight(down[e], key=f"{prefix}.{e}.{names[2]}")] for e in range(num_experts)]
     else:
-        raise CheckpointError(f"no experts found: expected {prefix}.0.{gate_n} (per expert) or "
+        raise CheckpointError(f"no experts found: expected {prefix}.0.{names[0]} (per expert) or "
                               f"{prefix}.gate_up_proj (fused)", path=checkpoint.model_dir, tensor=f"{prefix}.*")
-    return RoutedExperts(gate, up, down, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         activation=activation, options=options)
+    mlps = [GatedMLP(*(Linear(w, *sizes[name], options) for w, name in zip(ws, names)), activation)
+            for ws in per_expert]
+    return RoutedExperts(mlps=mlps, **common)
 
 
-def _fused(checkpoint: Checkpoint, name: str, shape: tuple[int, ...], options: RuntimeOptions) -> torch.Tensor:
-    t = checkpoint.tensor(name, dtype=options.dtype, device=options.device)
+def _fused(checkpoint: Checkpoint, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    t = checkpoint.tensor(name)
     if tuple(t.shape) != shape:
         raise CheckpointError(f"shape {list(t.shape)} does not match the config's {list(shape)}",
                               path=checkpoint.info(name).file, tensor=name)

@@ -29,14 +29,28 @@ from ..errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
+class FusedSource:
+    """A linear stored as a slice of a fused 3-D tensor: ``tensor[index, rows[0]:rows[1]]`` (``[out, in]``).
+
+    Gemma 4 stores its experts as ``experts.gate_up_proj [E, 2I, H]`` and
+    ``experts.down_proj [E, H, I]``; the EXL3 output has one linear per expert.
+    """
+
+    tensor: str
+    index: int
+    rows: tuple[int, int] | None = None  # None: all rows
+
+
+@dataclass(frozen=True)
 class LinearSpec:
     """One quantizable linear of the source model."""
 
-    key: str  # module key; tensors are "<key>.weight" (+ ".bias") in the source
+    key: str  # module key; tensors are "<key>.weight" (+ ".bias") in the source, unless ``source`` says
     input_group: str  # linears with the same input share a Hessian
     bit_group: str  # raised together by the bit allocator
     priority: int  # higher is raised first (attention 2, MLP 0, as the reference)
     layer: int  # decoder layer index, -1 for the head
+    source: FusedSource | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,8 @@ class ConversionPlan:
 
 class CalibrationRunner:
     """Runs the unquantized model piece by piece. A family provides one built from its adapter."""
+
+    vocab_size: int
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -100,12 +116,15 @@ class ConversionFamily:
 # ----------------------------------------------------------------- Llama
 
 
-class _LlamaRunner(CalibrationRunner):
+class _StackRunner(CalibrationRunner):
+    """For adapters built on ``arch.base.DecoderStackLM`` (embed, layers, norm, lm_head)."""
+
     def __init__(self, network):
         self.net = network
+        self.vocab_size = network.vocab_size
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.net.embed_tokens[ids]
+        return self.net.embed(ids)
 
     def layer(self, index: int) -> nn.Module:
         return self.net.layers[index]
@@ -149,10 +168,66 @@ class LlamaFamily(ConversionFamily):
         )
 
     def runner(self, model) -> CalibrationRunner:
-        return _LlamaRunner(model.network)
+        return _StackRunner(model.network)
 
 
-FAMILIES: dict[str, type[ConversionFamily]] = {arch: LlamaFamily for arch in LlamaFamily.architectures}
+# ----------------------------------------------------------------- Gemma 4
+
+
+class Gemma4Family(ConversionFamily):
+    """Gemma 4 text models (architectures.md 1.7): attention and MLP linears, routed experts of the MoE
+    variants (one EXL3 linear per expert, cut from the fused source tensors), the head quantized from the
+    tied embedding. Norms, ``layer_scalar``, the router and the vision/audio towers stay as stored."""
+
+    architectures = ("Gemma4ForConditionalGeneration", "Gemma4UnifiedForConditionalGeneration", "Gemma4ForCausalLM")
+    layer_module_order = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                          "self_attn.q_norm", "self_attn.k_norm", "self_attn.o_proj", "post_attention_layernorm",
+                          "pre_feedforward_layernorm", "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj",
+                          "post_feedforward_layernorm_1", "router.proj", "router", "pre_feedforward_layernorm_2",
+                          "experts", "post_feedforward_layernorm_2", "post_feedforward_layernorm", "")
+
+    def plan(self, config: dict, has_tensor) -> ConversionPlan:
+        from ..arch.gemma4 import Gemma4Config
+
+        cfg = Gemma4Config.from_model_config(config, "config.json")
+        layers = []
+        for i, lc in enumerate(cfg.layers):
+            p = f"{cfg.prefix}.layers.{i}"
+            attn, mlp = f"{p}.self_attn", f"{p}.mlp"
+            specs = [LinearSpec(f"{attn}.q_proj", f"{attn}.input", f"{attn}.qkv", 2, i),
+                     LinearSpec(f"{attn}.k_proj", f"{attn}.input", f"{attn}.qkv", 2, i)]
+            if not lc.k_eq_v:
+                specs.append(LinearSpec(f"{attn}.v_proj", f"{attn}.input", f"{attn}.qkv", 2, i))
+            specs += [LinearSpec(f"{attn}.o_proj", f"{attn}.o_input", f"{attn}.o", 2, i),
+                      LinearSpec(f"{mlp}.up_proj", f"{mlp}.input", f"{mlp}.gu", 0, i),
+                      LinearSpec(f"{mlp}.gate_proj", f"{mlp}.input", f"{mlp}.gu", 0, i),
+                      LinearSpec(f"{mlp}.down_proj", f"{mlp}.down_input", f"{mlp}.d", 0, i)]
+            if cfg.enable_moe_block:
+                specs += self._expert_specs(f"{p}.experts", i, cfg.num_experts, cfg.moe_intermediate_size, has_tensor)
+            layers.append(specs)
+        return ConversionPlan(layers=layers, head_key="lm_head", tied_embeddings=not has_tensor("lm_head.weight"),
+                              embedding_key=f"{cfg.prefix}.embed_tokens")
+
+    @staticmethod
+    def _expert_specs(x: str, layer: int, num_experts: int, inter: int, has_tensor) -> list[LinearSpec]:
+        # every expert reads the same normed residual and, calibrated on all tokens, shares its Hessian
+        fused = has_tensor(f"{x}.gate_up_proj")
+        specs = []
+        for e in range(num_experts):
+            parts = (("up_proj", (inter, 2 * inter)), ("gate_proj", (0, inter)))
+            for name, rows in parts:
+                src = FusedSource(f"{x}.gate_up_proj", e, rows) if fused else None
+                specs.append(LinearSpec(f"{x}.{e}.{name}", f"{x}.input", f"{x}.gu", 0, layer, src))
+            src = FusedSource(f"{x}.down_proj", e) if fused else None
+            specs.append(LinearSpec(f"{x}.{e}.down_proj", f"{x}.{e}.down_input", f"{x}.d", 0, layer, src))
+        return specs
+
+    def runner(self, model) -> CalibrationRunner:
+        return _StackRunner(model.network)
+
+
+FAMILIES: dict[str, type[ConversionFamily]] = {arch: family for family in (LlamaFamily, Gemma4Family)
+                                               for arch in family.architectures}
 
 
 def family_for(architecture: str, config_path=None) -> ConversionFamily:

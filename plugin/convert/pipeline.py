@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from ..arch.blocks.moe import all_experts_see_all_tokens
 from ..checkpoint import Checkpoint, padded_size
 from ..errors import CheckpointError, ConversionError
 from ..kernels.weights import Codebook, Exl3Weight
@@ -107,7 +108,8 @@ class _Converter:
         self.family = family_for(self.source.architecture, self.source.config_path)
         self.plan: ConversionPlan = self.family.plan(self.source.config, self.source.has_tensor)
         self._check_source()
-        numel = {s.key: self._padded_numel(s.key) for s in self.plan.body_linears}
+        self._fused_cache: tuple[str | None, torch.Tensor | None] = (None, None)
+        numel = {s.key: self._padded_numel(s) for s in self.plan.body_linears}
         self.allocation = allocate_bits(self.plan.body_linears, numel, options.bits, options.half_steps)
         self.work = WorkDir(self.out_dir, {"source": str(self.in_dir.resolve()), **options.identity()})
         self.result = ConversionResult(out_dir=self.out_dir, average_bits=self.allocation.average)
@@ -116,12 +118,18 @@ class _Converter:
 
     def _check_source(self) -> None:
         for spec in self.plan.body_linears:
-            name = f"{spec.key}.weight"
+            name = spec.source.tensor if spec.source else f"{spec.key}.weight"
             if not self.source.has_tensor(name):
                 raise CheckpointError("the converter needs this tensor but the source model does not have it",
                                       path=self.in_dir, tensor=name)
-            if len(self.source.info(name).shape) != 2:
+            shape = self.source.info(name).shape
+            if spec.source is None and len(shape) != 2:
                 raise ConversionError(f"tensor '{name}' in {self.in_dir} is not a 2-D linear weight")
+            if spec.source is not None:
+                rows = spec.source.rows or (0, shape[1] if len(shape) == 3 else 0)
+                if len(shape) != 3 or spec.source.index >= shape[0] or rows[1] > shape[1]:
+                    raise ConversionError(f"tensor '{name}' in {self.in_dir} has shape {list(shape)}; expected "
+                                          f"[experts > {spec.source.index}, rows >= {rows[1]}, in] for {spec.key}")
         head_source = self._head_source_name()
         if not self.source.has_tensor(head_source):
             raise CheckpointError("no output head and no embedding to tie it to", path=self.in_dir, tensor=head_source)
@@ -129,8 +137,26 @@ class _Converter:
     def _head_source_name(self) -> str:
         return (f"{self.plan.embedding_key}.weight" if self.plan.tied_embeddings else f"{self.plan.head_key}.weight")
 
-    def _padded_numel(self, key: str) -> int:
-        out_f, in_f = self.source.info(f"{key}.weight").shape
+    def _source_shape(self, spec: LinearSpec) -> tuple[int, int]:
+        """``(out, in)`` of a planned linear."""
+        if spec.source is None:
+            out_f, in_f = self.source.info(f"{spec.key}.weight").shape
+            return out_f, in_f
+        _, rows, in_f = self.source.info(spec.source.tensor).shape
+        lo, hi = spec.source.rows or (0, rows)
+        return hi - lo, in_f
+
+    def _source_weight(self, spec: LinearSpec) -> torch.Tensor:
+        if spec.source is None:
+            return self.source.tensor(f"{spec.key}.weight", device=self.device)
+        name = spec.source.tensor
+        if self._fused_cache[0] != name:  # the experts of one fused tensor come one after another
+            self._fused_cache = (name, self.source.tensor(name))
+        lo, hi = spec.source.rows or (0, self._fused_cache[1].shape[1])
+        return self._fused_cache[1][spec.source.index, lo:hi].to(self.device)
+
+    def _padded_numel(self, spec: LinearSpec) -> int:
+        out_f, in_f = self._source_shape(spec)
         return padded_size(out_f) * padded_size(in_f)
 
     def _quant_options(self, bits: float) -> QuantizeOptions:
@@ -140,13 +166,11 @@ class _Converter:
 
     # ---------------------------------------------------------------- quantizing
 
-    def _to_quantize(self, spec_key: str) -> LinearToQuantize:
-        bias_name = f"{spec_key}.bias"
-        return LinearToQuantize(
-            key=spec_key,
-            weight=self.source.tensor(f"{spec_key}.weight", device=self.device),
-            bias=self.source.tensor(bias_name) if self.source.has_tensor(bias_name) else None,
-        )
+    def _to_quantize(self, spec: LinearSpec) -> LinearToQuantize:
+        bias_name = f"{spec.key}.bias"
+        has_bias = spec.source is None and self.source.has_tensor(bias_name)
+        return LinearToQuantize(key=spec.key, weight=self._source_weight(spec),
+                                bias=self.source.tensor(bias_name) if has_bias else None)
 
     def _quantize_layer(self, specs: list[LinearSpec], hessians: dict[str, torch.Tensor | None]) -> list[QuantizedLinear]:
         """Quantize a layer's linears, those sharing an input and a bit width together."""
@@ -160,7 +184,7 @@ class _Converter:
             if input_group not in prepared:
                 h = hessians.get(input_group)
                 prepared[input_group] = prepare_hessian(h, gen) if h is not None else None
-            results += quantize_linears([self._to_quantize(s.key) for s in members], prepared[input_group],
+            results += quantize_linears([self._to_quantize(s) for s in members], prepared[input_group],
                                         self._quant_options(bits), gen, device=self.device)
         order = {s.key: i for i, s in enumerate(specs)}
         return sorted(results, key=lambda q: order[q.key])
@@ -177,7 +201,7 @@ class _Converter:
     # ---------------------------------------------------------------- calibration
 
     def _calibration_hidden(self, runner: CalibrationRunner, tokenizer) -> torch.Tensor:
-        ids = calibration_ids(self.options.cal_rows, self.options.cal_cols, self.source.config["vocab_size"],
+        ids = calibration_ids(self.options.cal_rows, self.options.cal_cols, runner.vocab_size,
                               tokenizer, seed=self.options.seed)
         with torch.inference_mode():
             return torch.cat([runner.embed(b.to(self.device)).float().cpu() for b in self._batches(ids)])
@@ -204,7 +228,7 @@ class _Converter:
             acc = accumulators[spec.input_group] = HessianAccumulator(padded_size(module.in_features), self.device)
             handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), all_experts_see_all_tokens():
                 for batch in self._batches(hidden):
                     run(batch.to(self.device), self._positions(batch))
         finally:
@@ -323,6 +347,7 @@ class _Converter:
 
     def _write_output(self) -> None:
         quantized_keys = {s.key for s in self.plan.body_linears}
+        fused_sources = {s.source.tensor for s in self.plan.body_linears if s.source is not None}
         head_quantized = self.options.head_bits != UNQUANTIZED_HEAD
         units = [f"layer_{i}" for i in range(len(self.plan.layers))] + (["head"] if head_quantized else [])
         quantized_tensors: dict[str, dict[str, torch.Tensor]] = {}
@@ -332,14 +357,18 @@ class _Converter:
 
         tensors: dict[str, torch.Tensor] = {}
         for name in sorted(self.source.tensor_names(), key=self.family.tensor_sort_key):
+            if name in fused_sources:  # written as one quantized linear per expert instead
+                continue
             key = name.rpartition(".")[0]
             if key in quantized_keys or (key == self.plan.head_key):
                 if key in quantized_tensors:
                     tensors.update(quantized_tensors.pop(key))
                 continue
             tensors[name] = self.source.tensor(name)  # unquantized tensors stay as stored (bf16 stays bf16)
-        for key, parts in quantized_tensors.items():  # the head of a tied model
+        for key, parts in quantized_tensors.items():  # the head of a tied model, experts cut from fused tensors
             tensors.update(parts)
+        # stable: tensors of one module keep their part order, leftovers join their layer
+        tensors = {name: tensors[name] for name in sorted(tensors, key=lambda n: self.family.tensor_sort_key(n)[:3])}
         if not head_quantized:
             head = self.source.tensor(self._head_source_name()).to(torch.float16)
             tensors[f"{self.plan.head_key}.weight"] = head

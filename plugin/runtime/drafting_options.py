@@ -1,0 +1,106 @@
+"""Speculative decoding options and statistics, shared by the generator and the front ends.
+
+``DraftOptions`` is what a user picks (CLI flags, the Gradio panel, TabbyAPI's
+``draft_model`` block, the webui's extension tab all map onto it):
+
+* ``mode``: ``"mtp"`` (the checkpoint's own MTP draft layers), ``"model"`` (a
+  separate, smaller draft model with the same tokenizer, from ``model_dir``),
+  ``"ngram"`` (copy continuations of the last tokens from the prompt and output;
+  no extra weights) or ``"disabled"``.
+* ``num_tokens``: draft length per step (1-3 for MTP heads: one per layer the
+  checkpoint ships; up to ``MAX_DRAFT_TOKENS`` otherwise).
+* ``dynamic``: let each job shorten or lengthen its draft from its measured
+  acceptance (never beyond ``num_tokens``).
+
+``DraftStats`` counts, per job and for the whole generator, how many drafted
+tokens were proposed and accepted at each depth, and how many tokens each
+verification step produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InvalidArgumentError
+
+DRAFT_MODES = ("disabled", "mtp", "model", "ngram")
+MAX_DRAFT_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class DraftOptions:
+    mode: str = "disabled"
+    num_tokens: int = 3
+    dynamic: bool = False
+    model_dir: str | Path | None = None  # mode "model": the draft model's directory
+    ngram_max: int = 4  # mode "ngram": longest suffix looked up
+    ngram_min: int = 1  # and the shortest
+
+    def __post_init__(self):
+        if self.mode not in DRAFT_MODES:
+            raise InvalidArgumentError(f"draft mode {self.mode!r} is not one of {', '.join(DRAFT_MODES)}")
+        if not isinstance(self.num_tokens, int) or not 1 <= self.num_tokens <= MAX_DRAFT_TOKENS:
+            raise InvalidArgumentError(
+                f"draft num_tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}, got {self.num_tokens!r}")
+        if self.mode == "model" and not self.model_dir:
+            raise InvalidArgumentError("draft mode 'model' needs model_dir: the draft model's directory")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise InvalidArgumentError(f"ngram_min={self.ngram_min} and ngram_max={self.ngram_max}: "
+                                       "need 1 <= ngram_min <= ngram_max")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "disabled"
+
+
+@dataclass
+class DraftStats:
+    """Acceptance counts. ``proposed[d]`` / ``accepted[d]``: drafted tokens at depth d+1."""
+
+    proposed: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    steps: int = 0  # verification steps
+    tokens: int = 0  # tokens those steps produced (accepted drafts + one sampled by the target)
+
+    def record(self, num_drafted: int, num_accepted: int) -> None:
+        while len(self.proposed) < num_drafted:
+            self.proposed.append(0)
+            self.accepted.append(0)
+        for d in range(num_drafted):
+            self.proposed[d] += 1
+            self.accepted[d] += d < num_accepted
+        self.steps += 1
+        self.tokens += num_accepted + 1
+
+    def merge(self, other: "DraftStats") -> None:
+        for d in range(len(other.proposed)):
+            if d >= len(self.proposed):
+                self.proposed.append(0)
+                self.accepted.append(0)
+            self.proposed[d] += other.proposed[d]
+            self.accepted[d] += other.accepted[d]
+        self.steps += other.steps
+        self.tokens += other.tokens
+
+    @property
+    def acceptance_per_depth(self) -> list[float]:
+        """Of the drafts made at depth d, the share accepted (depth d is only tried if d-1 was drafted)."""
+        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        return self.tokens / self.steps if self.steps else 0.0
+
+    @property
+    def total_accepted(self) -> int:
+        return sum(self.accepted)
+
+    @property
+    def total_rejected(self) -> int:
+        return sum(self.proposed) - sum(self.accepted)
+
+    def as_dict(self) -> dict:
+        return {"acceptance_per_depth": self.acceptance_per_depth, "mean_tokens_per_step": self.mean_tokens_per_step,
+                "proposed": list(self.proposed), "accepted": list(self.accepted), "steps": self.steps,
+                "draft_accept": self.total_accepted, "draft_reject": self.total_rejected}
