@@ -53,10 +53,12 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch,
-                      logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      logits_rows: torch.Tensor | None = None, return_hidden: bool = False):
         """Packed tokens ``input_ids [T]`` of several sequences, cached state in ``batch.cache``.
 
-        Returns fp32 logits for the rows in ``logits_rows`` (default: every row): ``[N, vocab]``.
+        Returns fp32 logits for the rows in ``logits_rows`` (default: every row): ``[N, vocab]``;
+        with ``return_hidden`` also the final hidden state of every row, before the final norm
+        (see the MTP contract below).
         """
         raise NotImplementedError
 
@@ -126,7 +128,7 @@ class DecoderStackLM(CausalLM):
         return self.head(x.to(self.norm.weight.device))
 
     def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch,
-                      logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      logits_rows: torch.Tensor | None = None, return_hidden: bool = False):
         with running(batch):
             x = self.embed(input_ids)
             for layer in self.layers:
@@ -134,7 +136,7 @@ class DecoderStackLM(CausalLM):
                 on_dev = batch.on(dev)
                 x = layer(x.to(dev), on_dev.positions, on_dev)
             head_dev = self.norm.weight.device
-            x = x.to(head_dev)
+            hidden = x = x.to(head_dev)
             if logits_rows is not None:
                 x = x[logits_rows.to(head_dev)]
-            return self.head(x)
+            return (self.head(x), hidden) if return_hidden else self.head(x)

@@ -78,7 +78,10 @@ def kv_spec(num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.
         window=window, device=torch.device(device), ring=ring)
 
 
-def ring_pages(specs: list[LayerCacheSpec], page_size: int) -> int:
-    """Pages in each sequence's ring: enough for the widest ring window (0 without ring layers)."""
+def ring_pages(specs: list[LayerCacheSpec], page_size: int, margin: int = 0) -> int:
+    """Pages in each sequence's ring: enough for the widest ring window plus ``margin`` tokens
+    (0 without ring layers). Speculative decoding needs the margin: a verification step writes
+    its drafted tokens before knowing whether they stay, and those writes must not overwrite
+    entries still inside the window."""
     windows = [s.window for s in specs if s.ring]
-    return -(-max(windows) // page_size) if windows else 0
+    return -(-(max(windows) + margin) // page_size) if windows else 0

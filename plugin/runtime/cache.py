@@ -52,7 +52,7 @@ class SequenceCache:
 
 class PagedCache:
     def __init__(self, specs: list[LayerCacheSpec], *, num_pages: int, page_size: int = 256,
-                 max_seqs: int = 64):
+                 max_seqs: int = 64, ring_margin: int = 0):
         if page_size <= 0 or page_size & (page_size - 1):
             raise InvalidArgumentError(f"page_size must be a power of two, got {page_size}")
         if num_pages < 1:
@@ -62,7 +62,7 @@ class PagedCache:
         self.num_pages = num_pages
         self.max_seqs = max_seqs
         self.dummy_slot = max_seqs
-        self.ring_pages = ring_pages(specs, page_size)
+        self.ring_pages = ring_pages(specs, page_size, ring_margin)
         self.paged: list[dict[str, torch.Tensor]] = []
         self.slots: list[dict[str, torch.Tensor]] = []
         for spec in specs:
@@ -92,9 +92,9 @@ class PagedCache:
         return sum(s.bytes_per_token() for s in specs)
 
     @staticmethod
-    def fixed_bytes(specs: list[LayerCacheSpec], page_size: int, max_seqs: int) -> float:
+    def fixed_bytes(specs: list[LayerCacheSpec], page_size: int, max_seqs: int, ring_margin: int = 0) -> float:
         """Bytes that do not depend on the page count: the rings and per-sequence slots."""
-        ring_tokens = (max_seqs + 1) * ring_pages(specs, page_size) * page_size
+        ring_tokens = (max_seqs + 1) * ring_pages(specs, page_size, ring_margin) * page_size
         total = 0.0
         for spec in specs:
             if spec.ring:

@@ -43,8 +43,6 @@ class DraftOptions:
         if not isinstance(self.num_tokens, int) or not 1 <= self.num_tokens <= MAX_DRAFT_TOKENS:
             raise InvalidArgumentError(
                 f"draft num_tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}, got {self.num_tokens!r}")
-        if self.mode == "model" and not self.model_dir:
-            raise InvalidArgumentError("draft mode 'model' needs model_dir: the draft model's directory")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise InvalidArgumentError(f"ngram_min={self.ngram_min} and ngram_max={self.ngram_max}: "
                                        "need 1 <= ngram_min <= ngram_max")

@@ -14,6 +14,12 @@ Each ``step()``:
 4. runs the model once over all planned tokens (``ModelRunner``);
 5. samples a token for every job whose pending tokens are now all cached,
    streams its text, applies the stop conditions and emits ``JobEvent``s.
+
+With speculative decoding (``draft=DraftOptions(...)``), a decoding job feeds its
+last token plus up to ``num_tokens`` drafted ones; step 5 then verifies the
+drafts (``sampling.verify_drafts``), emits every accepted token and the target's
+own next one, and the job's cache forgets the positions of rejected drafts.
+See ``drafting.py`` for the drafters.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .cache import OutOfPagesError, PagedCache
+from .drafting_options import DraftOptions, DraftStats
 from .job import Job, JobEvent, JobStatus
 from .runner import ModelRunner, StepItem
-from .sampling import RowState, sample
+from .sampling import RowState, sample, verify_drafts
 from .text import IncrementalDecoder
 
 
@@ -44,6 +51,8 @@ class Generator:
         chunk_size: int = 512,
         use_cuda_graphs: bool = True,
         prefix_sharing: bool = True,
+        draft: DraftOptions | None = None,
+        draft_model=None,
     ):
         """``model``: an ``exl3_triton.Model``.
 
@@ -51,6 +60,9 @@ class Generator:
         ``max_position_embeddings``, capped at 8192). cache_tokens: tokens the
         paged cache holds in all (default: ``max_batch_size * max_seq_len`` on
         CPU; on CUDA as much as fits in 90% of free memory, capped at that).
+        draft: speculative decoding (``DraftOptions``; off by default). draft_model: an
+        already loaded ``Model`` to draft with in mode "model" (instead of loading
+        ``draft.model_dir``).
         """
         if max_batch_size < 1:
             raise InvalidArgumentError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -69,10 +81,15 @@ class Generator:
             raise InvalidArgumentError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         page_size = page_size or (256 if self.device.type == "cuda" else 16)
         specs = self.network.cache_spec()
+        self.draft_options = draft or DraftOptions()
+        self._check_draft_options(specs)
+        # a verification step writes its drafts before knowing whether they stay: rings keep room for them
+        self.ring_margin = self.draft_options.num_tokens + 1 if self.draft_options.enabled else 0
         num_pages = self._cache_pages(specs, page_size, cache_tokens)
         graphs = use_cuda_graphs and self.device.type == "cuda"
         # captured decode steps need one extra page for their padding rows
-        self.cache = PagedCache(specs, num_pages=num_pages + graphs, page_size=page_size, max_seqs=max_batch_size)
+        self.cache = PagedCache(specs, num_pages=num_pages + graphs, page_size=page_size, max_seqs=max_batch_size,
+                                ring_margin=self.ring_margin)
         # models with per-sequence state outside the pages (rings, slots) cannot share prefix pages
         self.prefix_sharing = prefix_sharing and self.cache.shares_prefixes
         self.runner = ModelRunner(self.network, self.cache, max_pages_per_seq=-(-self.max_seq_len // page_size),
@@ -80,6 +97,46 @@ class Generator:
         self.capacity_tokens = num_pages * page_size
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
+        self.draft_stats = DraftStats()  # over every job this generator ran
+        self.drafter = self._make_drafter(page_size, draft_model)
+
+    def _check_draft_options(self, specs) -> None:
+        opts = self.draft_options
+        if not opts.enabled:
+            return
+        if any(s.slots for s in specs):
+            raise InvalidArgumentError(f"{type(self.network).__name__} keeps per-sequence state that cannot be "
+                                       "rolled back after rejected drafts; speculative decoding is not available")
+        if opts.mode == "mtp":
+            depth = self.network.mtp_depth
+            if depth == 0:
+                raise InvalidArgumentError(
+                    f"draft mode 'mtp': this model ({type(self.network).__name__}) has no MTP draft layers; "
+                    "use draft mode 'ngram' or 'model'")
+            if opts.num_tokens > depth:
+                raise InvalidArgumentError(f"draft num_tokens={opts.num_tokens}: this model has {depth} MTP layers, "
+                                           f"so it drafts at most {depth} tokens")
+
+    def _make_drafter(self, page_size: int, draft_model):
+        from .drafting import DraftModelDrafter, MtpDrafter, NgramDrafter
+
+        opts = self.draft_options
+        if opts.mode == "ngram":
+            return NgramDrafter(opts.ngram_min, opts.ngram_max)
+        if opts.mode == "mtp":
+            return MtpDrafter(self.network, self.runner)
+        if opts.mode == "model":
+            from ..model import load
+
+            if draft_model is None:
+                if not opts.model_dir:
+                    raise InvalidArgumentError("draft mode 'model' needs a draft model: set DraftOptions.model_dir "
+                                               "to its directory")
+                draft_model = load(opts.model_dir, device=self.device, dtype=self.model.options.dtype)
+            return DraftModelDrafter(draft_model, self.network.vocab_size, max_batch_size=self.max_batch_size,
+                                     max_seq_len=self.max_seq_len, max_draft=opts.num_tokens, page_size=page_size,
+                                     chunk_size=self.chunk_size)
+        return None
 
     def _cache_pages(self, specs, page_size: int, cache_tokens: int | None) -> int:
         if cache_tokens is not None:
@@ -90,7 +147,7 @@ class Generator:
         pages = self.max_batch_size * -(-self.max_seq_len // page_size)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            fixed = PagedCache.fixed_bytes(specs, page_size, self.max_batch_size)
+            fixed = PagedCache.fixed_bytes(specs, page_size, self.max_batch_size, self.ring_margin)
             if fixed > 0.9 * free:
                 raise InvalidArgumentError(
                     f"the per-sequence state for max_batch_size={self.max_batch_size} needs {fixed / 2**30:.2f} GiB "
@@ -124,6 +181,13 @@ class Generator:
         if job.top_logprobs < 0:
             raise InvalidArgumentError(f"top_logprobs must be >= 0, got {job.top_logprobs}")
         job.sampling.validate(vocab)
+        if job.draft_tokens is not None:
+            cap = self.draft_options.num_tokens if self.draft_options.enabled else 0
+            if not isinstance(job.draft_tokens, int) or not 0 <= job.draft_tokens <= cap:
+                raise InvalidArgumentError(f"draft_tokens={job.draft_tokens!r}: must be an integer from 0 to {cap} "
+                                           "(the generator's draft num_tokens)")
+        job.draft_length = job.draft_tokens if job.draft_tokens is not None else (
+            self.draft_options.num_tokens if self.draft_options.enabled else 0)
         if n + 1 > self.capacity_tokens:
             raise InvalidArgumentError(f"the prompt needs {n + 1} tokens of cache but the cache holds "
                                        f"{self.capacity_tokens}; raise cache_tokens")
@@ -172,16 +236,32 @@ class Generator:
         items = self._plan(events)
         if not items:
             return events
+        needs_hidden = self.drafter is not None and self.drafter.needs_hidden
         try:
-            logits = self.runner.run(items)
+            out = self.runner.run(items, return_hidden=needs_hidden)
         except torch.cuda.OutOfMemoryError as e:  # lose the step's jobs, not the generator
             for job in list(self.running):
                 self._finish(job, "error", events, error=f"out of GPU memory: {e}")
             return events
-        sampled = [job for job, it in zip(self._planned_jobs, items) if it.want_logits]
+        logits, hidden, batch = out if needs_hidden else (out, None, None)
+        planned = list(zip(self._planned_jobs, items))
+        firsts = {job.id: it.seq.num_tokens - len(it.tokens) for job, it in planned}
+        self._postprocess([(job, it.num_logits) for job, it in planned if it.want_logits], logits, events)
         self._register_prefixes()
-        self._postprocess(sampled, logits, events)
+        if needs_hidden:
+            self._observe_drafts(planned, firsts, hidden, batch)
         return events
+
+    def _observe_drafts(self, planned, firsts, hidden, batch) -> None:
+        """Hand the drafter the trunk's hidden rows of every position this step verified."""
+        updates = []
+        for b, (job, it) in enumerate(planned):
+            if job.status != JobStatus.RUNNING or job.cache is None:
+                continue
+            kept = job.cache.num_tokens - firsts[job.id]  # rows whose tokens stayed in the cache
+            updates.append((job, firsts[job.id], hidden[batch.cu_q[b]:batch.cu_q[b] + kept]))
+        if updates:
+            self.drafter.observe(updates)
 
     def iterate(self) -> Iterator[JobEvent]:
         """Step until every queued job finished, yielding events as they come."""
@@ -239,7 +319,14 @@ class Generator:
             prefilling = [j for j in self.running if len(j.tokens) - j.cache.num_tokens > 1]
             for job in decoding + prefilling:
                 pending = job.tokens[job.cache.num_tokens:]
-                n = 1 if job in decoding else min(len(pending), budget)
+                if job in decoding:
+                    job.drafts = self._drafts_for(job)
+                    budget -= 1 + len(job.drafts)
+                    items.append(StepItem(job.cache, pending + job.drafts, want_logits=True,
+                                          num_logits=1 + len(job.drafts)))
+                    jobs.append(job)
+                    continue
+                n = min(len(pending), budget)
                 if n <= 0:
                     continue
                 budget -= n
@@ -252,6 +339,14 @@ class Generator:
                     if job.stats.time_prefill_start is None:
                         job.stats.time_prefill_start = time.perf_counter()
                 return items
+
+    def _drafts_for(self, job: Job) -> list[int]:
+        """This step's draft for a decoding job, never running past its token or length limits."""
+        if self.drafter is None or job.draft_length == 0:
+            return []
+        room = min(job.max_new_tokens - len(job.output_ids), self.max_seq_len - len(job.tokens)) - 1
+        k = min(job.draft_length, room)
+        return self.drafter.propose(job, k) if k > 0 else []
 
     def _reserve(self, items: list[StepItem], jobs: list[Job], events: list[JobEvent]) -> bool:
         """Reserve pages for the plan; on shortage free a job and return True (plan again)."""
@@ -277,6 +372,8 @@ class Generator:
         self.cache.release(job.cache)
         job.cache = None
         job.status = JobStatus.QUEUED
+        if self.drafter is not None:
+            self.drafter.release(job)
         self.running.remove(job)
         self.waiting.appendleft(job)
 
@@ -287,23 +384,66 @@ class Generator:
 
     # ------------------------------------------------------------- results
 
-    def _postprocess(self, jobs: list[Job], logits: torch.Tensor, events: list[JobEvent]) -> None:
-        if not jobs:
+    def _postprocess(self, planned: list[tuple[Job, int]], logits: torch.Tensor, events: list[JobEvent]) -> None:
+        """Sample (or verify drafts for) every job that produced logits; ``planned``: (job, its logit rows)."""
+        plain = [job for job, n in planned if n == 1]
+        row_of, r = {}, 0
+        for job, n in planned:
+            row_of[job.id] = r
+            r += n
+        if plain:
+            rows = []
+            for job in plain:
+                suppress = job.eos_ids if len(job.output_ids) < job.min_new_tokens else ()
+                rows.append(RowState(job.sampling, job.tokens, len(job.prompt_ids), job.generator, suppress))
+            idx = torch.tensor([row_of[j.id] for j in plain], device=logits.device)
+            tokens, logprobs, tops = sample(logits[idx], rows, want_logprobs=[j.return_logprobs for j in plain],
+                                            top_logprobs=[j.top_logprobs for j in plain])
+            for job, token, lp, top in zip(plain, tokens, logprobs, tops):
+                self._emit(job, [token], [lp], [top], events)
+        for job, n in planned:
+            if n == 1:
+                continue
+            row = RowState(job.sampling, job.tokens, len(job.prompt_ids), job.generator, job.eos_ids,
+                           min_new=job.min_new_tokens)
+            drafts = job.drafts
+            emitted, accepted, logprobs, tops = verify_drafts(
+                logits[row_of[job.id]:row_of[job.id] + n], drafts, row, want_logprobs=job.return_logprobs,
+                top_logprobs=job.top_logprobs)
+            job.cache.num_tokens -= len(drafts) - accepted  # forget the rejected drafts' positions
+            job.stats.draft.record(len(drafts), accepted)
+            self.draft_stats.record(len(drafts), accepted)
+            self._adapt_draft_length(job, len(drafts), accepted)
+            self._emit(job, emitted, logprobs, tops, events)
+
+    def _adapt_draft_length(self, job: Job, drafted: int, accepted: int) -> None:
+        """Dynamic drafting: draft as deep as the measured chance of reaching that depth pays for."""
+        if not self.draft_options.dynamic or drafted == 0:
             return
-        rows = []
-        for job in jobs:
-            suppress = job.eos_ids if len(job.output_ids) < job.min_new_tokens else ()
-            rows.append(RowState(job.sampling, job.tokens, len(job.prompt_ids), job.generator, suppress))
-        tokens, logprobs, tops = sample(logits, rows, want_logprobs=[j.return_logprobs for j in jobs],
-                                        top_logprobs=[j.top_logprobs for j in jobs])
+        ema = job.acceptance_ema
+        while len(ema) < drafted:
+            ema.append(0.8)  # optimistic start: try the full depth first
+        for d in range(drafted):
+            ema[d] = 0.8 * ema[d] + 0.2 * (d < accepted)
+        cap = job.draft_tokens if job.draft_tokens is not None else self.draft_options.num_tokens
+        reach, length = 1.0, 0
+        for d in range(cap):
+            reach *= ema[d] if d < len(ema) else ema[-1]
+            if reach < 0.3:  # a verified row costs about as much as the chance of gaining a token
+                break
+            length = d + 1
+        job.draft_length = max(1, length)
+
+    def _emit(self, job: Job, tokens: list[int], logprobs: list, tops: list, events: list[JobEvent]) -> None:
+        """Append sampled tokens to a job one by one, streaming text and stopping where a stop condition hits."""
         now = time.perf_counter()
-        for job, token, lp, top in zip(jobs, tokens, logprobs, tops):
-            if job.stats.time_first_token is None:
-                job.stats.time_first_token = now
-            job.stats.time_last_token = now
+        if job.stats.time_first_token is None:
+            job.stats.time_first_token = now
+        job.stats.time_last_token = now
+        for token, lp, top in zip(tokens, logprobs, tops):
             if token in job.eos_ids:
                 self._finish(job, "stop_token", events)
-                continue
+                return
             job.output_ids.append(token)
             job.stats.new_tokens += 1
             text, stop = self._text_for(job, token)
@@ -318,6 +458,8 @@ class Generator:
                 self._finish(job, "max_seq_len", events, last=event)
             else:
                 events.append(event)
+                continue
+            return
 
     def _text_for(self, job: Job, token: int) -> tuple[str, str | None]:
         if job.decoder is None:
@@ -335,6 +477,8 @@ class Generator:
         event.finished, event.finish_reason, event.stats, event.error = True, reason, job.stats, error
         job.finish_reason, job.error = reason, error
         job.status = JobStatus.FINISHED
+        if self.drafter is not None:
+            self.drafter.release(job)
         if job.cache is not None:
             self.cache.release(job.cache)
             job.cache = None

@@ -17,6 +17,7 @@ from enum import Enum
 
 import torch
 
+from .drafting_options import DraftStats
 from .sampling import SamplingParams
 from .text import IncrementalDecoder, StopStringMatcher
 
@@ -38,6 +39,7 @@ class JobStats:
     time_prefill_start: float | None = None
     time_first_token: float | None = None
     time_last_token: float | None = None
+    draft: DraftStats = field(default_factory=DraftStats)  # speculative decoding: this job's acceptance
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -77,6 +79,8 @@ class Job:
 
     stop_tokens: None = the tokenizer's end-of-sequence ids. min_new_tokens:
     stop tokens are suppressed until this many tokens were generated.
+    draft_tokens: with speculative decoding, this job's draft length (None: the
+    generator's ``DraftOptions.num_tokens``; 0: no drafting for this job).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class Job:
         top_logprobs: int = 0,
         add_bos: bool | None = None,
         identifier: object = None,
+        draft_tokens: int | None = None,
     ):
         self.id = next(_ids)
         self.prompt = prompt
@@ -104,6 +109,10 @@ class Job:
         self.top_logprobs = top_logprobs
         self.add_bos = add_bos
         self.identifier = identifier
+        self.draft_tokens = draft_tokens
+        self.draft_length: int = 0  # the current draft length (dynamic drafting adapts it)
+        self.drafts: list[int] = []  # drafted tokens fed this step
+        self.acceptance_ema: list[float] = []  # per depth, for dynamic drafting
         self.status = JobStatus.QUEUED
         self.stats = JobStats()
         self.cancel_requested = False

@@ -29,6 +29,7 @@ class StepItem:
     seq: SequenceCache
     tokens: list[int]  # new tokens fed this step
     want_logits: bool  # this step ends the sequence's pending tokens: sample from its last row
+    num_logits: int = 1  # with want_logits: logits of this many last rows (a verified draft: 1 + its length)
 
 
 class ModelRunner:
@@ -62,52 +63,70 @@ class ModelRunner:
         return torch.tensor(seq_slots, dtype=torch.int32)[:, None] * r + j[None, :]
 
     def build_batch(self, items: list[StepItem]) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
+        """The step's packed ids, its ``ForwardBatch`` and the rows whose logits are wanted."""
+        ids, batch = self.layout([(it.seq, it.seq.num_tokens, it.tokens) for it in items])
+        cu_q = batch.cu_q
+        rows = torch.tensor([r for b, it in enumerate(items) if it.want_logits
+                             for r in range(cu_q[b + 1] - it.num_logits, cu_q[b + 1])], dtype=torch.long,
+                            device=self.device)
+        return ids, batch, rows
+
+    def layout(self, spans: list[tuple[SequenceCache, int, list[int]]]) -> tuple[torch.Tensor, ForwardBatch]:
+        """Pack ``(sequence, first position, tokens)`` spans into one step. The pages for every
+        position must be reserved; the sequences' ``num_tokens`` are not changed (MTP draft layers
+        use this to run over positions the trunk has already cached)."""
         ids, positions, slots, cu_q, kv_lens = [], [], [], [0], []
-        table = torch.full((len(items), max(1, max(len(it.seq.page_ids) for it in items))), -1, dtype=torch.int32)
-        for b, it in enumerate(items):
-            start, n = it.seq.num_tokens, len(it.tokens)
-            ids += it.tokens
+        table = torch.full((len(spans), max(1, max(len(seq.page_ids) for seq, _, _ in spans))), -1,
+                           dtype=torch.int32)
+        for b, (seq, start, tokens) in enumerate(spans):
+            n = len(tokens)
+            ids += tokens
             positions += range(start, start + n)
-            slots += self._slots(it.seq, start, n)
+            slots += self._slots(seq, start, n)
             cu_q.append(cu_q[-1] + n)
             kv_lens.append(start + n)
-            table[b, :len(it.seq.page_ids)] = torch.tensor(it.seq.page_ids, dtype=torch.int32)
+            table[b, :len(seq.page_ids)] = torch.tensor(seq.page_ids, dtype=torch.int32)
         dev = self.device
         ring_slots = ring_table = None
         if self.cache.ring_pages:
-            ring_slots, seq_slots = [], [it.seq.slot for it in items]
-            for it in items:
-                ring_slots += self._ring_slots(it.seq.slot, it.seq.num_tokens, len(it.tokens))
+            ring_slots = []
+            for seq, start, tokens in spans:
+                ring_slots += self._ring_slots(seq.slot, start, len(tokens))
             ring_slots = torch.tensor(ring_slots, dtype=torch.long, device=dev)
-            ring_table = self._ring_table(seq_slots, table.shape[1]).to(dev)
+            ring_table = self._ring_table([seq.slot for seq, _, _ in spans], table.shape[1]).to(dev)
         batch = ForwardBatch(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             page_table=table.to(dev),
             kv_lens_t=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
-            seq_slots=torch.tensor([it.seq.slot for it in items], dtype=torch.long, device=dev),
+            seq_slots=torch.tensor([seq.slot for seq, _, _ in spans], dtype=torch.long, device=dev),
             cu_q=cu_q, kv_lens=kv_lens, cache=self.cache,
-            is_decode=all(len(it.tokens) == 1 for it in items),
+            is_decode=all(len(tokens) == 1 for _, _, tokens in spans),
             ring_slot_mapping=ring_slots, ring_page_table=ring_table,
         )
-        rows = torch.tensor([cu_q[b + 1] - 1 for b, it in enumerate(items) if it.want_logits], dtype=torch.long,
-                            device=dev)
-        return torch.tensor(ids, dtype=torch.long, device=dev), batch, rows
+        return torch.tensor(ids, dtype=torch.long, device=dev), batch
 
     # ------------------------------------------------------------- run
 
     @torch.inference_mode()
-    def run(self, items: list[StepItem]) -> torch.Tensor:
-        """Feed every item's tokens; returns fp32 logits ``[items wanting logits, vocab]``."""
+    def run(self, items: list[StepItem], *, return_hidden: bool = False):
+        """Feed every item's tokens; returns fp32 logits ``[rows wanting logits, vocab]`` (each item's
+        ``num_logits`` last rows, in item order), and with ``return_hidden`` also the hidden state of
+        every fed row (what seeds MTP draft layers) and the step's ``ForwardBatch``."""
         decode = all(len(it.tokens) == 1 and it.want_logits for it in items)
-        if decode and self.use_graphs and len(items) <= GRAPH_BUCKETS[-1] and self._fits_graph(items):
-            logits = self._run_graph(items)
+        if decode and not return_hidden and self.use_graphs and len(items) <= GRAPH_BUCKETS[-1] \
+                and self._fits_graph(items):
+            out = self._run_graph(items)
         else:
             ids, batch, rows = self.build_batch(items)
-            logits = self.network.forward_batch(ids, batch, rows)
+            if return_hidden:
+                logits, hidden = self.network.forward_batch(ids, batch, rows, return_hidden=True)
+                out = (logits, hidden, batch)
+            else:
+                out = self.network.forward_batch(ids, batch, rows)
         for it in items:
             it.seq.num_tokens += len(it.tokens)
-        return logits
+        return out
 
     def _fits_graph(self, items: list[StepItem]) -> bool:
         return all(len(it.seq.page_ids) <= self.max_pages for it in items)

@@ -66,6 +66,7 @@ class RowState:
     num_prompt: int
     generator: torch.Generator | None
     suppress: tuple[int, ...] = ()  # e.g. stop tokens before min_new_tokens
+    min_new: int = 0  # verify_drafts: apply ``suppress`` only while fewer tokens than this were generated
 
 
 def apply_penalties(logits: torch.Tensor, row: RowState) -> torch.Tensor:
@@ -121,15 +122,63 @@ def sample(logits: torch.Tensor, rows: list[RowState], *, want_logprobs: list[bo
             probs = filtered_distribution(processed, row.params)
             token = int(torch.multinomial(probs, 1, generator=row.generator))
         tokens.append(token)
-        if want_logprobs[b] or top_logprobs[b]:
-            lp = torch.log_softmax(raw, dim=-1)
-            logprobs.append(float(lp[token]) if want_logprobs[b] else None)
-            if top_logprobs[b]:
-                vals, ids = torch.topk(lp, top_logprobs[b])
-                tops.append(list(zip(ids.tolist(), vals.tolist())))
-            else:
-                tops.append(None)
-        else:
-            logprobs.append(None)
-            tops.append(None)
+        lp, top = _logprob_info(raw, token, want_logprobs[b], top_logprobs[b])
+        logprobs.append(lp)
+        tops.append(top)
     return tokens, logprobs, tops
+
+
+def _logprob_info(raw: torch.Tensor, token: int, want: bool, top: int):
+    """The token's log-probability under the raw logits and the ``top`` best alternatives, where asked."""
+    if not (want or top):
+        return None, None
+    lp = torch.log_softmax(raw, dim=-1)
+    alternatives = None
+    if top:
+        vals, ids = torch.topk(lp, top)
+        alternatives = list(zip(ids.tolist(), vals.tolist()))
+    return (float(lp[token]) if want else None), alternatives
+
+
+def verify_drafts(logits: torch.Tensor, drafts: list[int], row: RowState, *, want_logprobs: bool,
+                  top_logprobs: int) -> tuple[list[int], int, list[float | None], list[list[tuple[int, float]] | None]]:
+    """Check drafted tokens against the target model's logits ``[len(drafts) + 1, V]`` (row i
+    predicts the token after draft i - 1; row 0 the token after the last verified one).
+
+    Every drafter here proposes deterministically (n-gram, greedy draft model, greedy MTP), so
+    the draft distribution is a point mass on the drafted token. Speculative sampling then
+    reduces to: accept draft ``x`` with probability ``p(x)``; on rejection, draw from ``p`` with
+    ``x`` removed (the normalised residual ``max(p - q, 0)``); after all drafts are accepted draw
+    one more token from the last row. The emitted tokens are distributed exactly as if sampled
+    one at a time from the target. Greedy: accept while the draft is the argmax.
+
+    Returns the emitted tokens (accepted drafts, then one token of the target's own), how many
+    drafts were accepted, and log-probabilities / top alternatives per emitted token where asked.
+    """
+    emitted: list[int] = []
+    accepted = 0
+    history = list(row.history)
+    for i in range(len(drafts) + 1):
+        suppress = row.suppress if len(history) - row.num_prompt < row.min_new else ()
+        state = RowState(row.params, history, row.num_prompt, row.generator, suppress)
+        processed = apply_penalties(logits[i].clone(), state)
+        draft = drafts[i] if i < len(drafts) else None
+        if row.params.greedy:
+            token = int(torch.argmax(processed))
+        else:
+            probs = filtered_distribution(processed, row.params)
+            if draft is not None and float(torch.rand((), generator=row.generator, device=probs.device)) \
+                    < float(probs[draft]):
+                token = draft
+            else:
+                if draft is not None:
+                    probs[draft] = 0.0
+                    probs = probs / probs.sum()
+                token = int(torch.multinomial(probs, 1, generator=row.generator))
+        emitted.append(token)
+        history.append(token)
+        if token != draft:
+            break
+        accepted += 1
+    info = [_logprob_info(logits[i], token, want_logprobs, top_logprobs) for i, token in enumerate(emitted)]
+    return emitted, accepted, [lp for lp, _ in info], [top for _, top in info]

@@ -12,7 +12,7 @@ import exl3_triton
 from exl3_triton.checkpoint import Checkpoint
 from exl3_triton.cli import main
 from exl3_triton.convert import ConvertOptions, convert_model
-from exl3_triton.errors import (
+from exl3_triton.errors import ConfigError, (
     CheckpointError,
     ConversionError,
     InvalidArgumentError,
@@ -218,9 +218,13 @@ def test_bad_inputs_are_refused_by_name(tiny, tmp_path, golden):
     other = tmp_path / "other"
     shutil.copytree(tiny, other)
     cfg = json.loads((other / "config.json").read_text())
-    cfg["architectures"] = ["Gemma4ForConditionalGeneration"]
+    cfg["architectures"] = ["FalconMambaForCausalLM"]
     (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedArchitectureError, match="Gemma4ForConditionalGeneration"):
+    with pytest.raises(UnsupportedArchitectureError, match="FalconMambaForCausalLM"):
+        convert_model(other, tmp_path / "o3", opts)
+    cfg["architectures"] = ["Gemma4ForCausalLM"]  # a supported family whose config lacks its keys
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="sliding_window"):
         convert_model(other, tmp_path / "o3", opts)
     busy = tmp_path / "busy"
     busy.mkdir()
