@@ -169,6 +169,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-len", type=int, default=None, help="prompt + output limit (default: model's)")
     g.add_argument("--cache-tokens", type=int, default=None, help="tokens the cache holds (default: sized to fit)")
     g.add_argument("--stats", action="store_true", help="print timing statistics to stderr at the end")
+    d = p.add_argument_group("speculative decoding")
+    d.add_argument("--draft-mode", default="disabled", choices=["disabled", "mtp", "model", "ngram"],
+                   help="mtp: the checkpoint's MTP layers; model: --draft-model; ngram: lookup in the text so far")
+    d.add_argument("--draft-tokens", type=int, default=3, help="tokens drafted per step (MTP: 1 to its layer count)")
+    d.add_argument("--draft-model", default=None, help="draft model directory (same tokenizer) for --draft-mode model")
+    d.add_argument("--dynamic-draft", action="store_true", help="adapt the draft length to measured acceptance")
 
 
 def _job_kwargs(args: argparse.Namespace) -> dict:
@@ -190,7 +196,12 @@ def _load_for_generation(args: argparse.Namespace):
                  backend=None if args.backend == "auto" else args.backend)
     if model.tokenizer is None:
         raise InvalidArgumentError(f"{args.model_dir} has no tokenizer.json, so text cannot be generated")
-    gen = Generator(model, max_batch_size=1, max_seq_len=args.max_seq_len, cache_tokens=args.cache_tokens)
+    from .runtime.drafting_options import DraftOptions
+
+    draft = DraftOptions(mode=args.draft_mode, num_tokens=args.draft_tokens, dynamic=args.dynamic_draft,
+                         model_dir=args.draft_model)
+    gen = Generator(model, max_batch_size=1, max_seq_len=args.max_seq_len, cache_tokens=args.cache_tokens,
+                    draft=draft)
     return model, gen
 
 
@@ -202,6 +213,9 @@ def _print_stats(stats) -> None:
         parts.append(f"prefill {stats.prompt_tokens_per_second:.1f} tokens/s")
     if stats.new_tokens_per_second:
         parts.append(f"generation {stats.new_tokens_per_second:.1f} tokens/s")
+    if stats.draft.steps:
+        rates = "/".join(f"{r:.0%}" for r in stats.draft.acceptance_per_depth)
+        parts.append(f"draft acceptance {rates} by depth, {stats.draft.mean_tokens_per_step:.2f} tokens per step")
     print("[" + ", ".join(parts) + "]", file=sys.stderr)
 
 
@@ -258,6 +272,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": job.text})
         if args.stats and last is not None:
             _print_stats(last.stats)
+    return 0
+
+
+def cmd_mtp_eval(args: argparse.Namespace) -> int:
+    """Teacher-forced MTP acceptance per depth over a text file."""
+    from .model import load
+    from .runtime.drafting import teacher_forced_acceptance
+
+    model = load(args.model_dir, device=args.device, dtype=args.dtype,
+                 backend=None if args.backend == "auto" else args.backend)
+    if model.tokenizer is None:
+        raise InvalidArgumentError(f"{args.model_dir} has no tokenizer.json, so the text cannot be tokenized")
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot read --text {args.text}: {e.strerror}") from None
+    ids = model.tokenizer.encode(text)[: args.max_tokens]
+    rates = teacher_forced_acceptance(model, ids)
+    print(f"{args.model_dir}: teacher-forced MTP acceptance over {len(ids)} tokens of {args.text}")
+    for depth, rate in enumerate(rates, 1):
+        print(f"  depth {depth}: {rate:.1%}")
     return 0
 
 
@@ -319,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     _add_runtime_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("mtp-eval", help="teacher-forced acceptance of the model's MTP draft layers, per depth")
+    p.add_argument("model_dir")
+    p.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
+    p.add_argument("--max-tokens", type=int, default=4096, help="evaluate on at most this many tokens")
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_mtp_eval)
 
     p = sub.add_parser("convert", help="quantize an unquantized Hugging Face model to EXL3",
                        description="Quantize an unquantized model directory to EXL3 (resumable: rerun the same "

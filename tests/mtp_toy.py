@@ -84,3 +84,22 @@ class ToyMtpLM(CausalLM):
             seq.append(drafts[-1])
             hidden = h
         return drafts
+
+    def uncached_teacher_forced_acceptance(self, tokens: list[int]) -> list[float]:
+        """Per depth: how often the depth's prediction from the true text equals the trunk's
+        greedy prediction for the same position, all computed without a cache."""
+        ids = torch.tensor(tokens)
+        n = len(tokens)
+        positions = torch.arange(n)[None]
+        x = self.trunk.embed(ids)[None]
+        for layer in self.trunk.layers:
+            x = layer(x, positions)
+        target = self.trunk.head(x[0]).argmax(-1)
+        hidden, rates = x[0], []
+        for d in range(1, self.mtp_depth + 1):
+            count = n - d
+            h = self.draft_layers[d - 1](self._mix(d, hidden[:count], ids[d:])[None], positions[:, :count])[0]
+            predicted = self.trunk.head(h[: count - 1]).argmax(-1)
+            rates.append(float((predicted == target[d:d + count - 1]).float().mean()))
+            hidden = h
+        return rates

@@ -199,3 +199,33 @@ def test_bad_draft_options(model):
     gen = Generator(model, draft=DraftOptions(mode="ngram", num_tokens=2))
     with pytest.raises(InvalidArgumentError, match="draft_tokens"):
         gen.enqueue(Job([1, 2, 3], draft_tokens=5))
+
+
+def test_teacher_forced_acceptance_matches_uncached_computation(model, golden):
+    from exl3_triton.runtime.drafting import teacher_forced_acceptance
+
+    toy = _toy(model)
+    ids = json.loads((golden / "hf" / "llama_ids.json").read_text())[:40]
+    got = teacher_forced_acceptance(toy, ids)
+    want = toy.network.uncached_teacher_forced_acceptance(ids)
+    assert len(got) == 3 and got == pytest.approx(want, abs=1 / 40)  # at most one argmax near-tie apart
+    assert max(got) > 0  # the toy's drafts do agree sometimes: a wrong alignment would give ~1/vocab
+
+
+def test_cli_generate_with_ngram_drafting_and_mtp_eval_errors(golden, tmp_path, capsys):
+    from exl3_triton.cli import main
+
+    model_dir = str(golden / "exl3" / "llama_k4_mcg")
+    assert main(["generate", model_dir, "--prompt", "the the the the", "--max-new-tokens", "12"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", model_dir, "--prompt", "the the the the", "--max-new-tokens", "12",
+                 "--draft-mode", "ngram", "--draft-tokens", "3", "--stats"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain
+    assert "draft acceptance" in out.err
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 20)
+    assert main(["mtp-eval", model_dir, "--text", str(text)]) == 2
+    assert "no MTP draft layers" in capsys.readouterr().err
+    assert main(["mtp-eval", model_dir, "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read --text" in capsys.readouterr().err
