@@ -26,6 +26,11 @@ class CausalLM(nn.Module):
 
     architectures: ClassVar[tuple[str, ...]] = ()
     has_mtp: ClassVar[bool] = False
+    # True when, in a decode step (``batch.is_decode``), each row depends only on the cached state
+    # of earlier positions and every layer stores all rows' state before any row reads it. Then
+    # several consecutive tokens of one sequence (drafts being verified) can run as decode rows of
+    # their own, each at its position over the sequence's pages, in captured CUDA graphs.
+    verify_as_decode_rows: ClassVar[bool] = False
 
     def __init__(self, config, options: RuntimeOptions):
         super().__init__()
@@ -98,11 +103,16 @@ class CausalLM(nn.Module):
 class DecoderStackLM(CausalLM):
     """The common shape: embedding -> decoder layers -> final norm -> head.
 
+    Its layers (GQA attention storing keys/values before attending, per-row MLP/MoE) qualify
+    for ``verify_as_decode_rows``.
+
     Subclasses build the parts and may override ``embed`` (scaling, dtype of the
     residual stream) and ``head`` (softcapping). Each layer is called as
     ``layer(x, positions, batch)`` and runs on the device of its ``input_layernorm``
     (layers may be spread over GPUs).
     """
+
+    verify_as_decode_rows = True
 
     def __init__(self, config, options: RuntimeOptions, embed_tokens: torch.Tensor, layers: list[nn.Module],
                  norm: nn.Module, lm_head: Linear):

@@ -3,6 +3,7 @@
     python bench/decode.py --synthetic llama3-8b --bits 4 [--batch 1,8,32] [--steps 64]
                            [--prompt-len 128] [--prefill-len 2048] [--out DIR]
     python bench/decode.py --arch gemma4 --synthetic 31b --bits 4 --batch 1,8
+    python bench/decode.py --arch openpangu_v2 --synthetic flash --bits 4 --batch 1,8 --mtp 3 --forced-accept 0.9
 
 The model has the real shapes and random trellises (bench/synthetic.py). Decode
 speed: B jobs with random prompts are prefilled, then ``--steps`` decode steps
@@ -10,7 +11,11 @@ speed: B jobs with random prompts are prefilled, then ``--steps`` decode steps
 B * steps / time. The bandwidth bound for batch 1 is the copy bandwidth
 (read + write, measured in the same run) over the weight bytes one token reads.
 Prefill: one prompt of ``--prefill-len`` tokens in one chunk; time to its first
-token. Results: JSON in ``--out`` (default bench/results) and a printed table.
+token. ``--mtp N``: also time decoding with N-token MTP drafting, against the
+same run without it. Random weights draft nonsense, so ``--forced-accept P``
+(bench only) replaces the verdict of verification: depth d is accepted with
+probability P once depth d-1 was, as if the drafts were that good; the MTP layers
+and the rollback of rejected positions still do all their real work. Results: JSON in ``--out`` (default bench/results) and a printed table.
 """
 
 from __future__ import annotations
@@ -30,12 +35,27 @@ from exl3_triton import Generator, Job  # noqa: E402
 from exl3_triton.model import load_checkpoint  # noqa: E402
 
 
-def decode_speed(model, batch: int, steps: int, prompt_len: int, max_seq_len: int) -> dict:
-    gen = Generator(model, max_batch_size=batch, max_seq_len=max_seq_len, chunk_size=max(2048, prompt_len))
+def forced_acceptance(p: float, seed: int = 0):
+    """A stand-in for ``verify_drafts`` accepting each depth with probability ``p`` (bench only)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def verify(logits, drafts, row, *, want_logprobs, top_logprobs):
+        accepted = 0
+        while accepted < len(drafts) and float(torch.rand((), generator=g)) < p:
+            accepted += 1
+        emitted = list(drafts[:accepted]) + [int(logits[accepted].argmax())]
+        return emitted, accepted, [None] * len(emitted), [None] * len(emitted)
+
+    return verify
+
+
+def decode_speed(model, batch: int, steps: int, prompt_len: int, max_seq_len: int, draft=None) -> dict:
+    gen = Generator(model, max_batch_size=batch, max_seq_len=max_seq_len, chunk_size=max(2048, prompt_len),
+                    draft=draft)
     vocab = model.network.vocab_size
     g = torch.Generator().manual_seed(batch)
     jobs = [gen.enqueue(Job(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
-                            max_new_tokens=steps + 8, stop_tokens=[])) for _ in range(batch)]
+                            max_new_tokens=max_seq_len - prompt_len - 1, stop_tokens=[])) for _ in range(batch)]
     while any(not j.output_ids for j in jobs):  # prefill (and capture the decode graph on the first decode)
         gen.step()
     for _ in range(3):  # warm-up decode steps (graph capture happens here)
@@ -51,8 +71,11 @@ def decode_speed(model, batch: int, steps: int, prompt_len: int, max_seq_len: in
     for j in jobs:
         j.cancel()
     gen.step()
-    return {"batch": batch, "steps": steps, "tokens": produced, "seconds": dt, "tokens_per_s": produced / dt,
-            "ms_per_step": dt / steps * 1000, "graphs": sorted(gen.runner.graphs)}
+    rec = {"batch": batch, "steps": steps, "tokens": produced, "seconds": dt, "tokens_per_s": produced / dt,
+           "ms_per_step": dt / steps * 1000, "graphs": sorted(gen.runner.graphs)}
+    if draft is not None:
+        rec["draft"] = gen.draft_stats.as_dict()
+    return rec
 
 
 def consistency(model) -> dict:
@@ -113,6 +136,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--mtp", type=int, default=0, help="also time N-token MTP drafting")
+    p.add_argument("--forced-accept", type=float, default=None,
+                   help="bench only: accept each drafted depth with this probability instead of verifying")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -146,6 +172,22 @@ def main() -> int:
         rec["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
         res.add("decode", rec)
         torch.cuda.empty_cache()
+        if args.mtp:
+            from exl3_triton.runtime import generator as generator_module
+            from exl3_triton.runtime.drafting_options import DraftOptions
+
+            real_verify = generator_module.verify_drafts
+            if args.forced_accept is not None:
+                generator_module.verify_drafts = forced_acceptance(args.forced_accept)
+            try:
+                mtp = decode_speed(model, b, args.steps, args.prompt_len, args.prompt_len + 4 * args.steps + 32,
+                                   draft=DraftOptions(mode="mtp", num_tokens=args.mtp))
+            finally:
+                generator_module.verify_drafts = real_verify
+            mtp.update(mtp_tokens=args.mtp, forced_accept=args.forced_accept,
+                       speedup=mtp["tokens_per_s"] / rec["tokens_per_s"])
+            res.add("decode_mtp", mtp)
+            torch.cuda.empty_cache()
     res.add("prefill", prefill_speed(model, args.prefill_len))
     return 0
 

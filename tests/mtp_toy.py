@@ -20,6 +20,8 @@ from exl3_triton.arch.blocks.norm import RMSNorm
 
 
 class ToyMtpLM(CausalLM):
+    verify_as_decode_rows = True  # the trunk's layers qualify; draft layers run over spans anyway
+
     def __init__(self, trunk, depth: int, seed: int = 0):
         super().__init__(trunk.config, trunk.options)
         self.trunk = trunk

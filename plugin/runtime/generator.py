@@ -243,23 +243,24 @@ class Generator:
             for job in list(self.running):
                 self._finish(job, "error", events, error=f"out of GPU memory: {e}")
             return events
-        logits, hidden, batch = out if needs_hidden else (out, None, None)
+        logits, hidden = out[:2] if needs_hidden else (out, None)
         planned = list(zip(self._planned_jobs, items))
         firsts = {job.id: it.seq.num_tokens - len(it.tokens) for job, it in planned}
         self._postprocess([(job, it.num_logits) for job, it in planned if it.want_logits], logits, events)
         self._register_prefixes()
         if needs_hidden:
-            self._observe_drafts(planned, firsts, hidden, batch)
+            self._observe_drafts(planned, firsts, hidden)
         return events
 
-    def _observe_drafts(self, planned, firsts, hidden, batch) -> None:
+    def _observe_drafts(self, planned, firsts, hidden) -> None:
         """Hand the drafter the trunk's hidden rows of every position this step verified."""
-        updates = []
-        for b, (job, it) in enumerate(planned):
+        updates, row = [], 0
+        for job, it in planned:
+            first_row, row = row, row + len(it.tokens)  # rows are packed in plan order
             if job.status != JobStatus.RUNNING or job.cache is None:
                 continue
             kept = job.cache.num_tokens - firsts[job.id]  # rows whose tokens stayed in the cache
-            updates.append((job, firsts[job.id], hidden[batch.cu_q[b]:batch.cu_q[b] + kept]))
+            updates.append((job, firsts[job.id], hidden[first_row:first_row + kept]))
         if updates:
             self.drafter.observe(updates)
 

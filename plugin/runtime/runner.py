@@ -112,38 +112,66 @@ class ModelRunner:
     def run(self, items: list[StepItem], *, return_hidden: bool = False):
         """Feed every item's tokens; returns fp32 logits ``[rows wanting logits, vocab]`` (each item's
         ``num_logits`` last rows, in item order), and with ``return_hidden`` also the hidden state of
-        every fed row (what seeds MTP draft layers) and the step's ``ForwardBatch``."""
-        decode = all(len(it.tokens) == 1 and it.want_logits for it in items)
-        if decode and not return_hidden and self.use_graphs and len(items) <= GRAPH_BUCKETS[-1] \
-                and self._fits_graph(items):
-            out = self._run_graph(items)
+        every fed row (what seeds MTP draft layers) and the step's ``ForwardBatch``.
+
+        A step where every item wants logits for all its rows (a decode step, or a verification
+        of drafted tokens) runs as a decode step over rows: each row a query of its own, at its own
+        position, over its sequence's pages (see ``CausalLM.verify_as_decode_rows``). Those steps
+        replay CUDA graphs.
+        """
+        rows = self._decode_rows(items)
+        if rows is not None:
+            if self.use_graphs and len(rows) <= GRAPH_BUCKETS[-1] and self._fits_graph(items):
+                out = self._run_graph(rows, return_hidden)
+            else:
+                ids, batch = self.layout([(seq, pos, [tok]) for seq, pos, tok in rows])
+                out = self.network.forward_batch(ids, batch, None, return_hidden=return_hidden)
+                if return_hidden:
+                    out = (*out, batch)
         else:
-            ids, batch, rows = self.build_batch(items)
+            ids, batch, logit_rows = self.build_batch(items)
             if return_hidden:
-                logits, hidden = self.network.forward_batch(ids, batch, rows, return_hidden=True)
+                logits, hidden = self.network.forward_batch(ids, batch, logit_rows, return_hidden=True)
                 out = (logits, hidden, batch)
             else:
-                out = self.network.forward_batch(ids, batch, rows)
+                out = self.network.forward_batch(ids, batch, logit_rows)
         for it in items:
             it.seq.num_tokens += len(it.tokens)
         return out
 
+    def _decode_rows(self, items: list[StepItem]) -> list[tuple[SequenceCache, int, int]] | None:
+        """``(sequence, position, token)`` per row if this step can run as a decode step over rows."""
+        if not all(it.want_logits and it.num_logits == len(it.tokens) for it in items):
+            return None
+        if any(len(it.tokens) > 1 for it in items) and not self.network.verify_as_decode_rows:
+            return None
+        return [(it.seq, it.seq.num_tokens + i, tok) for it in items for i, tok in enumerate(it.tokens)]
+
     def _fits_graph(self, items: list[StepItem]) -> bool:
         return all(len(it.seq.page_ids) <= self.max_pages for it in items)
 
-    def _run_graph(self, items: list[StepItem]) -> torch.Tensor:
-        bucket = next(b for b in GRAPH_BUCKETS if b >= len(items))
-        graph = self.graphs.get(bucket)
+    def _run_graph(self, rows: list[tuple[SequenceCache, int, int]], return_hidden: bool):
+        bucket = next(b for b in GRAPH_BUCKETS if b >= len(rows))
+        graph = self.graphs.get((bucket, return_hidden))
         if graph is None:
-            graph = self.graphs[bucket] = _DecodeGraph(self, bucket)
-        # a copy: the graph's output buffer is overwritten by the next replay
-        return graph.replay(items)[: len(items)].clone()
+            graph = self.graphs[(bucket, return_hidden)] = _DecodeGraph(self, bucket, return_hidden)
+        # copies: the graph's output buffers are overwritten by the next replay
+        logits, hidden, batch = graph.replay(rows)
+        n = len(rows)
+        if not return_hidden:
+            return logits[:n].clone()
+        cu = list(range(n + 1))
+        real = ForwardBatch(positions=batch.positions[:n], slot_mapping=batch.slot_mapping[:n],
+                            page_table=batch.page_table[:n], kv_lens_t=batch.kv_lens_t[:n],
+                            seq_slots=batch.seq_slots[:n], cu_q=cu, kv_lens=[p + 1 for _, p, _ in rows],
+                            cache=self.cache, is_decode=True)
+        return logits[:n].clone(), hidden[:n].clone(), real
 
 
 class _DecodeGraph:
-    """One captured decode step for up to ``size`` sequences."""
+    """One captured decode step for up to ``size`` rows (one query each)."""
 
-    def __init__(self, runner: ModelRunner, size: int):
+    def __init__(self, runner: ModelRunner, size: int, return_hidden: bool = False):
         dev, s = runner.device, runner.page_size
         self.runner, self.size = runner, size
         self.ids = torch.zeros(size, dtype=torch.long, device=dev)
@@ -164,37 +192,40 @@ class _DecodeGraph:
                                   cu_q=list(range(size + 1)), kv_lens=[1] * size, cache=runner.cache, is_decode=True,
                                   ring_slot_mapping=self.ring_slots, ring_page_table=self.ring_table)
         net = runner.network
+
+        def forward():
+            out = net.forward_batch(self.ids, self.batch, None, return_hidden=return_hidden)
+            return out if return_hidden else (out, None)
+
         with assume_capture():  # compile and load every kernel the graph will use before capturing
             for _ in range(2):
-                self.logits = net.forward_batch(self.ids, self.batch, None)
+                self.logits, self.hidden = forward()
         torch.cuda.synchronize(dev)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = net.forward_batch(self.ids, self.batch, None)
+            self.logits, self.hidden = forward()
 
-    def replay(self, items: list[StepItem]) -> torch.Tensor:
-        r, s, n = self.runner, self.runner.page_size, len(items)
-        ids = torch.tensor([it.tokens[0] for it in items], dtype=torch.long)
-        pos = [it.seq.num_tokens for it in items]
-        slots = [it.seq.page_ids[p // s] * s + p % s for it, p in zip(items, pos)]
-        table = torch.full((n, r.max_pages), -1, dtype=torch.int32)
-        for b, it in enumerate(items):
-            table[b, :len(it.seq.page_ids)] = torch.tensor(it.seq.page_ids, dtype=torch.int32)
+    def replay(self, rows: list[tuple[SequenceCache, int, int]]):
+        """Run the captured step for ``(sequence, position, token)`` rows; returns the output buffers."""
+        r, s, n = self.runner, self.runner.page_size, len(rows)
         pad = self.size - n  # padding rows must point at the dummy page again: a row left over from a
         dummy = r.dummy_page  # bigger earlier step would write into a page that is no longer its own
-        self.ids.copy_(torch.cat([ids, torch.zeros(pad, dtype=torch.long)]))
+        self.ids.copy_(torch.tensor([tok for _, _, tok in rows] + [0] * pad, dtype=torch.long))
+        pos = [p for _, p, _ in rows]
         self.positions.copy_(torch.tensor(pos + [0] * pad, dtype=torch.long))
+        slots = [seq.page_ids[p // s] * s + p % s for seq, p, _ in rows]
         self.slots.copy_(torch.tensor(slots + [dummy * s] * pad, dtype=torch.long))
         full_table = torch.full((self.size, r.max_pages), -1, dtype=torch.int32)
-        full_table[:n] = table
+        for b, (seq, _, _) in enumerate(rows):
+            full_table[b, :len(seq.page_ids)] = torch.tensor(seq.page_ids, dtype=torch.int32)
         full_table[n:, 0] = dummy
         self.table.copy_(full_table)
         self.kv_lens.copy_(torch.tensor([p + 1 for p in pos] + [1] * pad, dtype=torch.int32))
-        seq_slots = [it.seq.slot for it in items] + [r.cache.dummy_slot] * pad
+        seq_slots = [seq.slot for seq, _, _ in rows] + [r.cache.dummy_slot] * pad
         self.seq_slots.copy_(torch.tensor(seq_slots, dtype=torch.long))
         if self.ring_slots is not None:
             ring = [r.cache.ring_slot(slot, p) for slot, p in zip(seq_slots, pos + [0] * pad)]
             self.ring_slots.copy_(torch.tensor(ring, dtype=torch.long))
             self.ring_table.copy_(r._ring_table(seq_slots, r.max_pages))
         self.graph.replay()
-        return self.logits
+        return self.logits, self.hidden, self.batch
