@@ -36,7 +36,7 @@ class ToyMtpLM(CausalLM):
             # mostly the hidden state: the drafts then correlate with the trunk's predictions
             proj = torch.cat([0.3 * torch.randn(hidden, hidden, generator=g) / hidden ** 0.5,
                               torch.eye(hidden)], dim=0)
-            self.projections.append(proj.to(trunk.options.dtype))
+            self.projections.append(proj.to(device=trunk.options.device, dtype=trunk.options.dtype))
         self.norm = RMSNorm(None, 1e-6)
 
     @property
