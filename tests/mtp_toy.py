@@ -58,8 +58,9 @@ class ToyMtpLM(CausalLM):
         return self.trunk.forward_batch(input_ids, batch, logits_rows, return_hidden=return_hidden)
 
     def _mix(self, depth, hidden, next_ids):
-        x = torch.cat([self.norm(self.trunk.embed(next_ids)), self.norm(hidden)], dim=-1)
-        return x @ self.projections[depth - 1]
+        proj = self.projections[depth - 1]
+        x = torch.cat([self.norm(self.trunk.embed(next_ids)).to(proj.dtype), self.norm(hidden).to(proj.dtype)], -1)
+        return (x @ proj).to(hidden.dtype)  # the trunk's residual dtype (fp32 in Gemma 4)
 
     def mtp_forward(self, depth, hidden, next_ids, batch, logits_rows=None):
         x = self.draft_layers[depth - 1](self._mix(depth, hidden, next_ids), batch.positions, batch)
