@@ -66,18 +66,21 @@ def main() -> int:
 
     toy = copy.copy(model)
     toy.network = ToyMtpLM(model.network, 3)
+    draft_model = load_checkpoint(SyntheticCheckpoint(args.synthetic, bits=2, head_bits=4), device="cuda")
     for batch in (1, 4):
         plain, _, t_plain = run(model, prompts[:batch], args.tokens)
-        for name, m, opts in (("ngram", model, DraftOptions(mode="ngram", num_tokens=4)),
-                              ("toy-mtp", toy, DraftOptions(mode="mtp", num_tokens=3))):
-            out, gen, dt = run(m, prompts[:batch], args.tokens, draft=opts)
+        for name, m, opts, extra in (("ngram", model, DraftOptions(mode="ngram", num_tokens=4), {}),
+                                     ("toy-mtp", toy, DraftOptions(mode="mtp", num_tokens=3), {}),
+                                     ("draft-model", model, DraftOptions(mode="model", num_tokens=3),
+                                      {"draft_model": draft_model})):
+            out, gen, dt = run(m, prompts[:batch], args.tokens, draft=opts, **extra)
             agree = [agreement(a, b) for a, b in zip(out, plain)]
             res.add("speculative_greedy", {
                 "drafter": name, "batch": batch, "tokens_per_job": args.tokens,
                 "identical_jobs": sum(a == args.tokens for a in agree), "agree_before_first_difference": agree,
                 "acceptance_per_depth": gen.draft_stats.acceptance_per_depth,
                 "mean_tokens_per_step": gen.draft_stats.mean_tokens_per_step,
-                "graphs": [list(k) for k in sorted(gen.runner.graphs)], "seconds": dt, "plain_seconds": t_plain})
+                "graphs": sorted(str(k) for k in gen.runner.graphs), "seconds": dt, "plain_seconds": t_plain})
     return 0
 
 

@@ -70,9 +70,10 @@ class DraftModelDrafter:
         if any(s.slots for s in specs):
             raise InvalidArgumentError("the draft model keeps per-sequence state that cannot be rolled back")
         pages_per_seq = -(-(max_seq_len + max_draft + 1) // page_size)
-        self.cache = PagedCache(specs, num_pages=max_batch_size * pages_per_seq, page_size=page_size,
+        graphs = net.options.device.type == "cuda"  # one more page: where graph padding rows write
+        self.cache = PagedCache(specs, num_pages=max_batch_size * pages_per_seq + graphs, page_size=page_size,
                                 max_seqs=max_batch_size, ring_margin=max_draft + 1)
-        self.runner = ModelRunner(net, self.cache, max_pages_per_seq=pages_per_seq, use_cuda_graphs=False)
+        self.runner = ModelRunner(net, self.cache, max_pages_per_seq=pages_per_seq, use_cuda_graphs=graphs)
         self.seqs: dict[int, tuple[SequenceCache, list[int]]] = {}  # job id -> (sequence, tokens it holds)
 
     def _sync(self, job) -> tuple[SequenceCache, list[int]]:
@@ -156,36 +157,32 @@ class MtpDrafter:
             jobs.append(job)
             self.drafts[job.id] = []
         for d in range(1, self.depth + 1):
-            spans, inputs, work = [], [], []
+            rows, inputs, work, logit_rows, wanted = [], [], [], [], []
             for job in jobs:
                 known, drafts = job.tokens, self.drafts[job.id]
                 todo = sorted(p for p in self.pending[job.id][d - 1] if p + d < len(known) + len(drafts))
                 if not todo:
                     continue
                 assert todo == list(range(todo[0], todo[-1] + 1)), "MTP positions must be contiguous"
-                nxt = [known[p + d] if p + d < len(known) else drafts[p + d - len(known)] for p in todo]
-                spans.append((job.cache, todo[0], nxt))
+                first = len(rows)
+                rows += [(job.cache, p, known[p + d] if p + d < len(known) else drafts[p + d - len(known)])
+                         for p in todo]
                 inputs += [self.pending[job.id][d - 1][p][0] for p in todo]
-                work.append((job, todo))
-            if not spans:
-                break
-            ids, batch = self.runner.layout(spans)
-            rows, wanted = [], []
-            for b, (job, todo) in enumerate(work):
-                last = job.cache.num_tokens - 1  # the last position the trunk has cached
-                if todo[-1] == last:
-                    rows.append(batch.cu_q[b] + len(todo) - 1)
+                work.append((job, todo, first))
+                if todo[-1] == job.cache.num_tokens - 1:  # the last cached position: its row drafts
+                    logit_rows.append(len(rows) - 1)
                     wanted.append(job)
-            logits, out = self.network.mtp_forward(d, torch.stack(inputs), ids, batch,
-                                                   torch.tensor(rows, dtype=torch.long, device=ids.device))
-            for job, row in zip(wanted, logits.argmax(-1).tolist()):
-                self.drafts[job.id].append(int(row))
-            for b, (job, todo) in enumerate(work):
+            if not rows:
+                break
+            logits, out = self.runner.run_mtp(d, rows, torch.stack(inputs), logit_rows)
+            for job, token in zip(wanted, logits.argmax(-1).tolist()):
+                self.drafts[job.id].append(int(token))
+            for job, todo, first in work:
                 here, known = self.pending[job.id][d - 1], len(job.tokens)
                 for i, p in enumerate(todo):
                     settled = here[p][1] and p + d < known
                     if d < self.depth:
-                        self.pending[job.id][d][p] = (out[batch.cu_q[b] + i], settled)
+                        self.pending[job.id][d][p] = (out[first + i], settled)
                     if settled:
                         del here[p]
 

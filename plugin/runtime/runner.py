@@ -152,26 +152,70 @@ class ModelRunner:
 
     def _run_graph(self, rows: list[tuple[SequenceCache, int, int]], return_hidden: bool):
         bucket = next(b for b in GRAPH_BUCKETS if b >= len(rows))
-        graph = self.graphs.get((bucket, return_hidden))
+        key = ("trunk", bucket, return_hidden)
+        graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[(bucket, return_hidden)] = _DecodeGraph(self, bucket, return_hidden)
-        # copies: the graph's output buffers are overwritten by the next replay
-        logits, hidden, batch = graph.replay(rows)
-        n = len(rows)
+            net = self.network
+
+            def body(ids, batch, inputs):
+                out = net.forward_batch(ids, batch, None, return_hidden=return_hidden)
+                return out if return_hidden else (out, None)
+
+            graph = self.graphs[key] = _DecodeGraph(self, bucket, body)
+        logits, hidden = graph.replay(rows)
+        n = len(rows)  # copies: the graph's output buffers are overwritten by the next replay
         if not return_hidden:
             return logits[:n].clone()
-        cu = list(range(n + 1))
-        real = ForwardBatch(positions=batch.positions[:n], slot_mapping=batch.slot_mapping[:n],
-                            page_table=batch.page_table[:n], kv_lens_t=batch.kv_lens_t[:n],
-                            seq_slots=batch.seq_slots[:n], cu_q=cu, kv_lens=[p + 1 for _, p, _ in rows],
-                            cache=self.cache, is_decode=True)
-        return logits[:n].clone(), hidden[:n].clone(), real
+        return logits[:n].clone(), hidden[:n].clone(), None
+
+    @torch.inference_mode()
+    def run_mtp(self, depth: int, rows: list[tuple[SequenceCache, int, int]], hidden: torch.Tensor,
+                logit_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP draft layer ``depth`` over ``(sequence, position, next token)`` rows (consecutive
+        positions per sequence) whose input hidden states are ``hidden``; fp32 logits of
+        ``logit_rows`` and the layer's hidden state of every row. Sequences' ``num_tokens`` are
+        not changed. Decode-row models replay CUDA graphs here too."""
+        net, n = self.network, len(rows)
+        if not net.verify_as_decode_rows:
+            spans: list[tuple[SequenceCache, int, list[int]]] = []
+            for seq, pos, tok in rows:
+                if spans and spans[-1][0] is seq and spans[-1][1] + len(spans[-1][2]) == pos:
+                    spans[-1][2].append(tok)
+                else:
+                    spans.append((seq, pos, [tok]))
+            ids, batch = self.layout(spans)
+            idx = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+            return net.mtp_forward(depth, hidden, ids, batch, idx)
+        if not (self.use_graphs and n <= GRAPH_BUCKETS[-1] and all(len(seq.page_ids) <= self.max_pages
+                                                                     for seq, _, _ in rows)):
+            ids, batch = self.layout([(seq, pos, [tok]) for seq, pos, tok in rows])
+            idx = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+            return net.mtp_forward(depth, hidden, ids, batch, idx)
+        bucket = next(b for b in GRAPH_BUCKETS if b >= n)
+        heads = next(b for b in GRAPH_BUCKETS if b >= max(1, len(logit_rows)))
+        key = ("mtp", depth, bucket, heads, tuple(hidden.shape[1:]), hidden.dtype)
+        graph = self.graphs.get(key)
+        if graph is None:
+            def body(ids, batch, inputs):
+                return net.mtp_forward(depth, inputs["hidden"], ids, batch, inputs["logit_rows"])
+
+            graph = self.graphs[key] = _DecodeGraph(self, bucket, body, inputs={
+                "hidden": ((bucket, *hidden.shape[1:]), hidden.dtype),
+                "logit_rows": ((heads,), torch.long)})
+        logits, out = graph.replay(rows, hidden=hidden,
+                                   logit_rows=torch.tensor(logit_rows + [0] * (heads - len(logit_rows))))
+        return logits[:len(logit_rows)].clone(), out[:n].clone()
 
 
 class _DecodeGraph:
-    """One captured decode step for up to ``size`` rows (one query each)."""
+    """One captured decode step for up to ``size`` rows (one query each).
 
-    def __init__(self, runner: ModelRunner, size: int, return_hidden: bool = False):
+    ``body(ids, batch, inputs)`` is the captured computation (the trunk's forward, or an MTP
+    draft layer's); ``inputs`` declares extra static input buffers ``name: (shape, dtype)``
+    that ``replay`` fills.
+    """
+
+    def __init__(self, runner: ModelRunner, size: int, body, inputs: dict | None = None):
         dev, s = runner.device, runner.page_size
         self.runner, self.size = runner, size
         self.ids = torch.zeros(size, dtype=torch.long, device=dev)
@@ -191,21 +235,17 @@ class _DecodeGraph:
                                   kv_lens_t=self.kv_lens, seq_slots=self.seq_slots,
                                   cu_q=list(range(size + 1)), kv_lens=[1] * size, cache=runner.cache, is_decode=True,
                                   ring_slot_mapping=self.ring_slots, ring_page_table=self.ring_table)
-        net = runner.network
-
-        def forward():
-            out = net.forward_batch(self.ids, self.batch, None, return_hidden=return_hidden)
-            return out if return_hidden else (out, None)
-
+        self.inputs = {name: torch.zeros(shape, dtype=dtype, device=dev) for name, (shape, dtype) in
+                       (inputs or {}).items()}
         with assume_capture():  # compile and load every kernel the graph will use before capturing
             for _ in range(2):
-                self.logits, self.hidden = forward()
+                self.out = body(self.ids, self.batch, self.inputs)
         torch.cuda.synchronize(dev)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits, self.hidden = forward()
+            self.out = body(self.ids, self.batch, self.inputs)
 
-    def replay(self, rows: list[tuple[SequenceCache, int, int]]):
+    def replay(self, rows: list[tuple[SequenceCache, int, int]], **inputs):
         """Run the captured step for ``(sequence, position, token)`` rows; returns the output buffers."""
         r, s, n = self.runner, self.runner.page_size, len(rows)
         pad = self.size - n  # padding rows must point at the dummy page again: a row left over from a
@@ -227,5 +267,7 @@ class _DecodeGraph:
             ring = [r.cache.ring_slot(slot, p) for slot, p in zip(seq_slots, pos + [0] * pad)]
             self.ring_slots.copy_(torch.tensor(ring, dtype=torch.long))
             self.ring_table.copy_(r._ring_table(seq_slots, r.max_pages))
+        for name, value in inputs.items():
+            self.inputs[name][: value.shape[0]].copy_(value)
         self.graph.replay()
-        return self.logits, self.hidden, self.batch
+        return self.out
