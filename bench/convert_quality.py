@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / "shared" / "golden"
+GOLDEN = Path(os.environ.get("EXL3_TRITON_GOLDEN", REPO.parent / "shared" / "golden"))
 
 CONFIGS = {  # name: (bits, codebook, head bits)
     "llama_k4_mcg": (4, "mcg", 8),

@@ -42,7 +42,10 @@ class ModelRunner:
         self.page_size = cache.page_size
         # graphs capture one device's stream; a model split over several GPUs runs eagerly
         self.use_graphs = use_cuda_graphs and self.device.type == "cuda" and network.options.plan is None
-        self.graphs: dict[int, _DecodeGraph] = {}
+        self.graphs: dict[tuple, _DecodeGraph] = {}
+        # one memory pool for every captured step, as vLLM does: steps never run concurrently and
+        # each step's outputs are copied out right after its replay
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.dummy_page = cache.reserve_dummy_page() if self.use_graphs else None
 
     # ------------------------------------------------------------- layout
@@ -242,7 +245,7 @@ class _DecodeGraph:
                 self.out = body(self.ids, self.batch, self.inputs)
         torch.cuda.synchronize(dev)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
             self.out = body(self.ids, self.batch, self.inputs)
 
     def replay(self, rows: list[tuple[SequenceCache, int, int]], **inputs):
