@@ -8,7 +8,6 @@ import inspect
 import json
 import logging
 import sys
-import time
 import types
 
 import pytest
@@ -61,13 +60,19 @@ def container(golden):
     mp.undo()
 
 
-def wait_idle(container):
+async def until_idle(container):
+    """TabbyAPI's event loop keeps running after a request ends: the generator's driver finishes
+    cancelled jobs at its next step. Wait for that inside the same loop."""
     gen = container.generator.generator
-    for _ in range(500):
+    for _ in range(1000):
         if not gen.has_work:
             return gen
-        time.sleep(0.01)
+        await asyncio.sleep(0.01)
     raise AssertionError("the generator kept a job")
+
+
+def wait_idle(container):
+    return asyncio.run(until_idle(container))
 
 
 def test_container_has_every_member_tabby_uses(container):
@@ -157,11 +162,12 @@ def test_disconnect_mid_stream_frees_the_job(container):
                 got += 1
                 if got == 2:
                     request.disconnect = True
+        await until_idle(container)
         return got
 
     assert asyncio.run(consume()) == 2
     assert handler.cleaned == 1, "the job's cleanup task ran"
-    gen = wait_idle(container)
+    gen = container.generator.generator
     assert not gen.running and not gen.waiting and gen.cache.num_free_pages == free
     assert container.active_job_ids == {}
 
@@ -178,11 +184,11 @@ def test_kobold_abort_event_stops_and_frees(container):
                                                      abort_event=abort):
             chunks.append(chunk)
             abort.set()
+        await until_idle(container)
         return chunks
 
     chunks = asyncio.run(consume())
     assert len(chunks) == 1 and "finish_reason" not in chunks[0]
-    gen = wait_idle(container)
     assert not gen.running and gen.cache.num_free_pages == free
 
 
