@@ -44,8 +44,9 @@ UNSUPPORTED_MODEL_KEYS = {
 
 MAPPED_DRAFT_KEYS = frozenset({"draft_mode", "draft_model_dir", "draft_model_name", "draft_num_tokens",
                                "dynamic_draft", "ngram_match_min", "ngram_max"})
-UNSUPPORTED_DRAFT_KEYS = {"draft_rope_scale": None, "draft_rope_alpha": None, "draft_cache_mode": "FP16",
-                          "draft_gpu_split": []}
+# (draft_rope_scale / draft_rope_alpha: TabbyAPI's own ExLlamaV3 container ignores them too)
+HOST_DRAFT_KEYS = frozenset({"draft_rope_scale", "draft_rope_alpha"})
+UNSUPPORTED_DRAFT_KEYS = {"draft_cache_mode": "FP16", "draft_gpu_split": []}
 
 
 @dataclass
@@ -75,7 +76,7 @@ def draft_options(draft: dict | None) -> tuple[DraftOptions, str | None]:
     if draft is not None and not isinstance(draft, dict):
         raise InvalidArgumentError(f"option draft_model: expected a mapping, got {draft!r}")
     draft = dict(draft or {})
-    _warn_ignored("draft_model", draft, MAPPED_DRAFT_KEYS | set(UNSUPPORTED_DRAFT_KEYS))
+    _warn_ignored("draft_model", draft, MAPPED_DRAFT_KEYS | HOST_DRAFT_KEYS | set(UNSUPPORTED_DRAFT_KEYS))
     _warn_unsupported("draft_model", draft, UNSUPPORTED_DRAFT_KEYS)
     mode = option_choice("draft_model.draft_mode", draft.get("draft_mode"), DRAFT_MODES) or "model"
     num = option_int("draft_model.draft_num_tokens", draft.get("draft_num_tokens"), minimum=1)

@@ -252,11 +252,13 @@ def test_model_block_maps_like_tabbyapi():
 def test_unknown_and_unsupported_options_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="exl3_triton.integrations"):
         tabby_options({"max_seq_len": 512, "model_name": "x", "backend": "", "cache_mode": "Q4",
-                       "made_up_key": 1, "draft_model": {"draft_mode": "mtp", "draft_typo": 2}},
+                       "made_up_key": 1, "draft_model": {"draft_mode": "mtp", "draft_typo": 2,
+                                                         "draft_rope_scale": 1.0}},
                       model_max_seq_len=512)
     text = caplog.text
     assert "model.made_up_key" in text and "draft_model.draft_typo" in text and "cache_mode='Q4'" in text
-    assert "model_name" not in text and "backend" not in text  # TabbyAPI's own keys pass silently
+    # TabbyAPI's own keys pass silently (draft_rope_scale defaults to 1.0 in TabbyAPI's config)
+    assert "model_name" not in text and "backend" not in text and "rope" not in text
 
 
 @pytest.mark.parametrize("kwargs, key", [

@@ -161,6 +161,12 @@ def test_unload_through_the_webui(webui):
     assert webui.model is None and model.model is None and not thread.is_alive()
 
 
+def test_exl3_models_default_to_this_loader_without_exllamav3(webui):
+    import modules.models_settings as settings
+
+    assert settings.get_model_metadata(MODEL)["loader"] == textgen.LOADER_NAME
+
+
 def test_other_loaders_still_use_the_webui_path(webui):
     import modules.models as models
 
