@@ -23,7 +23,7 @@ import json
 import pathlib
 from typing import Any, AsyncIterator
 
-from ..errors import InvalidArgumentError
+from ..errors import Exl3TritonError, InvalidArgumentError
 from .common import HostOptions, ProgressPhase, check_model_dir, draft_counts, load_model, log
 from .tabby_options import tabby_options
 
@@ -69,7 +69,6 @@ class Exl3TritonContainer:
         self.load_condition = asyncio.Condition()
         self.options = HostOptions()
         self.hf_model = None
-        self._progress = ProgressPhase()
 
     # ------------------------------------------------------------------ create / load
 
@@ -393,8 +392,9 @@ class Exl3TritonContainer:
     def _finish_chunk(self, job, request_id: str, full_text: str) -> dict:
         s = job.stats
         queue_time = (s.time_prefill_start or s.time_enqueued) - s.time_enqueued
-        prompt_time = (s.time_first_token or 0.0) - (s.time_prefill_start or 0.0) if s.time_first_token else 0.0
-        gen_time = (s.time_last_token - s.time_first_token) if s.time_first_token else 0.0
+        started = s.time_first_token is not None and s.time_prefill_start is not None
+        prompt_time = s.time_first_token - s.time_prefill_start if started else 0.0
+        gen_time = s.time_last_token - s.time_first_token if started else 0.0
         computed = s.prompt_tokens - s.cached_prompt_tokens
         chunk = {
             "request_id": request_id,
@@ -454,6 +454,21 @@ def install() -> None:
         return original(backend, hf_model)
 
     model_module.validate_backend = validate_backend
+
+    load = model_module.load_model
+
+    async def load_model(model_path, **kwargs):
+        # TabbyAPI's start-up load (main.py passes the whole `model:` block, model_name included) would end
+        # the server on any error; for a model exl3-triton cannot run, say why and serve without a model
+        # (API and inline loads, which pass no model_name, still raise to their caller).
+        try:
+            return await load(model_path, **kwargs)
+        except Exl3TritonError as e:
+            if "model_name" not in kwargs:
+                raise
+            log.error("model %s was not loaded: %s", model_path, e)
+
+    model_module.load_model = load_model
     registry = getattr(model_module, "_BACKEND_REGISTRY", None)
     if isinstance(registry, dict):  # TabbyAPI before 2026-07 (BaseModelContainer and a registry)
         registry[BACKEND_NAME] = Exl3TritonContainer

@@ -112,6 +112,8 @@ def install() -> None:
         finally:
             _selection.ours = False
         shared.args.loader = LoaderName(LOADER_NAME)
+        if model is not None:  # the webui logged the loader it was handed ("ExLlamav3")
+            importlib.import_module("modules.logging_colors").logger.info(f'LOADER: "{LOADER_NAME}" (exl3-triton)')
         return model, tokenizer
 
     for module in list(sys.modules.values()):  # modules.models and every `from modules.models import load_model`

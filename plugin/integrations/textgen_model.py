@@ -78,8 +78,8 @@ def options_from_webui(args, model_name: str) -> HostOptions:
     if getattr(args, "enable_tp", False):
         log.warning("tensor parallelism is not supported by exl3-triton; layers are split over GPUs instead")
     ctx = int(getattr(args, "ctx_size", 0) or 8192)  # the webui's own default for non-llama.cpp loaders
-    return HostOptions(max_seq_len=ctx, cache_tokens=ctx, gpu_split=option_gb_list("gpu_split", getattr(args, "gpu_split", None)),
-                       draft=draft_from_webui(args, model_name))
+    split = option_gb_list("gpu_split", getattr(args, "gpu_split", None))
+    return HostOptions(max_seq_len=ctx, cache_tokens=ctx, gpu_split=split, draft=draft_from_webui(args, model_name))
 
 
 def _sampling(state: dict, eos_ids: list[int]):
@@ -184,8 +184,9 @@ class Exllamav3Model:
 
     def get_logits(self, token_ids, **kwargs) -> torch.Tensor:
         """Logits ``(B, 1, vocab)`` fp32 on the CPU for the last position (a fresh, cache-free pass)."""
-        return self.model.forward(torch.as_tensor(token_ids).reshape(1, -1) if torch.as_tensor(token_ids).dim() < 2
-                                  else torch.as_tensor(token_ids))[:, -1:, :].float().cpu()
+        ids = torch.as_tensor(token_ids)
+        ids = ids.reshape(1, -1) if ids.dim() < 2 else ids
+        return self.model.forward(ids)[:, -1:, :].float().cpu()
 
     def get_prompt_logits(self, input_ids) -> torch.Tensor:
         """Logits ``(1, T, vocab)`` fp32 on the CPU for every prompt position."""

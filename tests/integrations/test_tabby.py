@@ -297,7 +297,7 @@ def test_unsupported_models_are_reported_not_crashed(tmp_path, golden, tabby_hos
                                     draft_model={"draft_mode": "mtp"}))
 
 
-def test_install_swaps_the_container_into_common_model(monkeypatch):
+def test_install_swaps_the_container_into_common_model(monkeypatch, caplog):
     def module(name, **attrs):
         mod = types.ModuleType(name)
         mod.__dict__.update(attrs)
@@ -310,9 +310,12 @@ def test_install_swaps_the_container_into_common_model(monkeypatch):
     class Deps:
         exllamav3 = False
 
+    async def load_model(model_path, **kwargs):  # stands for TabbyAPI's: create() refuses the model
+        raise InvalidArgumentError(f"exl3-triton cannot load {model_path}: quantized with 'gptq'")
+
     module("common", __path__=[])
     model_module = module("common.model", ExllamaV3Container=object, validate_backend=validate_backend,
-                          _BACKEND_REGISTRY={})
+                          _BACKEND_REGISTRY={}, load_model=load_model)
     module("common.optional_dependencies", dependencies=Deps())
     tabby.install()
     assert model_module.ExllamaV3Container is Exl3TritonContainer
@@ -322,3 +325,9 @@ def test_install_swaps_the_container_into_common_model(monkeypatch):
         model_module.validate_backend("exllamav2", None)
     assert model_module._BACKEND_REGISTRY["exl3-triton"] is Exl3TritonContainer
     assert sys.modules["common.optional_dependencies"].dependencies.exllamav3 is True
+    # start-up load (main.py passes model_name): reported, the server goes on without a model
+    with caplog.at_level(logging.ERROR, logger="exl3_triton.integrations"):
+        asyncio.run(model_module.load_model("models/bad", model_name="bad", draft_model={}))
+    assert "gptq" in caplog.text
+    with pytest.raises(InvalidArgumentError):  # an inline load still fails for its request
+        asyncio.run(model_module.load_model("models/bad", draft_model={}))
