@@ -331,3 +331,20 @@ def test_install_swaps_the_container_into_common_model(monkeypatch, caplog):
     assert "gptq" in caplog.text
     with pytest.raises(InvalidArgumentError):  # an inline load still fails for its request
         asyncio.run(model_module.load_model("models/bad", draft_model={}))
+
+
+def test_stop_strings_and_sampler_mapping(container):
+    greedy = asyncio.run(container.generate("g", PROMPT, host.SamplerRequest(max_tokens=8, temperature=0.0,
+                                                                                 ban_eos_token=True)))
+    text = greedy["text"]
+    stop = text[3:5]
+    assert len(stop) == 2 and text.find(stop) == 3
+    stopped = asyncio.run(container.generate("s", PROMPT, host.SamplerRequest(
+        max_tokens=8, temperature=0.0, ban_eos_token=True, stop=[stop])))
+    assert stopped["text"] == text[:3] and stopped["finish_reason"] == "stop"
+    assert stopped["eos_reason"] == "stop_string"
+    # top_k 1 keeps only the most likely token: the same text as greedy, whatever the temperature
+    top1 = asyncio.run(container.generate("k", PROMPT, host.SamplerRequest(max_tokens=8, temperature=1.5, top_k=1,
+                                                                           ban_eos_token=True)))
+    assert top1["text"] == text
+    wait_idle(container)
