@@ -6,6 +6,9 @@
     exl3-triton generate MODEL_DIR --prompt TEXT [sampling options]
     exl3-triton chat     MODEL_DIR
     exl3-triton convert  IN_DIR OUT_DIR --bits B [--head-bits H] [--codebook mcg|mul1|3inst] ...
+    exl3-triton textgen  WEBUI_DIR [webui args]     text-generation-webui with the ExLlamav3-Triton loader
+    exl3-triton install-textgen WEBUI_DIR           the webui extension (MTP tab) into user_data/extensions
+    exl3-triton tabby    TABBY_DIR [tabby args]     TabbyAPI with this package as its backend
 
 Errors a user can cause print one line ``error: ...`` to stderr and exit with
 status 2; nothing prints a traceback for bad input.
@@ -316,6 +319,50 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ hosts
+
+def cmd_textgen(args: argparse.Namespace) -> int:
+    from .integrations.textgen import launch
+
+    return launch(args.webui_dir, args.host_args)
+
+
+def cmd_install_textgen(args: argparse.Namespace) -> int:
+    from .integrations.textgen import EXTENSION_NAME, install_extension
+
+    path = install_extension(args.webui_dir)
+    print(f"wrote {path}; enable it with --extensions {EXTENSION_NAME} (or start the webui with "
+          f"'exl3-triton textgen {args.webui_dir}', which enables it)")
+    return 0
+
+
+def cmd_tabby(args: argparse.Namespace) -> int:
+    from .integrations.tabby import launch
+
+    return launch(args.tabby_dir, args.host_args)
+
+
+def _add_host_commands(sub) -> None:
+    p = sub.add_parser("textgen", help="run text-generation-webui with the ExLlamav3-Triton loader",
+                       description="Run text-generation-webui's server.py from WEBUI_DIR with the ExLlamav3-Triton "
+                                   "loader installed; every further argument goes to the webui "
+                                   "(e.g. --model MODEL --loader exl3-triton).")
+    p.add_argument("webui_dir", help="text-generation-webui checkout")
+    p.add_argument("host_args", nargs=argparse.REMAINDER, help="arguments for the webui's server.py")
+    p.set_defaults(func=cmd_textgen)
+
+    p = sub.add_parser("install-textgen", help="install the exl3-triton extension (MTP tab) into a webui checkout")
+    p.add_argument("webui_dir", help="text-generation-webui checkout")
+    p.set_defaults(func=cmd_install_textgen)
+
+    p = sub.add_parser("tabby", help="run TabbyAPI with exl3-triton as its backend",
+                       description="Run TabbyAPI from TABBY_DIR with exl3-triton as its model container; every "
+                                   "further argument goes to TabbyAPI's main.py (e.g. --model-name MODEL).")
+    p.add_argument("tabby_dir", help="TabbyAPI checkout")
+    p.add_argument("host_args", nargs=argparse.REMAINDER, help="arguments for TabbyAPI")
+    p.set_defaults(func=cmd_tabby)
+
+
 # ------------------------------------------------------------------ main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=8192, help="safetensors shard size in MB (default 8192)")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.set_defaults(func=cmd_convert)
+    _add_host_commands(sub)
     return parser
 
 
