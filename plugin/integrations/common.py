@@ -4,7 +4,6 @@ its generator with the host's options, draft statistics, and load-progress phase
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,13 +116,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def generator_takes_draft() -> bool:
-    """Whether this build's Generator does speculative decoding (``Generator(..., draft=DraftOptions)``)."""
-    from ..runtime.generator import Generator
-
-    return "draft" in inspect.signature(Generator.__init__).parameters
-
-
 def make_generator(model, options: HostOptions):
     from ..runtime.generator import Generator
 
@@ -131,13 +123,7 @@ def make_generator(model, options: HostOptions):
     if options.draft.mode == "mtp" and not getattr(model.network, "mtp_depth", 0):
         raise InvalidArgumentError(f"draft mode 'mtp': {model.checkpoint.model_dir} has no MTP draft layers; "
                                    "choose draft mode ngram, model or disabled")
-    if options.draft.enabled:
-        if generator_takes_draft():
-            kwargs["draft"] = options.draft
-        else:
-            log.warning("draft mode %r requested, but this exl3-triton build has no speculative decoding; "
-                        "generating without drafts", options.draft.mode)
-    return Generator(model, **kwargs)
+    return Generator(model, draft=options.draft, **kwargs)
 
 
 def load_model(model_dir: str | Path, options: HostOptions, progress=None):

@@ -10,7 +10,7 @@ exist unchanged in Gradio 4.37 (the webui's pin) and later are used.
 from __future__ import annotations
 
 from ..runtime.drafting_options import DRAFT_MODES, MAX_DRAFT_TOKENS
-from .common import generator_takes_draft, log
+from .common import log
 from .textgen_model import DRAFT_SETTINGS
 
 params = DRAFT_SETTINGS
@@ -38,8 +38,6 @@ def draft_status() -> str:
     model = getattr(shared, "model", None) if shared is not None else None
     lines = [f"Draft source for the next load: **{params['draft_mode']}** ({MODE_HELP[params['draft_mode']]}), "
              f"{params['draft_num_tokens']} token(s) per step{', dynamic' if params['dynamic_draft'] else ''}."]
-    if not generator_takes_draft():
-        lines.append("This exl3-triton build has no speculative decoding yet: the options are kept for later.")
     if not isinstance(model, Exllamav3Model) or model.parallel_generator is None:
         lines.append("No model is loaded with the ExLlamav3-Triton loader.")
         return "\n\n".join(lines)

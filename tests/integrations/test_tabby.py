@@ -348,3 +348,30 @@ def test_stop_strings_and_sampler_mapping(container):
                                                                            ban_eos_token=True)))
     assert top1["text"] == text
     wait_idle(container)
+
+
+def test_ngram_drafting_through_the_container(golden):
+    """TabbyAPI's draft_model block switches on speculative decoding: same greedy text as without,
+    and the finish chunk counts accepted and rejected drafts."""
+    mp = pytest.MonkeyPatch()
+    host.install_host_modules(mp)
+    try:
+        c, _ = asyncio.run(host.drive_load(Exl3TritonContainer, golden / "exl3" / MODEL, max_seq_len=256,
+                                           cache_size=512, max_batch_size=2, chunk_size=64,
+                                           draft_model={"draft_mode": "ngram", "draft_num_tokens": 3}))
+        prompt = "the cat the cat the cat the cat"
+        params = host.SamplerRequest(max_tokens=24, temperature=0.0, ban_eos_token=True)
+        out = asyncio.run(host.openai_stream(c, "req-d", prompt, params, host.DisconnectHandler(host.FakeRequest())))
+        final = out[-1][1]
+        assert final["draft_accept"] + final["draft_reject"] > 0 and final["draft_accept"] > 0
+        text = final["full_text"]
+        asyncio.run(c.unload())
+    finally:
+        mp.undo()
+    model = load(golden / "exl3" / MODEL)
+    plain = Generator(model, max_batch_size=1, max_seq_len=256)
+    from exl3_triton import SamplingParams
+
+    ids = c.encode_tokens(prompt)
+    banned = tuple(model.tokenizer.eos_token_ids)  # ban_eos_token
+    assert text == plain.generate(ids, max_new_tokens=24, stop_tokens=[], sampling=SamplingParams(banned_tokens=banned))
