@@ -1,0 +1,190 @@
+"""Multi-head latent attention (DeepSeek-V2/V3 style) as OpenPanguV2 uses it.
+
+architectures.md §0.3 / §3.4. Per token ``h``:
+
+* ``q_lora = norm_qa(mome_qa(q_a_proj(h)))``, ``q = q_b_proj(q_lora)`` -> per head
+  ``[q_nope | q_pe]``;
+* ``[c | k_pe] = kv_a_proj_with_mqa(h)``, ``c = norm_kva(mome_kv(c))`` (the cached latent);
+* NEOX RoPE on the trailing ``q_pe`` and the single shared ``k_pe`` head;
+* absorbed attention: ``score = (W_UK^T q_nope) . c + q_pe . k_pe`` times
+  ``(d_nope + d_rope)^-0.5``, ``out_h = W_UV_h sum_s p_s c_s``; ``kv_b_proj`` is kept dense;
+* ``o = mome_o(concat_h out_h)``, ``o_proj(o)``.
+
+Pangu extras, all optional here: learned sink entries (``param_sink_compressed_kv``
+normed like a token latent, ``param_sink_k_pe`` not rotated) that every query sees
+and the window/selection never hide; the MoME short convolutions (``short_conv``);
+a sliding ``window`` (counting the current token); a lightning indexer whose top-k
+picks the visible tokens (DSA layers).
+
+Cached state (``cache_spec``), indexed by position so that speculative decoding can
+roll back by forgetting positions:
+
+* paged (or a ring for windowed layers): the normed latent ``c``, the rotated ``k_pe``
+  and, on DSA layers, the indexer key;
+* per sequence slot, a small ring of ``CONV_RING`` rows indexed by ``position %
+  CONV_RING`` holding each MoME convolution's *input* (the previous ``K-1`` of them are
+  the convolution's state). It must be longer than ``K-1`` plus the most tokens fed
+  after a position that may still be rolled back to (a draft chain), hence 32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..batch import ForwardBatch
+from ..cache_spec import LayerCacheSpec, PagedTensorSpec, SlotTensorSpec
+from .lightning_indexer import LightningIndexer
+from .linear import Linear
+from .norm import RMSNorm
+from .rope import RotaryEmbedding, rotate_half
+from .short_conv import ShortConv, sliding_windows
+
+CONV_RING = 32
+CONV_INPUTS = ("qa_in", "kv_in", "o_in")  # cache names of the MoME convs' inputs, in (qa, kv, o) order
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, *, q_a_proj: Linear, q_a_norm: RMSNorm, q_b_proj: Linear, kv_a_proj: Linear,
+                 kv_a_norm: RMSNorm, kv_b: torch.Tensor, o_proj: Linear, num_heads: int, nope_dim: int,
+                 rope_dim: int, v_dim: int, rope: RotaryEmbedding, window: int | None = None, ring: bool = False,
+                 sink_latent: torch.Tensor | None = None, sink_k_pe: torch.Tensor | None = None,
+                 convs: tuple[ShortConv, ShortConv, ShortConv] | None = None,
+                 indexer: LightningIndexer | None = None, layer_idx: int = 0):
+        super().__init__()
+        self.q_a_proj, self.q_a_norm, self.q_b_proj = q_a_proj, q_a_norm, q_b_proj
+        self.kv_a_proj, self.kv_a_norm, self.o_proj = kv_a_proj, kv_a_norm, o_proj
+        self.num_heads, self.nope_dim, self.rope_dim, self.v_dim = num_heads, nope_dim, rope_dim, v_dim
+        self.kv_rank = kv_b.shape[1]
+        w = kv_b.float().view(num_heads, nope_dim + v_dim, self.kv_rank)
+        self.register_buffer("w_uk", w[:, :nope_dim].contiguous())  # [heads, nope, rank]
+        self.register_buffer("w_uv", w[:, nope_dim:].contiguous())  # [heads, v, rank]
+        self.scale = (nope_dim + rope_dim) ** -0.5
+        self.rope, self.window, self.ring = rope, window, ring
+        if (sink_latent is None) != (sink_k_pe is None):
+            raise ValueError("sink entries need both their latent and their k_pe")
+        if sink_latent is None:
+            sink_latent, sink_k_pe = torch.zeros(0, self.kv_rank), torch.zeros(0, rope_dim)
+        else:  # constant per layer: normalise once (the reference normalises sinks in fp32)
+            sink_latent = kv_a_norm(sink_latent.float())
+        self.register_buffer("sink_c", sink_latent.float())
+        self.register_buffer("sink_pe", sink_k_pe.float())
+        self.convs = None if convs is None else nn.ModuleList(convs)
+        self.indexer = indexer
+        self.layer_idx = layer_idx
+
+    # ------------------------------------------------------------- state
+
+    def cache_spec(self, dtype: torch.dtype, device: torch.device) -> LayerCacheSpec:
+        paged = [PagedTensorSpec("c", (self.kv_rank,), dtype), PagedTensorSpec("kpe", (self.rope_dim,), dtype)]
+        if self.indexer is not None:
+            paged.append(PagedTensorSpec("kidx", (self.indexer.head_dim,), dtype))
+        slots = ()
+        if self.convs is not None:
+            slots = tuple(SlotTensorSpec(name, (CONV_RING, conv.channels), dtype)
+                          for name, conv in zip(CONV_INPUTS, self.convs))
+        return LayerCacheSpec(paged=tuple(paged), slots=slots, window=self.window, device=torch.device(device),
+                              ring=self.ring)
+
+    # ------------------------------------------------------------- one sequence
+
+    def _mome(self, which: int, x: torch.Tensor, previous: torch.Tensor | None, positions: torch.Tensor):
+        if self.convs is None:
+            return x
+        conv = self.convs[which]
+        if previous is None:
+            previous = x.new_zeros(conv.width - 1, x.shape[-1])
+        return conv(sliding_windows(x, previous, conv.width), positions)
+
+    def _chunk(self, h: torch.Tensor, positions: torch.Tensor, hist: dict) -> tuple[torch.Tensor, dict]:
+        """Consecutive new rows ``h [n, hidden]`` of one sequence at ``positions [n]``, after the
+        cached ``hist`` (``positions``, ``c``, ``kpe``, ``kidx`` of earlier tokens, and each conv's
+        previous inputs). Returns the output ``[n, hidden]`` and the new rows' state."""
+        n, heads = h.shape[0], self.num_heads
+        prev = hist.get("conv_prev", (None, None, None))
+        qa_in = self.q_a_proj(h)
+        q_lora = self.q_a_norm(self._mome(0, qa_in, prev[0], positions))
+        q = self.q_b_proj(q_lora).float().view(n, heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        kv_in, k_pe = self.kv_a_proj(h).split([self.kv_rank, self.rope_dim], dim=-1)
+        c = self.kv_a_norm(self._mome(1, kv_in.contiguous(), prev[1], positions)).float()
+        cos, sin = self.rope(positions)
+        q_pe = q_pe * cos[:, None] + rotate_half(q_pe) * sin[:, None]
+        k_pe = k_pe.float() * cos + rotate_half(k_pe.float()) * sin
+        new = {"c": c, "kpe": k_pe, "qa_in": qa_in, "kv_in": kv_in}
+
+        key_pos = torch.cat([hist["positions"], positions])
+        keys_c = torch.cat([hist["c"].float(), c])
+        keys_pe = torch.cat([hist["kpe"].float(), k_pe])
+        visible = key_pos[None, :] <= positions[:, None]
+        if self.window is not None:
+            visible &= key_pos[None, :] > positions[:, None] - self.window
+        if self.indexer is not None:
+            k_idx = self.indexer.keys(h, cos, sin)
+            new["kidx"] = k_idx
+            q_idx, w_idx = self.indexer.queries(q_lora, h, cos, sin)
+            visible = self.indexer.select(q_idx, w_idx, torch.cat([hist["kidx"].float(), k_idx]), visible)
+        self.last_selection = visible  # tests compare the DSA selection with the reference's
+
+        # sinks first, always visible; absorbed attention in the latent space
+        keys_c = torch.cat([self.sink_c, keys_c])
+        keys_pe = torch.cat([self.sink_pe, keys_pe])
+        visible = torch.cat([visible.new_ones(n, self.sink_c.shape[0]), visible], dim=1)
+        q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
+        scores = (torch.einsum("nhr,sr->nhs", q_abs, keys_c) + torch.einsum("nhd,sd->nhs", q_pe, keys_pe)) * self.scale
+        probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+        ctx = torch.einsum("nhs,sr->nhr", probs, keys_c)
+        o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(h.dtype)
+        new["o_in"] = o_in
+        return self.o_proj(self._mome(2, o_in, prev[2], positions)), new
+
+    def empty_history(self, like: torch.Tensor) -> dict:
+        hist = {"positions": torch.zeros(0, dtype=torch.long, device=like.device),
+                "c": like.new_zeros(0, self.kv_rank), "kpe": like.new_zeros(0, self.rope_dim)}
+        if self.indexer is not None:
+            hist["kidx"] = like.new_zeros(0, self.indexer.head_dim)
+        return hist
+
+    # ------------------------------------------------------------- entry points
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        """Without ``batch``: one whole sequence ``x [T, hidden]`` from position 0, no cache.
+        With ``batch``: packed tokens of several sequences, history from the paged cache."""
+        if batch is None:
+            return self._chunk(x, positions, self.empty_history(x))[0]
+        return self._forward_cached(x, batch)
+
+    def _forward_cached(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
+        table = batch.ring_page_table if self.ring else batch.page_table
+        write_at = batch.ring_slot_mapping if self.ring else batch.slot_mapping
+        page_size = batch.cache.page_size
+        outs = []
+        for b, lo, hi in batch.segments():
+            n = hi - lo
+            start = batch.kv_lens[b] - n  # first new position
+            first = 0 if self.window is None else max(0, start - self.window + 1)
+            hist_pos = torch.arange(first, start, device=x.device)
+            where = table[b, hist_pos // page_size].long() * page_size + hist_pos % page_size
+            hist = {"positions": hist_pos}
+            for name, t in paged.items():
+                hist[name] = t.flatten(0, 1)[where]
+            seq_slot = int(batch.seq_slots[b])
+            if self.convs is not None:
+                k = self.convs[0].width - 1
+                ring_rows = torch.arange(start - k, start, device=x.device) % CONV_RING
+                hist["conv_prev"] = tuple(slots[name][seq_slot][ring_rows] for name in CONV_INPUTS)
+            out, new = self._chunk(x[lo:hi], batch.positions[lo:hi], hist)
+            outs.append(out)
+            # store after reading: a ring slot written now may have held a position read above
+            dest = write_at[lo:hi]
+            keep = dest >= 0
+            for name, t in paged.items():
+                t.flatten(0, 1).index_copy_(0, dest[keep], new[name][keep].to(t.dtype))
+            if self.convs is not None:
+                last = slice(max(0, n - CONV_RING), n)  # earlier rows would be overwritten in this chunk
+                rows = batch.positions[lo:hi][last] % CONV_RING
+                for name in CONV_INPUTS:
+                    slots[name][seq_slot].index_copy_(0, rows, new[name][last].to(slots[name].dtype))
+        return torch.cat(outs)
+
