@@ -94,7 +94,7 @@ def test_teacher_forced_mtp_logits_match_the_reference(pangu, ref):
 # ------------------------------------------------------------------ cached path
 
 
-@pytest.mark.parametrize("chunks,page_size", [([96], 16), ([5, 30], 8), ([17], 32), ([], 8)])
+@pytest.mark.parametrize("chunks,page_size", [([96], 16), ([5, 30], 8), ([17, 40, 3, 20], 32)])
 def test_cached_prefill_and_decode_equal_the_full_forward(pangu, ref, chunks, page_size):
     """Past the window (16) and the indexer's top-k (16), with rings wrapping and chunk edges anywhere."""
     ids = ref["ids"].tolist()
@@ -109,7 +109,7 @@ def test_concurrent_jobs_match_single_runs_and_the_full_forward(pangu):
 
     def run(prompt_list):
         gen = Generator(pangu, max_batch_size=4, max_seq_len=96, chunk_size=16)
-        jobs = [gen.enqueue(Job(p, max_new_tokens=10, stop_tokens=[])) for p in prompt_list]
+        jobs = [gen.enqueue(Job(p, max_new_tokens=6, stop_tokens=[])) for p in prompt_list]
         list(gen.iterate())
         return [j.output_ids for j in jobs]
 
@@ -144,6 +144,31 @@ def test_mtp_layers_cached_step_by_step_equal_teacher_forcing(pangu, ref):
         seq.num_tokens += size
         pos += size
     assert _row_rel_err(torch.cat(got), want).max() < 1e-5
+
+
+def test_decode_step_reads_no_host_values(pangu, ref):
+    """A captured decode step sees placeholder host values (kv_lens 1): the result must not change."""
+    import dataclasses
+
+    from exl3_triton.runtime.cache import PagedCache
+    from exl3_triton.runtime.runner import ModelRunner, StepItem
+
+    net, ids = pangu.network, ref["ids"].tolist()
+    cache = PagedCache(net.cache_spec(), num_pages=8, page_size=16, max_seqs=4)
+    runner = ModelRunner(net, cache, max_pages_per_seq=8, use_cuda_graphs=False)
+    seqs = [cache.new_sequence() for _ in range(2)]
+    for seq, n in zip(seqs, (50, 33)):  # both past the window and the indexer's top-k
+        cache.reserve(seq, n + 1)
+        with torch.inference_mode():
+            runner.run([StepItem(seq, ids[:n], True)])
+    step_ids, batch, _ = runner.build_batch([StepItem(s, [ids[s.num_tokens]], True) for s in seqs])
+    assert batch.is_decode
+    placeholder = dataclasses.replace(batch, kv_lens=[1, 1], cu_q=[0, 1, 2], memo={})
+    with torch.inference_mode():
+        real = net.forward_batch(step_ids, batch)
+        blind = net.forward_batch(step_ids, placeholder)
+    assert torch.equal(real, blind)
+    assert _row_rel_err(real[0:1], ref["logits"][50:51]).max() < 1e-4
 
 
 def test_decode_state_is_indexed_by_position(pangu):

@@ -48,10 +48,14 @@ class LightningIndexer(nn.Module):
         return rope_leading(q, cos, sin), self.weights_proj(h).float()
 
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """``candidates [n, m]`` (bool, the causal tokens) -> the kept ones ``[n, m]`` (bool)."""
-        scores = torch.einsum("ng,ngm->nm", w, torch.relu(torch.einsum("ngd,md->ngm", q, keys.float())))
+        """``candidates [n, m]`` (bool, the causal tokens) -> the kept ones ``[n, m]`` (bool).
+
+        ``keys``: ``[m, D]`` shared by all rows, or ``[n, m, D]``, one set per row."""
+        per_row = "n" if keys.dim() == 3 else ""
+        dots = torch.einsum(f"ngd,{per_row}md->ngm", q, keys.float())
+        scores = torch.einsum("ng,ngm->nm", w, torch.relu(dots))
         scores = scores.masked_fill(~candidates, float("-inf"))
-        k = min(self.top_k, keys.shape[0])
+        k = min(self.top_k, keys.shape[-2])
         best = torch.topk(scores, k, dim=-1)
         keep = torch.zeros_like(candidates)
         # rows with fewer than k candidates pick some -inf entries: those stay out

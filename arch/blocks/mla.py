@@ -42,6 +42,7 @@ from .short_conv import ShortConv, sliding_windows
 
 CONV_RING = 32
 CONV_INPUTS = ("qa_in", "kv_in", "o_in")  # cache names of the MoME convs' inputs, in (qa, kv, o) order
+INVALID = 1 << 62  # key position of history entries that do not exist (never visible)
 
 
 class MLAAttention(nn.Module):
@@ -89,18 +90,26 @@ class MLAAttention(nn.Module):
     # ------------------------------------------------------------- one sequence
 
     def _mome(self, which: int, x: torch.Tensor, previous: torch.Tensor | None, positions: torch.Tensor):
+        """``previous``: the inputs before a consecutive chunk ``[K-1, C]``, or before each row ``[n, K-1, C]``."""
         if self.convs is None:
             return x
         conv = self.convs[which]
         if previous is None:
             previous = x.new_zeros(conv.width - 1, x.shape[-1])
+        if previous.dim() == 3:
+            return conv(torch.cat([previous.to(x.dtype), x[:, None]], dim=1), positions)
         return conv(sliding_windows(x, previous, conv.width), positions)
 
     def _chunk(self, h: torch.Tensor, positions: torch.Tensor, hist: dict) -> tuple[torch.Tensor, dict]:
-        """Consecutive new rows ``h [n, hidden]`` of one sequence at ``positions [n]``, after the
-        cached ``hist`` (``positions``, ``c``, ``kpe``, ``kidx`` of earlier tokens, and each conv's
-        previous inputs). Returns the output ``[n, hidden]`` and the new rows' state."""
+        """New rows ``h [n, hidden]`` at ``positions [n]`` after the cached history ``hist``
+        (``positions``, ``c``, ``kpe``, ``kidx`` of earlier tokens and each conv's previous inputs).
+
+        Two layouts of ``hist``: shared by all rows (``positions [m]``; the rows are one
+        sequence's consecutive tokens, a prefill chunk), or one history per row
+        (``positions [n, m]``, entries that do not exist at ``INVALID``; a decode step, one
+        row per sequence). Returns the output ``[n, hidden]`` and the new rows' state."""
         n, heads = h.shape[0], self.num_heads
+        per_row = hist["positions"].dim() == 2
         prev = hist.get("conv_prev", (None, None, None))
         qa_in = self.q_a_proj(h)
         q_lora = self.q_a_norm(self._mome(0, qa_in, prev[0], positions))
@@ -113,27 +122,35 @@ class MLAAttention(nn.Module):
         k_pe = k_pe.float() * cos + rotate_half(k_pe.float()) * sin
         new = {"c": c, "kpe": k_pe, "qa_in": qa_in, "kv_in": kv_in}
 
-        key_pos = torch.cat([hist["positions"], positions])
-        keys_c = torch.cat([hist["c"].float(), c])
-        keys_pe = torch.cat([hist["kpe"].float(), k_pe])
-        visible = key_pos[None, :] <= positions[:, None]
+        def with_new(old: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+            return torch.cat([old.float(), fresh[:, None]], 1) if per_row else torch.cat([old.float(), fresh])
+
+        key_pos = torch.cat([hist["positions"], positions[:, None]], 1) if per_row \
+            else torch.cat([hist["positions"], positions])[None, :]
+        keys_c, keys_pe = with_new(hist["c"], c), with_new(hist["kpe"], k_pe)
+        visible = key_pos <= positions[:, None]
         if self.window is not None:
-            visible &= key_pos[None, :] > positions[:, None] - self.window
+            visible &= key_pos > positions[:, None] - self.window
         if self.indexer is not None:
             k_idx = self.indexer.keys(h, cos, sin)
             new["kidx"] = k_idx
             q_idx, w_idx = self.indexer.queries(q_lora, h, cos, sin)
-            visible = self.indexer.select(q_idx, w_idx, torch.cat([hist["kidx"].float(), k_idx]), visible)
-        self.last_selection = visible  # tests compare the DSA selection with the reference's
+            visible = self.indexer.select(q_idx, w_idx, with_new(hist["kidx"], k_idx), visible)
+        if not per_row:
+            self.last_selection = visible  # tests compare the DSA selection with the reference's
 
         # sinks first, always visible; absorbed attention in the latent space
-        keys_c = torch.cat([self.sink_c, keys_c])
-        keys_pe = torch.cat([self.sink_pe, keys_pe])
+        sinks_c, sinks_pe = self.sink_c, self.sink_pe
+        if per_row:
+            sinks_c, sinks_pe = sinks_c.expand(n, -1, -1), sinks_pe.expand(n, -1, -1)
+        keys_c = torch.cat([sinks_c, keys_c], dim=-2)
+        keys_pe = torch.cat([sinks_pe, keys_pe], dim=-2)
         visible = torch.cat([visible.new_ones(n, self.sink_c.shape[0]), visible], dim=1)
+        k = "n" if per_row else ""
         q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
-        scores = (torch.einsum("nhr,sr->nhs", q_abs, keys_c) + torch.einsum("nhd,sd->nhs", q_pe, keys_pe)) * self.scale
-        probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
-        ctx = torch.einsum("nhs,sr->nhr", probs, keys_c)
+        scores = torch.einsum(f"nhr,{k}sr->nhs", q_abs, keys_c) + torch.einsum(f"nhd,{k}sd->nhs", q_pe, keys_pe)
+        probs = torch.softmax((scores * self.scale).masked_fill(~visible[:, None], float("-inf")), dim=-1)
+        ctx = torch.einsum(f"nhs,{k}sr->nhr", probs, keys_c)
         o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(h.dtype)
         new["o_in"] = o_in
         return self.o_proj(self._mome(2, o_in, prev[2], positions)), new
@@ -155,6 +172,8 @@ class MLAAttention(nn.Module):
         return self._forward_cached(x, batch)
 
     def _forward_cached(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        if batch.is_decode:
+            return self._forward_decode(x, batch)
         paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
         table = batch.ring_page_table if self.ring else batch.page_table
         write_at = batch.ring_slot_mapping if self.ring else batch.slot_mapping
@@ -188,3 +207,34 @@ class MLAAttention(nn.Module):
                     slots[name][seq_slot].index_copy_(0, rows, new[name][last].to(slots[name].dtype))
         return torch.cat(outs)
 
+    def _forward_decode(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """One new token per sequence, from device tensors only (no host values, fixed shapes), so
+        that the step can be captured in a CUDA graph: each row reads its own history."""
+        paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
+        table = batch.ring_page_table if self.ring else batch.page_table
+        page_size, pos = batch.cache.page_size, batch.positions
+        if self.window is not None:  # the window's earlier tokens, oldest first
+            span = torch.arange(1 - self.window, 0, device=x.device)
+            hist_pos = pos[:, None] + span[None, :]
+        else:  # every token the page table can address
+            hist_pos = torch.arange(table.shape[1] * page_size, device=x.device)[None, :].expand(x.shape[0], -1)
+        exists = (hist_pos >= 0) & (hist_pos < pos[:, None])
+        safe = hist_pos.clamp_min(0)
+        pages = table.gather(1, safe // page_size).long().clamp_min(0)
+        where = pages * page_size + safe % page_size
+        hist = {"positions": torch.where(exists, hist_pos, torch.full_like(hist_pos, INVALID))}
+        for name, t in paged.items():
+            hist[name] = t.flatten(0, 1)[where]
+        seq_slots = batch.seq_slots
+        if self.convs is not None:
+            k = self.convs[0].width - 1
+            ring_rows = (pos[:, None] + torch.arange(-k, 0, device=x.device)[None, :]) % CONV_RING
+            hist["conv_prev"] = tuple(slots[name][seq_slots[:, None], ring_rows] for name in CONV_INPUTS)
+        out, new = self._chunk(x, pos, hist)
+        dest = batch.ring_slot_mapping if self.ring else batch.slot_mapping
+        for name, t in paged.items():
+            t.flatten(0, 1).index_copy_(0, dest, new[name].to(t.dtype))
+        if self.convs is not None:
+            for name in CONV_INPUTS:
+                slots[name].index_put_((seq_slots, pos % CONV_RING), new[name].to(slots[name].dtype))
+        return out
