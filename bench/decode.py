@@ -3,6 +3,7 @@
     python bench/decode.py --synthetic llama3-8b --bits 4 [--batch 1,8,32] [--steps 64]
                            [--prompt-len 128] [--prefill-len 2048] [--out DIR]
     python bench/decode.py --arch gemma4 --synthetic 31b --bits 4 --batch 1,8
+    python bench/decode.py --arch openpangu_v2 --synthetic flash --bits 4 --head-bits 8 --batch 1,8
 
 The model has the real shapes and random trellises (bench/synthetic.py). Decode
 speed: B jobs with random prompts are prefilled, then ``--steps`` decode steps
@@ -28,6 +29,10 @@ from synthetic import SyntheticCheckpoint  # noqa: E402
 
 from exl3_triton import Generator, Job  # noqa: E402
 from exl3_triton.model import load_checkpoint  # noqa: E402
+
+
+# --arch values whose synthetic configs use a shorter prefix (bench/synthetic.py CONFIGS)
+ARCH_PREFIX = {"openpangu_v2": "openpangu"}
 
 
 def decode_speed(model, batch: int, steps: int, prompt_len: int, max_seq_len: int) -> dict:
@@ -118,7 +123,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    name = f"{args.arch}-{args.synthetic}" if args.arch else args.synthetic
+    name = f"{ARCH_PREFIX.get(args.arch, args.arch)}-{args.synthetic}" if args.arch else args.synthetic
     meta = environment()
     out_dir = Path(args.out) if args.out else REPO / "bench" / "results"
     res = Results(out_dir / f"decode-{name}-{meta['date']}-{meta['gpu'].replace(' ', '_')}.json", meta)

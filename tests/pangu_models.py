@@ -23,9 +23,12 @@ TINY = dict(
 )
 
 
-def tiny_pangu(directory: Path, seed: int = 0, head_logit_std: float = 3.0, **overrides) -> Path:
+def tiny_pangu(directory: Path, seed: int = 0, head_logit_std: float = 3.0, channel_spread: float = 0.0,
+               **overrides) -> Path:
     """Write a random OpenPanguV2 model. ``head_logit_std``: the head is scaled so that logits have
-    about this deviation (a confident output; see tests/convert/test_convert_gemma4.py for why)."""
+    about this deviation (a confident output; see tests/convert/test_convert_gemma4.py for why).
+    ``channel_spread``: embedding channels scaled by ``exp(spread * N(0, 1))``, the uneven channel
+    sizes of trained models (isotropic activations leave a Hessian-aware quantizer nothing to use)."""
     cfg = dict(TINY, **overrides)
     g = torch.Generator().manual_seed(seed)
     h, n_streams, vocab = cfg["hidden_size"], cfg["mhc_num_stream"], cfg["vocab_size"]
@@ -56,7 +59,8 @@ def tiny_pangu(directory: Path, seed: int = 0, head_logit_std: float = 3.0, **ov
         lin(f"{name}.down_proj", h, inter)
 
     n_layers = cfg["num_hidden_layers"]
-    t["model.embed_tokens.weight"] = torch.randn(vocab, h, generator=g)
+    t["model.embed_tokens.weight"] = torch.randn(vocab, h, generator=g) * torch.exp(
+        channel_spread * torch.randn(h, generator=g))
     for i in range(n_layers + cfg["num_nextn_predict_layers"]):
         p, mtp = f"model.layers.{i}", i >= n_layers
         for name in ("input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm"):
