@@ -42,6 +42,7 @@ from .short_conv import ShortConv, sliding_windows
 
 CONV_RING = 32
 CONV_INPUTS = ("qa_in", "kv_in", "o_in")  # cache names of the MoME convs' inputs, in (qa, kv, o) order
+PREFILL_ROWS = 1024  # query rows per attention block in a prefill chunk (scores are [rows, heads, keys] fp32)
 INVALID = 1 << 62  # key position of history entries that do not exist (never visible)
 
 
@@ -146,14 +147,22 @@ class MLAAttention(nn.Module):
         keys_c = torch.cat([sinks_c, keys_c], dim=-2)
         keys_pe = torch.cat([sinks_pe, keys_pe], dim=-2)
         visible = torch.cat([visible.new_ones(n, self.sink_c.shape[0]), visible], dim=1)
-        k = "n" if per_row else ""
         q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
-        scores = torch.einsum(f"nhr,{k}sr->nhs", q_abs, keys_c) + torch.einsum(f"nhd,{k}sd->nhs", q_pe, keys_pe)
-        probs = torch.softmax((scores * self.scale).masked_fill(~visible[:, None], float("-inf")), dim=-1)
-        ctx = torch.einsum(f"nhs,{k}sr->nhr", probs, keys_c)
+        if per_row:
+            ctx = self._attend(q_abs, q_pe, keys_c, keys_pe, visible, "n")
+        else:  # a long prefill chunk: bound the [rows, heads, keys] score tensors
+            ctx = torch.cat([self._attend(q_abs[i:i + PREFILL_ROWS], q_pe[i:i + PREFILL_ROWS], keys_c, keys_pe,
+                                          visible[i:i + PREFILL_ROWS], "") for i in range(0, n, PREFILL_ROWS)])
         o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(h.dtype)
         new["o_in"] = o_in
         return self.o_proj(self._mome(2, o_in, prev[2], positions)), new
+
+    def _attend(self, q_abs, q_pe, keys_c, keys_pe, visible, per_row: str) -> torch.Tensor:
+        """Absorbed attention -> the latent context ``[n, heads, rank]``; ``per_row`` "n": keys per row."""
+        k = per_row
+        scores = torch.einsum(f"nhr,{k}sr->nhs", q_abs, keys_c) + torch.einsum(f"nhd,{k}sd->nhs", q_pe, keys_pe)
+        probs = torch.softmax((scores * self.scale).masked_fill(~visible[:, None], float("-inf")), dim=-1)
+        return torch.einsum(f"nhs,{k}sr->nhr", probs, keys_c)
 
     def empty_history(self, like: torch.Tensor) -> dict:
         hist = {"positions": torch.zeros(0, dtype=torch.long, device=like.device),
