@@ -341,6 +341,9 @@ class OpenPanguV2ForCausalLM(CausalLM):
 
     def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch, logits_rows: torch.Tensor | None = None,
                       return_hidden: bool = False):
+        # values memoised for this step only: a CUDA graph's warm-up runs must not leave tensors
+        # that the captured run would then read as constants
+        batch.memo.clear()
         with running(batch):
             hidden = self._trunk(input_ids, batch.positions, batch)
             rows = hidden if logits_rows is None else hidden[logits_rows.to(hidden.device)]
@@ -366,6 +369,8 @@ class OpenPanguV2ForCausalLM(CausalLM):
         else:
             on_dev = batch.on(dev)
             positions = on_dev.positions
+        if batch is not None:
+            batch.memo.clear()
         with running(batch):
             out = layer(self.embed(next_ids).to(dev), hidden.to(dev), positions, on_dev)
             rows = out if logits_rows is None else out[logits_rows.to(dev)]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..batch import ForwardBatch
+from ..batch import ForwardBatch, current_batch
 from ..cache_spec import LayerCacheSpec, PagedTensorSpec, SlotTensorSpec
 from .lightning_indexer import LightningIndexer
 from .linear import Linear
@@ -118,7 +118,7 @@ class MLAAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         kv_in, k_pe = self.kv_a_proj(h).split([self.kv_rank, self.rope_dim], dim=-1)
         c = self.kv_a_norm(self._mome(1, kv_in.contiguous(), prev[1], positions)).float()
-        cos, sin = self.rope(positions)
+        cos, sin = self._rope_tables(positions)
         q_pe = q_pe * cos[:, None] + rotate_half(q_pe) * sin[:, None]
         k_pe = k_pe.float() * cos + rotate_half(k_pe.float()) * sin
         new = {"c": c, "kpe": k_pe, "qa_in": qa_in, "kv_in": kv_in}
@@ -156,6 +156,16 @@ class MLAAttention(nn.Module):
         o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(h.dtype)
         new["o_in"] = o_in
         return self.o_proj(self._mome(2, o_in, prev[2], positions)), new
+
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for ``positions``; in a cached step shared by every layer with this rotary embedding."""
+        batch = current_batch()
+        if batch is None or batch.positions is not positions:
+            return self.rope(positions)
+        key = ("rope", id(self.rope))
+        if key not in batch.memo:
+            batch.memo[key] = self.rope(positions)
+        return batch.memo[key]
 
     def _attend(self, q_abs, q_pe, keys_c, keys_pe, visible, per_row: str) -> torch.Tensor:
         """Absorbed attention -> the latent context ``[n, heads, rank]``; ``per_row`` "n": keys per row."""
@@ -216,22 +226,32 @@ class MLAAttention(nn.Module):
                     slots[name][seq_slot].index_copy_(0, rows, new[name][last].to(slots[name].dtype))
         return torch.cat(outs)
 
-    def _forward_decode(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """One new token per sequence, from device tensors only (no host values, fixed shapes), so
-        that the step can be captured in a CUDA graph: each row reads its own history."""
-        paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
+    def _decode_history_index(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each decode row's earlier positions (``INVALID`` where none) and their flat cache rows."""
         table = batch.ring_page_table if self.ring else batch.page_table
         page_size, pos = batch.cache.page_size, batch.positions
         if self.window is not None:  # the window's earlier tokens, oldest first
-            span = torch.arange(1 - self.window, 0, device=x.device)
+            span = torch.arange(1 - self.window, 0, device=pos.device)
             hist_pos = pos[:, None] + span[None, :]
         else:  # every token the page table can address
-            hist_pos = torch.arange(table.shape[1] * page_size, device=x.device)[None, :].expand(x.shape[0], -1)
+            hist_pos = torch.arange(table.shape[1] * page_size, device=pos.device)[None, :].expand(pos.shape[0], -1)
         exists = (hist_pos >= 0) & (hist_pos < pos[:, None])
         safe = hist_pos.clamp_min(0)
         pages = table.gather(1, safe // page_size).long().clamp_min(0)
         where = pages * page_size + safe % page_size
-        hist = {"positions": torch.where(exists, hist_pos, torch.full_like(hist_pos, INVALID))}
+        return torch.where(exists, hist_pos, torch.full_like(hist_pos, INVALID)), where
+
+    def _forward_decode(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """One new token per sequence, from device tensors only (no host values, fixed shapes), so
+        that the step can be captured in a CUDA graph: each row reads its own history."""
+        paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
+        pos = batch.positions
+        # the same for every layer of this kind in the step (the model clears the memo per step)
+        key = ("mla_decode_history", self.ring, self.window)
+        if key not in batch.memo:
+            batch.memo[key] = self._decode_history_index(batch)
+        hist_pos, where = batch.memo[key]
+        hist = {"positions": hist_pos}
         for name, t in paged.items():
             hist[name] = t.flatten(0, 1)[where]
         seq_slots = batch.seq_slots
