@@ -54,6 +54,8 @@ def test_trunk_logits_and_hidden_match_the_reference_at_every_position(pangu, re
 
 def test_dsa_layers_select_the_reference_positions(pangu, ref):
     net = pangu.network
+    for layer in (0, 3):
+        net.layers[layer].self_attn.record_selection = True
     with torch.inference_mode():
         net.forward_hidden(ref["ids"][None])
     t = ref["ids"].numel()

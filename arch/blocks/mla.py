@@ -74,6 +74,7 @@ class MLAAttention(nn.Module):
         self.convs = None if convs is None else nn.ModuleList(convs)
         self.indexer = indexer
         self.layer_idx = layer_idx
+        self.record_selection = False  # keep the last chunk's visibility mask in ``last_selection`` (tests)
 
     # ------------------------------------------------------------- state
 
@@ -137,7 +138,7 @@ class MLAAttention(nn.Module):
             new["kidx"] = k_idx
             q_idx, w_idx = self.indexer.queries(q_lora, h, cos, sin)
             visible = self.indexer.select(q_idx, w_idx, with_new(hist["kidx"], k_idx), visible)
-        if not per_row:
+        if self.record_selection and not per_row:
             self.last_selection = visible  # tests compare the DSA selection with the reference's
 
         # sinks first, always visible; absorbed attention in the latent space
