@@ -35,6 +35,17 @@ from exl3_triton.model import load_checkpoint  # noqa: E402
 ARCH_PREFIX = {"openpangu_v2": "openpangu"}
 
 
+def synthetic_name(arch: str | None, synthetic: str) -> str:
+    """The bench/synthetic.py CONFIGS key for ``--arch`` and ``--synthetic``."""
+    return f"{ARCH_PREFIX.get(arch, arch)}-{synthetic}" if arch else synthetic
+
+
+def open_results(kind: str, name: str, out: str | None) -> Results:
+    meta = environment()
+    out_dir = Path(out) if out else REPO / "bench" / "results"
+    return Results(out_dir / f"{kind}-{name}-{meta['date']}-{meta['gpu'].replace(' ', '_')}.json", meta)
+
+
 def decode_speed(model, batch: int, steps: int, prompt_len: int, max_seq_len: int) -> dict:
     gen = Generator(model, max_batch_size=batch, max_seq_len=max_seq_len, chunk_size=max(2048, prompt_len))
     vocab = model.network.vocab_size
@@ -123,10 +134,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    name = f"{ARCH_PREFIX.get(args.arch, args.arch)}-{args.synthetic}" if args.arch else args.synthetic
-    meta = environment()
-    out_dir = Path(args.out) if args.out else REPO / "bench" / "results"
-    res = Results(out_dir / f"decode-{name}-{meta['date']}-{meta['gpu'].replace(' ', '_')}.json", meta)
+    name = synthetic_name(args.arch, args.synthetic)
+    res = open_results("decode", name, args.out)
     bw = copy_bandwidth()
     t0 = time.perf_counter()
     ckpt = SyntheticCheckpoint(name, bits=args.bits, head_bits=args.head_bits)
