@@ -276,7 +276,7 @@ class OpenPanguV2ForCausalLM(CausalLM):
         trunk, mtp = [], []
         total = len(cfg.layers)
         for i, lc in enumerate(cfg.layers):
-            o = options.for_layer(i)
+            o = cls._layer_options(options, cfg, i)
             if str(o.device) not in ropes:
                 ropes[str(o.device)] = RotaryEmbedding(inverse_frequencies(cfg.rope, cfg.rope_dim)).to(o.device)
             p = f"model.layers.{i}"
@@ -304,12 +304,19 @@ class OpenPanguV2ForCausalLM(CausalLM):
             progress(total + 1, total + 1)
         return model
 
+    @staticmethod
+    def _layer_options(options: RuntimeOptions, cfg: OpenPanguV2Config, index: int) -> RuntimeOptions:
+        """A multi-GPU plan places the trunk's ``num_layers`` layers; MTP layers go with the last one
+        (they read its output)."""
+        return options.for_layer(min(index, cfg.num_layers - 1))
+
     # ------------------------------------------------------------- state
 
     def cache_spec(self) -> list[LayerCacheSpec]:
         """Trunk layers, then the MTP layers (same positions; see ``mtp_forward``)."""
-        return [layer.self_attn.cache_spec(self.options.dtype, self.options.for_layer(i).device)
-                for i, layer in enumerate(list(self.layers) + list(self.mtp_layers))]
+        layers = list(self.layers) + list(self.mtp_layers)
+        return [layer.self_attn.cache_spec(self.options.dtype, self._layer_options(self.options, self.config, i).device)
+                for i, layer in enumerate(layers)]
 
     # ------------------------------------------------------------- forward
 
