@@ -105,6 +105,15 @@ def test_cached_prefill_and_decode_equal_the_full_forward(pangu, ref, chunks, pa
     assert torch.equal(step.argmax(-1), ref["logits"].argmax(-1))
 
 
+def test_mome_start_rule_across_chunk_edges_at_the_first_positions(pangu, ref):
+    """Chunks ending at positions 0 and 2: the conv term must stay off at positions 0-1 and use the
+    stored inputs from position 2 on (the reference zeroes it by position, not by call)."""
+    ids = ref["ids"][:8].tolist()
+    step = cached_logits(pangu, ids, chunks=[1, 2], page_size=8)
+    assert _row_rel_err(step, pangu.forward(torch.tensor(ids))).max() < 1e-5
+    assert _row_rel_err(step, ref["logits_prefix"][:8]).max() < 1e-4
+
+
 def test_concurrent_jobs_match_single_runs_and_the_full_forward(pangu):
     vocab = pangu.vocab_size
     prompts = [torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 7, 23)]
