@@ -3,7 +3,8 @@
     python bench/decode.py --synthetic llama3-8b --bits 4 [--batch 1,8,32] [--steps 64]
                            [--prompt-len 128] [--prefill-len 2048] [--out DIR]
     python bench/decode.py --arch gemma4 --synthetic 31b --bits 4 --batch 1,8
-    python bench/decode.py --arch openpangu_v2 --synthetic flash --bits 4 --batch 1,8 --mtp 3 --forced-accept 0.9
+    python bench/decode.py --arch openpangu_v2 --synthetic flash --bits 4 --head-bits 8 --batch 1,8 \
+        --mtp 3 --forced-accept 0.9
 
 The model has the real shapes and random trellises (bench/synthetic.py). Decode
 speed: B jobs with random prompts are prefilled, then ``--steps`` decode steps
@@ -33,6 +34,23 @@ from synthetic import SyntheticCheckpoint  # noqa: E402
 
 from exl3_triton import Generator, Job  # noqa: E402
 from exl3_triton.model import load_checkpoint  # noqa: E402
+
+
+# --arch values whose synthetic configs use a shorter prefix (bench/synthetic.py CONFIGS)
+ARCH_PREFIX = {"openpangu_v2": "openpangu"}
+
+
+def synthetic_name(arch: str | None, synthetic: str) -> str:
+    """The bench/synthetic.py CONFIGS key for ``--arch`` and ``--synthetic``."""
+    return f"{ARCH_PREFIX.get(arch, arch)}-{synthetic}" if arch else synthetic
+
+
+def open_results(kind: str, name: str, out: str | None) -> Results:
+    meta = environment()
+    out_dir = Path(out) if out else REPO / "bench" / "results"
+    return Results(out_dir / f"{kind}-{name}-{meta['date']}-{meta['gpu'].replace(' ', '_')}.json", meta)
+
+
 
 
 def forced_acceptance(p: float, seed: int = 0):
@@ -144,10 +162,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    name = f"{args.arch}-{args.synthetic}" if args.arch else args.synthetic
-    meta = environment()
-    out_dir = Path(args.out) if args.out else REPO / "bench" / "results"
-    res = Results(out_dir / f"decode-{name}-{meta['date']}-{meta['gpu'].replace(' ', '_')}.json", meta)
+    name = synthetic_name(args.arch, args.synthetic)
+    res = open_results("decode", name, args.out)
     bw = copy_bandwidth()
     t0 = time.perf_counter()
     ckpt = SyntheticCheckpoint(name, bits=args.bits, head_bits=args.head_bits)

@@ -1,6 +1,7 @@
 """Where a decode step's GPU time goes: kernel time by kernel name (torch.profiler, eager steps).
 
     python bench/profile_decode.py --synthetic llama3-8b --bits 4 [--batch 1] [--steps 8] [--out DIR]
+    python bench/profile_decode.py --arch openpangu_v2 --synthetic tiny
 
 Eager (not graph) decode steps are profiled so that every kernel is attributed by name; a
 CUDA graph replays the same kernels without the host launch gaps. Prints the kernels by total
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, Results, environment  # noqa: E402
+from decode import open_results, synthetic_name  # noqa: E402
 from synthetic import SyntheticCheckpoint  # noqa: E402
 
 from exl3_triton import Generator, Job  # noqa: E402
@@ -35,6 +36,7 @@ def kernel_family(name: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default=None, help="model family of a synthetic size name (as bench/decode.py)")
     p.add_argument("--synthetic", default="llama3-8b")
     p.add_argument("--bits", type=float, default=4)
     p.add_argument("--head-bits", type=float, default=6)
@@ -42,11 +44,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    meta = environment()
-    out_dir = Path(args.out) if args.out else REPO / "bench" / "results"
-    res = Results(out_dir / f"profile-{args.synthetic}-b{args.batch}-{meta['date']}.json", meta)
-    model = load_checkpoint(SyntheticCheckpoint(args.synthetic, bits=args.bits, head_bits=args.head_bits),
-                            device="cuda")
+    name = synthetic_name(args.arch, args.synthetic)
+    res = open_results(f"profile-b{args.batch}", name, args.out)
+    model = load_checkpoint(SyntheticCheckpoint(name, bits=args.bits, head_bits=args.head_bits), device="cuda")
     gen = Generator(model, max_batch_size=args.batch, max_seq_len=512, use_cuda_graphs=False)
     vocab = model.network.vocab_size
     jobs = [gen.enqueue(Job(torch.randint(0, vocab, (64,)).tolist(), max_new_tokens=args.steps + 16, stop_tokens=[]))
@@ -71,7 +71,7 @@ def main() -> int:
             count += 1
     steps = args.steps
     total = sum(per_name.values()) / steps
-    print(f"{args.synthetic} batch {args.batch}: {count / steps:.0f} kernels per step, "
+    print(f"{name} batch {args.batch}: {count / steps:.0f} kernels per step, "
           f"{total / 1000:.2f} ms of kernel time per step")
     print("by family (us per step):")
     for fam, us in sorted(per_family.items(), key=lambda kv: -kv[1])[:20]:
@@ -79,7 +79,7 @@ def main() -> int:
     print("top kernels (us per step):")
     for name, us in sorted(per_name.items(), key=lambda kv: -kv[1])[:25]:
         print(f"  {us / steps:9.1f}  {name[:110]}")
-    res.add("profile", {"model": args.synthetic, "batch": args.batch, "kernels_per_step": count / steps,
+    res.add("profile", {"model": name, "batch": args.batch, "kernels_per_step": count / steps,
                         "kernel_ms_per_step": total / 1000,
                         "families_us_per_step": {k: v / steps for k, v in per_family.items()},
                         "top_kernels_us_per_step": dict(sorted(((k, v / steps) for k, v in per_name.items()),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from exl3_triton.errors import CheckpointError
-from exl3_triton.kernels.weights import Codebook, Exl3Weight
+from exl3_triton.kernels.weights import Codebook, DenseWeight, Exl3Weight
 
 def _gemma4(text: dict) -> dict:
     base = {
@@ -23,6 +23,36 @@ def _gemma4(text: dict) -> dict:
     }
     return {"architectures": ["Gemma4ForConditionalGeneration"], "text_config": dict(base, **text)}
 
+
+def _openpangu(**over) -> dict:
+    """openPangu-2.0-Flash (architectures.md 3.1); ``over`` shrinks it for CPU checks."""
+    base = {
+        "architectures": ["OpenPanguV2ForCausalLM"], "model_type": "openpangu_v2", "vocab_size": 151552,
+        "hidden_size": 2560, "num_hidden_layers": 46, "num_nextn_predict_layers": 3, "num_attention_heads": 48,
+        "q_lora_rank": 1024, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "rope_theta": 6.4e6, "rope_interleave": False, "max_position_embeddings": 524288,
+        "rms_norm_eps": 1e-5, "index_topk": 2048, "index_n_heads": 24, "index_head_dim": 128,
+        "param_sink_number": 128, "param_sink_with_value": True, "use_mome": True, "router_sliding_window": 3,
+        "use_mhc": True, "mhc_num_stream": 4, "mhc_recur_norm": 20, "mhc_use_gamma": True, "sandwich_norm": True,
+        "block_post_layernorm_idx": [0, 4, 9, 14, 19, 24, 29, 34, 39], "first_k_dense_replace": 2,
+        "intermediate_size": 9216, "moe_intermediate_size": 1024, "n_routed_experts": 256,
+        "num_experts_per_tok": 8, "n_shared_experts": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+        "router_enable_expert_bias": True, "hidden_act": "silu", "tie_word_embeddings": False, "use_mla": True,
+        "sliding_window": 512,
+    }
+    cfg = dict(base, **over)
+    n, mtp = cfg["num_hidden_layers"], cfg["num_nextn_predict_layers"]
+    dsa = cfg.pop("dsa_every", 3)
+    cfg["dsa_layers"] = list(range(0, n, dsa))
+    cfg["swa_layers"] = [i for i in range(n) if i % dsa] + list(range(n, n + mtp))
+    cfg["sliding_window_list"] = [cfg["sliding_window"]] * (len(cfg["swa_layers"]) - mtp) + \
+        [cfg.pop("mtp_window", 2048)] * mtp
+    return cfg
+
+
+# OpenPanguV2 linears that the published EXL3 keeps 16-bit (architectures.md 3.8)
+PANGU_DENSE_LINEARS = ("q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj", "indexer.wq_b", "indexer.wk",
+                       "indexer.weights_proj")
 
 CONFIGS = {
     "tiny": {  # for checking this file on a CPU
@@ -50,6 +80,15 @@ CONFIGS = {
         "sliding_window": 64, "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
         "vocab_size": 1000, "max_position_embeddings": 4096,
     }),
+    "openpangu-flash": _openpangu(),
+    # every layer kind (DSA, sliding, MoE, MTP) at a size a CPU runs: window 16, indexer top-k 16;
+    # 24 indexer heads as in Flash: with few heads many scores are exactly 0 and top-k ties decide
+    "openpangu-tiny": _openpangu(
+        vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128,
+        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, index_topk=16,
+        index_n_heads=24, index_head_dim=32, param_sink_number=8, block_post_layernorm_idx=[0],
+        first_k_dense_replace=1, intermediate_size=512, moe_intermediate_size=128, n_routed_experts=8,
+        num_experts_per_tok=2, sliding_window=16, mtp_window=32, max_position_embeddings=4096),
 }
 
 
@@ -82,7 +121,11 @@ class SyntheticCheckpoint:
     def tensor_names(self) -> list[str]:
         return []
 
-    def linear(self, key: str, *, in_features: int, out_features: int, device=None, dense_dtype=None) -> Exl3Weight:
+    def linear(self, key: str, *, in_features: int, out_features: int, device=None, dense_dtype=None):
+        if self.architecture == "OpenPanguV2ForCausalLM" and key.endswith(PANGU_DENSE_LINEARS):
+            w = torch.randn(out_features, in_features, generator=self.gen, device=self.device) * in_features**-0.5
+            self.weight_bytes += w.numel() * torch.finfo(self.dtype).bits // 8
+            return DenseWeight(w.to(self.dtype), key=key)
         k, n = -(-in_features // 128) * 128, -(-out_features // 128) * 128
         bits = self.head_bits if key == "lm_head" else self.bits
         words = int(16 * bits)
@@ -96,6 +139,8 @@ class SyntheticCheckpoint:
         return w
 
     def tensor(self, name: str, *, dtype=None, device=None) -> torch.Tensor:
+        if self.architecture == "OpenPanguV2ForCausalLM":
+            return self._pangu_tensor(name, dtype)
         h, v = self.text["hidden_size"], self.text["vocab_size"]
         if name.endswith("embed_tokens.weight"):
             return torch.randn(v, h, generator=self.gen, device=self.device).to(dtype or self.dtype) * 0.02
@@ -112,6 +157,41 @@ class SyntheticCheckpoint:
         if name.endswith("layer_scalar"):
             return torch.ones(1, device=self.device, dtype=dtype or torch.float32)
         raise CheckpointError("the synthetic checkpoint has no such tensor", tensor=name)
+
+    def _pangu_tensor(self, name: str, dtype) -> torch.Tensor:
+        """OpenPanguV2's unquantized tensors (architectures.md 3.2), random but of a sane size."""
+        c = self.config
+        h, streams = c["hidden_size"], c["mhc_num_stream"]
+        width, mix = streams * h, (2 + streams) * streams
+        g, dev = self.gen, self.device
+        shapes = {
+            "embed_tokens.weight": (c["vocab_size"], h), "phi.weight": (streams if "merge" in name else mix, width),
+            "norm_gamma": (width,), "branch_alpha": (3,), "branch_beta": (mix,), "branch_alpha_pre": (1,),
+            "branch_beta_pre": (streams,), "block_post_layernorm.weight": (width,),
+            "q_a_layernorm.weight": (c["q_lora_rank"],), "kv_a_layernorm.weight": (c["kv_lora_rank"],),
+            "k_norm.weight": (c["index_head_dim"],),
+            "qa_conv.weight": (c["q_lora_rank"], 1, c["router_sliding_window"]),
+            "compresskv_conv.weight": (c["kv_lora_rank"], 1, c["router_sliding_window"]),
+            "o_conv.weight": (c["num_attention_heads"] * c["v_head_dim"], 1, c["router_sliding_window"]),
+            "param_sink_compressed_kv": (c["param_sink_number"], c["kv_lora_rank"]),
+            "param_sink_k_pe": (c["param_sink_number"], c["qk_rope_head_dim"]),
+            "mlp.gate.weight": (c["n_routed_experts"], h), "e_score_correction_bias": (c["n_routed_experts"],),
+        }
+        shape = next((v for k, v in shapes.items() if name.endswith(k)), None)
+        if shape is None and name.endswith("norm.weight"):
+            shape = (h,)
+        if shape is None:
+            raise CheckpointError("the synthetic checkpoint has no such tensor", tensor=name)
+        if name.endswith("norm.weight") or name.endswith("norm_gamma"):
+            t = torch.ones(shape, device=dev)
+        elif name.endswith("embed_tokens.weight"):
+            return (torch.randn(shape, generator=g, device=dev) * 0.02).to(dtype or self.dtype)
+        elif name.endswith("e_score_correction_bias"):
+            t = torch.zeros(shape, device=dev)
+        else:  # projections scaled to keep activations O(1); convs, sinks and mHC offsets small
+            fan_in = shape[-1] if len(shape) == 2 else 1
+            t = torch.randn(shape, generator=g, device=dev) * (fan_in**-0.5 if len(shape) == 2 else 0.1)
+        return t.to(dtype or torch.float32)
 
     def info(self, name: str):
         raise CheckpointError("synthetic checkpoints have no files", tensor=name)

@@ -36,6 +36,7 @@ def load() -> types.SimpleNamespace | None:
             dequant=importlib.import_module(f"{pkg}.triton_dequant"),
             gemm=importlib.import_module(f"{pkg}.triton_gemm"),
             hadamard=importlib.import_module(f"{pkg}.triton_hadamard"),
+            mhc=importlib.import_module(f"{pkg}.triton_mhc"),
             moe=importlib.import_module(f"{pkg}.triton_moe"),
             rope=importlib.import_module(f"{pkg}.triton_rope"),
         )

@@ -30,6 +30,14 @@ def _normalised(x: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torc
     return r if gamma is None else r * gamma
 
 
+def _fused_weights():
+    """The Triton site-weights kernel (kernels/triton_mhc.py), or None where Triton cannot run."""
+    from ...kernels import triton_ops
+
+    ops = triton_ops.load()
+    return None if ops is None else ops.mhc.mhc_weights_triton
+
+
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float = 1e-6) -> torch.Tensor:
     """``[..., N, N]`` logits -> nearly doubly-stochastic matrix: a row softmax, then
     alternating column / row normalisations (``iters`` column steps in all)."""
@@ -74,6 +82,12 @@ class HyperSite(nn.Module):
         """``x [T, N, D]`` -> ``pre [T, N]``, ``post [T, N]``, ``comb [T, N, N]`` (fp32)."""
         n = self.streams
         mix = _normalised(x, self.gamma, self.eps) @ self.phi.T
+        fused = _fused_weights() if x.is_cuda else None
+        if fused is not None:  # one launch instead of ~130 small ones (decode speed)
+            lead = mix.shape[:-1]
+            pre, post, comb = fused(mix.reshape(-1, mix.shape[-1]), self.scale, self.base, n, self.iters,
+                                    self.pre_eps, self.sinkhorn_eps)
+            return pre.view(*lead, n), post.view(*lead, n), comb.view(*lead, n, n)
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
         b_pre, b_post, b_comb = self.base.split([n, n, n * n])
         pre = torch.sigmoid(pre_w * self.scale[0] + b_pre) + self.pre_eps

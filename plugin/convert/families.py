@@ -226,7 +226,91 @@ class Gemma4Family(ConversionFamily):
         return _StackRunner(model.network)
 
 
-FAMILIES: dict[str, type[ConversionFamily]] = {arch: family for family in (LlamaFamily, Gemma4Family)
+# ----------------------------------------------------------------- OpenPanguV2
+
+
+class _PanguRunner(CalibrationRunner):
+    """The trunk of ``arch.openpangu_v2`` piece by piece: the hidden state between layers is the
+    4-stream mHC residual ``[B, T, N, D]``; the head reads ``model.norm(merge(streams))``."""
+
+    def __init__(self, network):
+        from ..arch.blocks.mhc import expand
+
+        self.net, self.expand = network, expand
+        self.vocab_size = network.vocab_size
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.net.embed(ids), self.net.config.streams)
+
+    def layer(self, index: int) -> nn.Module:
+        return self.net.layers[index]
+
+    def run_layer(self, index: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        layer = self.net.layers[index]
+        return torch.stack([layer(x, p) for x, p in zip(hidden, positions)])  # each row a whole sequence
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        lead = hidden.shape[:-2]
+        return self.net.norm(self.net.merge(hidden.flatten(0, -3))).unflatten(0, lead)
+
+    def head_module(self) -> nn.Module:
+        return self.net.lm_head
+
+
+class OpenPanguV2Family(ConversionFamily):
+    """openPangu-2.0 (architectures.md 3.8, the choices of the ExLlamaV3 fork that made the published
+    EXL3): ``q_b_proj``, ``o_proj``, the dense MLP, the routed and shared experts and the head are
+    quantized. ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``kv_b_proj`` (read raw by the absorbed
+    attention), the indexer, mHC, MoME convs, sinks, norms, router and embedding stay as stored.
+    The MTP layers are not calibrated here (their input is the trunk's output plus the next token),
+    so they are copied as stored as well."""
+
+    architectures = ("OpenPanguV2ForCausalLM",)
+    layer_module_order = ("attn_mhc_module.phi", "attn_mhc_module", "input_layernorm", "self_attn.q_a_proj",
+                          "self_attn.qa_conv", "self_attn.q_a_layernorm", "self_attn.q_b_proj",
+                          "self_attn.kv_a_proj_with_mqa", "self_attn.compresskv_conv", "self_attn.kv_a_layernorm",
+                          "self_attn.kv_b_proj", "self_attn", "self_attn.indexer.wq_b", "self_attn.indexer.wk",
+                          "self_attn.indexer.k_norm", "self_attn.indexer.weights_proj", "self_attn.o_conv",
+                          "self_attn.o_proj", "post_attention_layernorm", "mlp_mhc_module.phi", "mlp_mhc_module",
+                          "pre_mlp_layernorm", "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj", "mlp.gate", "mlp",
+                          "mlp.shared_experts.up_proj", "mlp.shared_experts.gate_proj",
+                          "mlp.shared_experts.down_proj", "post_mlp_layernorm", "block_post_layernorm")
+
+    def plan(self, config: dict, has_tensor) -> ConversionPlan:
+        from ..arch.openpangu_v2 import OpenPanguV2Config
+
+        cfg = OpenPanguV2Config.from_hf(config, "config.json")
+        layers = []
+        for i, lc in enumerate(cfg.layers[:cfg.num_layers]):
+            attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            specs = [LinearSpec(f"{attn}.q_b_proj", f"{attn}.q_lora", f"{attn}.qb", 2, i),
+                     LinearSpec(f"{attn}.o_proj", f"{attn}.o_input", f"{attn}.o", 2, i)]
+            if lc.moe:
+                # routed experts (calibrated on all tokens) and the shared expert read the same input
+                x = f"{mlp}.experts"
+                for e in range(cfg.num_experts):
+                    specs += [LinearSpec(f"{x}.{e}.up_proj", f"{mlp}.input", f"{x}.gu", 0, i),
+                              LinearSpec(f"{x}.{e}.gate_proj", f"{mlp}.input", f"{x}.gu", 0, i),
+                              LinearSpec(f"{x}.{e}.down_proj", f"{x}.{e}.down_input", f"{x}.d", 0, i)]
+                if cfg.num_shared_experts:
+                    s = f"{mlp}.shared_experts"
+                    specs += [LinearSpec(f"{s}.up_proj", f"{mlp}.input", f"{s}.gu", 0, i),
+                              LinearSpec(f"{s}.gate_proj", f"{mlp}.input", f"{s}.gu", 0, i),
+                              LinearSpec(f"{s}.down_proj", f"{s}.down_input", f"{s}.d", 0, i)]
+            else:
+                specs += [LinearSpec(f"{mlp}.up_proj", f"{mlp}.input", f"{mlp}.gu", 0, i),
+                          LinearSpec(f"{mlp}.gate_proj", f"{mlp}.input", f"{mlp}.gu", 0, i),
+                          LinearSpec(f"{mlp}.down_proj", f"{mlp}.down_input", f"{mlp}.d", 0, i)]
+            layers.append(specs)
+        return ConversionPlan(layers=layers, head_key="lm_head", tied_embeddings=not has_tensor("lm_head.weight"),
+                              embedding_key="model.embed_tokens")
+
+    def runner(self, model) -> CalibrationRunner:
+        return _PanguRunner(model.network)
+
+
+FAMILIES: dict[str, type[ConversionFamily]] = {arch: family for family in (LlamaFamily, Gemma4Family,
+                                                                            OpenPanguV2Family)
                                                for arch in family.architectures}
 
 

@@ -1,0 +1,62 @@
+"""OpenPanguV2's lightning indexer: which past tokens a DSA layer's query attends to.
+
+architectures.md §0.5 / §3.4 (Huawei's ``PanguTorchIndexer``):
+
+* query heads ``q_I = wq_b(q_lora)`` ``[G, D]`` (``q_lora``: the attention's normed,
+  post-MoME q latent), one key per token ``k_I = k_norm(wk(h))`` ``[D]``, head weights
+  ``w = weights_proj(h)`` ``[G]``; NEOX RoPE on the **leading** ``rope_dim`` dims of both,
+  with the attention's positions and frequencies;
+* ``I[t, s] = sum_g w[t, g] * relu(q_I[t, g] . k_I[s])`` in fp32, no scale factors;
+* each query keeps the top ``top_k`` of its causal candidates (all of them while it has
+  fewer). The sink entries are not candidates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .linear import Linear
+from .norm import RMSNorm
+from .rope import rotate_half
+
+
+def rope_leading(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NEOX-rotate the first ``cos.shape[-1]`` dims of ``x [n, ..., D]`` (cos/sin ``[n, d]``)."""
+    d = cos.shape[-1]
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (d,)
+    cos, sin = cos.reshape(shape).to(x.dtype), sin.reshape(shape).to(x.dtype)
+    head = x[..., :d]
+    return torch.cat([head * cos + rotate_half(head) * sin, x[..., d:]], dim=-1)
+
+
+class LightningIndexer(nn.Module):
+    def __init__(self, wq_b: Linear, wk: Linear, k_norm: RMSNorm, weights_proj: Linear, *, num_heads: int,
+                 head_dim: int, top_k: int):
+        super().__init__()
+        self.wq_b, self.wk, self.k_norm, self.weights_proj = wq_b, wk, k_norm, weights_proj
+        self.num_heads, self.head_dim, self.top_k = num_heads, head_dim, top_k
+
+    def keys(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The per-token key ``[n, D]`` (fp32) that the cache keeps for later queries."""
+        return rope_leading(self.k_norm(self.wk(h)).float(), cos, sin)
+
+    def queries(self, q_lora: torch.Tensor, h: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query heads ``[n, G, D]`` and head weights ``[n, G]`` (fp32)."""
+        q = self.wq_b(q_lora).float().view(q_lora.shape[0], self.num_heads, self.head_dim)
+        return rope_leading(q, cos, sin), self.weights_proj(h).float()
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """``candidates [n, m]`` (bool, the causal tokens) -> the kept ones ``[n, m]`` (bool).
+
+        ``keys``: ``[m, D]`` shared by all rows, or ``[n, m, D]``, one set per row."""
+        per_row = "n" if keys.dim() == 3 else ""
+        dots = torch.einsum(f"ngd,{per_row}md->ngm", q, keys.float())
+        scores = torch.einsum("ng,ngm->nm", w, torch.relu(dots))
+        scores = scores.masked_fill(~candidates, float("-inf"))
+        k = min(self.top_k, keys.shape[-2])
+        best = torch.topk(scores, k, dim=-1)
+        keep = torch.zeros_like(candidates)
+        # rows with fewer than k candidates pick some -inf entries: those stay out
+        return keep.scatter(-1, best.indices, best.values > float("-inf"))

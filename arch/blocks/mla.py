@@ -1,0 +1,270 @@
+"""Multi-head latent attention (DeepSeek-V2/V3 style) as OpenPanguV2 uses it.
+
+architectures.md §0.3 / §3.4. Per token ``h``:
+
+* ``q_lora = norm_qa(mome_qa(q_a_proj(h)))``, ``q = q_b_proj(q_lora)`` -> per head
+  ``[q_nope | q_pe]``;
+* ``[c | k_pe] = kv_a_proj_with_mqa(h)``, ``c = norm_kva(mome_kv(c))`` (the cached latent);
+* NEOX RoPE on the trailing ``q_pe`` and the single shared ``k_pe`` head;
+* absorbed attention: ``score = (W_UK^T q_nope) . c + q_pe . k_pe`` times
+  ``(d_nope + d_rope)^-0.5``, ``out_h = W_UV_h sum_s p_s c_s``; ``kv_b_proj`` is kept dense;
+* ``o = mome_o(concat_h out_h)``, ``o_proj(o)``.
+
+Pangu extras, all optional here: learned sink entries (``param_sink_compressed_kv``
+normed like a token latent, ``param_sink_k_pe`` not rotated) that every query sees
+and the window/selection never hide; the MoME short convolutions (``short_conv``);
+a sliding ``window`` (counting the current token); a lightning indexer whose top-k
+picks the visible tokens (DSA layers).
+
+Cached state (``cache_spec``), indexed by position so that speculative decoding can
+roll back by forgetting positions:
+
+* paged (or a ring for windowed layers): the normed latent ``c``, the rotated ``k_pe``
+  and, on DSA layers, the indexer key;
+* per sequence slot, a small ring of ``CONV_RING`` rows indexed by ``position %
+  CONV_RING`` holding each MoME convolution's *input* (the previous ``K-1`` of them are
+  the convolution's state). It must be longer than ``K-1`` plus the most tokens fed
+  after a position that may still be rolled back to (a draft chain), hence 32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..batch import ForwardBatch, current_batch
+from ..cache_spec import LayerCacheSpec, PagedTensorSpec, SlotTensorSpec
+from .lightning_indexer import LightningIndexer
+from .linear import Linear
+from .norm import RMSNorm
+from .rope import RotaryEmbedding, rotate_half
+from .short_conv import ShortConv, sliding_windows
+
+CONV_RING = 32
+CONV_INPUTS = ("qa_in", "kv_in", "o_in")  # cache names of the MoME convs' inputs, in (qa, kv, o) order
+PREFILL_ROWS = 1024  # query rows per attention block in a prefill chunk (scores are [rows, heads, keys] fp32)
+INVALID = 1 << 62  # key position of history entries that do not exist (never visible)
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, *, q_a_proj: Linear, q_a_norm: RMSNorm, q_b_proj: Linear, kv_a_proj: Linear,
+                 kv_a_norm: RMSNorm, kv_b: torch.Tensor, o_proj: Linear, num_heads: int, nope_dim: int,
+                 rope_dim: int, v_dim: int, rope: RotaryEmbedding, window: int | None = None, ring: bool = False,
+                 sink_latent: torch.Tensor | None = None, sink_k_pe: torch.Tensor | None = None,
+                 convs: tuple[ShortConv, ShortConv, ShortConv] | None = None,
+                 indexer: LightningIndexer | None = None, layer_idx: int = 0):
+        super().__init__()
+        self.q_a_proj, self.q_a_norm, self.q_b_proj = q_a_proj, q_a_norm, q_b_proj
+        self.kv_a_proj, self.kv_a_norm, self.o_proj = kv_a_proj, kv_a_norm, o_proj
+        self.num_heads, self.nope_dim, self.rope_dim, self.v_dim = num_heads, nope_dim, rope_dim, v_dim
+        self.kv_rank = kv_b.shape[1]
+        w = kv_b.float().view(num_heads, nope_dim + v_dim, self.kv_rank)
+        self.register_buffer("w_uk", w[:, :nope_dim].contiguous())  # [heads, nope, rank]
+        self.register_buffer("w_uv", w[:, nope_dim:].contiguous())  # [heads, v, rank]
+        self.scale = (nope_dim + rope_dim) ** -0.5
+        self.rope, self.window, self.ring = rope, window, ring
+        if (sink_latent is None) != (sink_k_pe is None):
+            raise ValueError("sink entries need both their latent and their k_pe")
+        if sink_latent is None:
+            sink_latent, sink_k_pe = torch.zeros(0, self.kv_rank), torch.zeros(0, rope_dim)
+        else:  # constant per layer: normalise once (the reference normalises sinks in fp32)
+            sink_latent = kv_a_norm(sink_latent.float())
+        self.register_buffer("sink_c", sink_latent.float())
+        self.register_buffer("sink_pe", sink_k_pe.float())
+        self.convs = None if convs is None else nn.ModuleList(convs)
+        self.indexer = indexer
+        self.layer_idx = layer_idx
+        self.record_selection = False  # keep the last chunk's visibility mask in ``last_selection`` (tests)
+
+    # ------------------------------------------------------------- state
+
+    def cache_spec(self, dtype: torch.dtype, device: torch.device) -> LayerCacheSpec:
+        paged = [PagedTensorSpec("c", (self.kv_rank,), dtype), PagedTensorSpec("kpe", (self.rope_dim,), dtype)]
+        if self.indexer is not None:
+            paged.append(PagedTensorSpec("kidx", (self.indexer.head_dim,), dtype))
+        slots = ()
+        if self.convs is not None:
+            slots = tuple(SlotTensorSpec(name, (CONV_RING, conv.channels), dtype)
+                          for name, conv in zip(CONV_INPUTS, self.convs))
+        return LayerCacheSpec(paged=tuple(paged), slots=slots, window=self.window, device=torch.device(device),
+                              ring=self.ring)
+
+    # ------------------------------------------------------------- one sequence
+
+    def _mome(self, which: int, x: torch.Tensor, previous: torch.Tensor | None, positions: torch.Tensor):
+        """``previous``: the inputs before a consecutive chunk ``[K-1, C]``, or before each row ``[n, K-1, C]``."""
+        if self.convs is None:
+            return x
+        conv = self.convs[which]
+        if previous is None:
+            previous = x.new_zeros(conv.width - 1, x.shape[-1])
+        if previous.dim() == 3:
+            return conv(torch.cat([previous.to(x.dtype), x[:, None]], dim=1), positions)
+        return conv(sliding_windows(x, previous, conv.width), positions)
+
+    def _chunk(self, h: torch.Tensor, positions: torch.Tensor, hist: dict) -> tuple[torch.Tensor, dict]:
+        """New rows ``h [n, hidden]`` at ``positions [n]`` after the cached history ``hist``
+        (``positions``, ``c``, ``kpe``, ``kidx`` of earlier tokens and each conv's previous inputs).
+
+        Two layouts of ``hist``: shared by all rows (``positions [m]``; the rows are one
+        sequence's consecutive tokens, a prefill chunk), or one history per row
+        (``positions [n, m]``, entries that do not exist at ``INVALID``; a decode step, one
+        row per sequence). Returns the output ``[n, hidden]`` and the new rows' state."""
+        n, heads = h.shape[0], self.num_heads
+        per_row = hist["positions"].dim() == 2
+        prev = hist.get("conv_prev", (None, None, None))
+        qa_in = self.q_a_proj(h)
+        q_lora = self.q_a_norm(self._mome(0, qa_in, prev[0], positions))
+        q = self.q_b_proj(q_lora).float().view(n, heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        kv_in, k_pe = self.kv_a_proj(h).split([self.kv_rank, self.rope_dim], dim=-1)
+        c = self.kv_a_norm(self._mome(1, kv_in.contiguous(), prev[1], positions)).float()
+        cos, sin = self._rope_tables(positions)
+        q_pe = q_pe * cos[:, None] + rotate_half(q_pe) * sin[:, None]
+        k_pe = k_pe.float() * cos + rotate_half(k_pe.float()) * sin
+        new = {"c": c, "kpe": k_pe, "qa_in": qa_in, "kv_in": kv_in}
+
+        def with_new(old: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+            return torch.cat([old.float(), fresh[:, None]], 1) if per_row else torch.cat([old.float(), fresh])
+
+        key_pos = torch.cat([hist["positions"], positions[:, None]], 1) if per_row \
+            else torch.cat([hist["positions"], positions])[None, :]
+        keys_c, keys_pe = with_new(hist["c"], c), with_new(hist["kpe"], k_pe)
+        visible = key_pos <= positions[:, None]
+        if self.window is not None:
+            visible &= key_pos > positions[:, None] - self.window
+        if self.indexer is not None:
+            k_idx = self.indexer.keys(h, cos, sin)
+            new["kidx"] = k_idx
+            q_idx, w_idx = self.indexer.queries(q_lora, h, cos, sin)
+            visible = self.indexer.select(q_idx, w_idx, with_new(hist["kidx"], k_idx), visible)
+        if self.record_selection and not per_row:
+            self.last_selection = visible  # tests compare the DSA selection with the reference's
+
+        # sinks first, always visible; absorbed attention in the latent space
+        sinks_c, sinks_pe = self.sink_c, self.sink_pe
+        if per_row:
+            sinks_c, sinks_pe = sinks_c.expand(n, -1, -1), sinks_pe.expand(n, -1, -1)
+        keys_c = torch.cat([sinks_c, keys_c], dim=-2)
+        keys_pe = torch.cat([sinks_pe, keys_pe], dim=-2)
+        visible = torch.cat([visible.new_ones(n, self.sink_c.shape[0]), visible], dim=1)
+        q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
+        if per_row:
+            ctx = self._attend(q_abs, q_pe, keys_c, keys_pe, visible, "n")
+        else:  # a long prefill chunk: bound the [rows, heads, keys] score tensors
+            ctx = torch.cat([self._attend(q_abs[i:i + PREFILL_ROWS], q_pe[i:i + PREFILL_ROWS], keys_c, keys_pe,
+                                          visible[i:i + PREFILL_ROWS], "") for i in range(0, n, PREFILL_ROWS)])
+        o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(h.dtype)
+        new["o_in"] = o_in
+        return self.o_proj(self._mome(2, o_in, prev[2], positions)), new
+
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for ``positions``; in a cached step shared by every layer with this rotary embedding."""
+        batch = current_batch()
+        if batch is None or batch.positions is not positions:
+            return self.rope(positions)
+        key = ("rope", id(self.rope))
+        if key not in batch.memo:
+            batch.memo[key] = self.rope(positions)
+        return batch.memo[key]
+
+    def _attend(self, q_abs, q_pe, keys_c, keys_pe, visible, per_row: str) -> torch.Tensor:
+        """Absorbed attention -> the latent context ``[n, heads, rank]``; ``per_row`` "n": keys per row."""
+        k = per_row
+        scores = torch.einsum(f"nhr,{k}sr->nhs", q_abs, keys_c) + torch.einsum(f"nhd,{k}sd->nhs", q_pe, keys_pe)
+        probs = torch.softmax((scores * self.scale).masked_fill(~visible[:, None], float("-inf")), dim=-1)
+        return torch.einsum(f"nhs,{k}sr->nhr", probs, keys_c)
+
+    def empty_history(self, like: torch.Tensor) -> dict:
+        hist = {"positions": torch.zeros(0, dtype=torch.long, device=like.device),
+                "c": like.new_zeros(0, self.kv_rank), "kpe": like.new_zeros(0, self.rope_dim)}
+        if self.indexer is not None:
+            hist["kidx"] = like.new_zeros(0, self.indexer.head_dim)
+        return hist
+
+    # ------------------------------------------------------------- entry points
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        """Without ``batch``: one whole sequence ``x [T, hidden]`` from position 0, no cache.
+        With ``batch``: packed tokens of several sequences, history from the paged cache."""
+        if batch is None:
+            return self._chunk(x, positions, self.empty_history(x))[0]
+        return self._forward_cached(x, batch)
+
+    def _forward_cached(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        if batch.is_decode:
+            return self._forward_decode(x, batch)
+        paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
+        table = batch.ring_page_table if self.ring else batch.page_table
+        write_at = batch.ring_slot_mapping if self.ring else batch.slot_mapping
+        page_size = batch.cache.page_size
+        outs = []
+        for b, lo, hi in batch.segments():
+            n = hi - lo
+            start = batch.kv_lens[b] - n  # first new position
+            first = 0 if self.window is None else max(0, start - self.window + 1)
+            hist_pos = torch.arange(first, start, device=x.device)
+            where = table[b, hist_pos // page_size].long() * page_size + hist_pos % page_size
+            hist = {"positions": hist_pos}
+            for name, t in paged.items():
+                hist[name] = t.flatten(0, 1)[where]
+            seq_slot = int(batch.seq_slots[b])
+            if self.convs is not None:
+                k = self.convs[0].width - 1
+                ring_rows = torch.arange(start - k, start, device=x.device) % CONV_RING
+                hist["conv_prev"] = tuple(slots[name][seq_slot][ring_rows] for name in CONV_INPUTS)
+            out, new = self._chunk(x[lo:hi], batch.positions[lo:hi], hist)
+            outs.append(out)
+            # store after reading: a ring slot written now may have held a position read above
+            dest = write_at[lo:hi]
+            keep = dest >= 0
+            for name, t in paged.items():
+                t.flatten(0, 1).index_copy_(0, dest[keep], new[name][keep].to(t.dtype))
+            if self.convs is not None:
+                last = slice(max(0, n - CONV_RING), n)  # earlier rows would be overwritten in this chunk
+                rows = batch.positions[lo:hi][last] % CONV_RING
+                for name in CONV_INPUTS:
+                    slots[name][seq_slot].index_copy_(0, rows, new[name][last].to(slots[name].dtype))
+        return torch.cat(outs)
+
+    def _decode_history_index(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each decode row's earlier positions (``INVALID`` where none) and their flat cache rows."""
+        table = batch.ring_page_table if self.ring else batch.page_table
+        page_size, pos = batch.cache.page_size, batch.positions
+        if self.window is not None:  # the window's earlier tokens, oldest first
+            span = torch.arange(1 - self.window, 0, device=pos.device)
+            hist_pos = pos[:, None] + span[None, :]
+        else:  # every token the page table can address
+            hist_pos = torch.arange(table.shape[1] * page_size, device=pos.device)[None, :].expand(pos.shape[0], -1)
+        exists = (hist_pos >= 0) & (hist_pos < pos[:, None])
+        safe = hist_pos.clamp_min(0)
+        pages = table.gather(1, safe // page_size).long().clamp_min(0)
+        where = pages * page_size + safe % page_size
+        return torch.where(exists, hist_pos, torch.full_like(hist_pos, INVALID)), where
+
+    def _forward_decode(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """One new token per sequence, from device tensors only (no host values, fixed shapes), so
+        that the step can be captured in a CUDA graph: each row reads its own history."""
+        paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
+        pos = batch.positions
+        # the same for every layer of this kind in the step (the model clears the memo per step)
+        key = ("mla_decode_history", self.ring, self.window)
+        if key not in batch.memo:
+            batch.memo[key] = self._decode_history_index(batch)
+        hist_pos, where = batch.memo[key]
+        hist = {"positions": hist_pos}
+        for name, t in paged.items():
+            hist[name] = t.flatten(0, 1)[where]
+        seq_slots = batch.seq_slots
+        if self.convs is not None:
+            k = self.convs[0].width - 1
+            ring_rows = (pos[:, None] + torch.arange(-k, 0, device=x.device)[None, :]) % CONV_RING
+            hist["conv_prev"] = tuple(slots[name][seq_slots[:, None], ring_rows] for name in CONV_INPUTS)
+        out, new = self._chunk(x, pos, hist)
+        dest = batch.ring_slot_mapping if self.ring else batch.slot_mapping
+        for name, t in paged.items():
+            t.flatten(0, 1).index_copy_(0, dest, new[name].to(t.dtype))
+        if self.convs is not None:
+            for name in CONV_INPUTS:
+                slots[name].index_put_((seq_slots, pos % CONV_RING), new[name].to(slots[name].dtype))
+        return out

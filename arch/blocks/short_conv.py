@@ -1,0 +1,49 @@
+"""Causal depthwise short convolution with an identity path (OpenPanguV2's MoME convs).
+
+``y_t = x_t + sum_j w[:, j] * x_{t-K+1+j}`` (PyTorch Conv1d cross-correlation order,
+``w[:, K-1]`` multiplies the current token). Huawei's pure-torch reference zeroes the
+convolution term on the first ``K - 1`` positions of a sequence (only the identity
+survives there), so the term is applied only at absolute positions ``>= K - 1``
+(architectures.md §3.4, "MoME start-of-sequence rule").
+
+The decode state is the previous ``K - 1`` *inputs* (pre-convolution values); the
+adapter stores them per position (a small ring indexed by position), so forgetting
+speculated positions rolls the state back for free.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def sliding_windows(x: torch.Tensor, previous: torch.Tensor, width: int) -> torch.Tensor:
+    """Consecutive rows ``x [n, C]`` of one sequence, preceded by ``previous [width-1, C]`` (the
+    inputs just before them) -> each row's window ``[n, width, C]`` (oldest first)."""
+    full = torch.cat([previous.to(x.dtype), x], dim=0)
+    return full.unfold(0, width, 1).transpose(1, 2)
+
+
+class ShortConv(nn.Module):
+    """``weight [C, 1, K]`` (a ``Conv1d(C, C, K, groups=C)`` without bias)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        if weight.dim() != 3 or weight.shape[1] != 1:
+            raise ValueError(f"a depthwise conv weight is [C, 1, K], got {list(weight.shape)}")
+        self.register_buffer("weight", weight[:, 0, :].t().contiguous())  # [K, C]
+
+    @property
+    def width(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, windows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``windows [n, K, C]`` (last entry = the current input), ``positions [n]`` -> ``x + conv(x)``."""
+        x = windows[:, -1]
+        term = (windows.float() * self.weight[None]).sum(1)
+        term = torch.where((positions >= self.width - 1)[:, None], term, torch.zeros_like(term))
+        return (x.float() + term).to(x.dtype)
