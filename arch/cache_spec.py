@@ -35,9 +35,16 @@ class PagedTensorSpec:
 
 @dataclass(frozen=True)
 class SlotTensorSpec:
+    """``position_ring``: the first dimension is a ring over positions (position ``p`` at row
+    ``p % shape[0]``) of which each step reads the last ``position_ring`` before its own; such
+    state rolls back by forgetting positions, like pages, as long as a step never writes more
+    than ``shape[0] - position_ring`` positions ahead of one it may return to. 0: the slot is
+    plain per-sequence state, which speculative decoding cannot roll back."""
+
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    position_ring: int = 0
 
 
 @dataclass(frozen=True)

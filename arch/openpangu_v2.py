@@ -249,6 +249,9 @@ class PanguMTPLayer(nn.Module):
 class OpenPanguV2ForCausalLM(CausalLM):
     architectures = ("OpenPanguV2ForCausalLM",)
     has_mtp = True
+    # MLA's decode path stores every row's state before any row reads (blocks/mla.py), mHC and MoE
+    # are per row: drafted tokens verify as decode rows, in CUDA graphs
+    verify_as_decode_rows = True
 
     def __init__(self, config: OpenPanguV2Config, options: RuntimeOptions, embed_tokens: torch.Tensor,
                  layers: list[PanguDecoderLayer], mtp_layers: list[PanguMTPLayer], merge: HyperHead, norm: RMSNorm,

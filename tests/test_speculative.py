@@ -229,3 +229,64 @@ def test_cli_generate_with_ngram_drafting_and_mtp_eval_errors(golden, tmp_path, 
     assert "no MTP draft layers" in capsys.readouterr().err
     assert main(["mtp-eval", model_dir, "--text", str(tmp_path / "missing.txt")]) == 2
     assert "cannot read --text" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a family with real MTP layers
+
+@pytest.fixture(scope="module")
+def pangu(golden):
+    return exl3_triton.load(golden / "openpangu" / "A")  # window 16, indexer top-k 16, 3 MTP layers
+
+
+def _pangu_uncached_drafts(net, tokens: list[int], k: int) -> list[int]:
+    """The MTP drafts after ``tokens`` from scratch: full trunk pass, then each depth teacher-forced."""
+    hidden = net.forward_hidden(torch.tensor(tokens)[None])[0][: len(tokens) - 1]
+    seq, drafts = list(tokens), []
+    for d in range(1, k + 1):
+        nxt = torch.tensor(seq[d:d + hidden.shape[0]])
+        logits, hidden = net.mtp_forward(d, hidden, nxt, None)
+        drafts.append(int(logits[-1].argmax()))
+        seq.append(drafts[-1])
+    return drafts
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_openpangu_mtp_greedy_equals_plain_and_drafts_equal_recomputation(pangu, batch):
+    """Past the sliding window and the indexer's top-k, with MoME state: rejected drafts roll every
+    piece of decode state back (pages, rings, MoME input rings, the MTP layers' own caches)."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (20, 7, 33)][:batch]
+    n_new = 24
+    plain = Generator(pangu, max_batch_size=3, max_seq_len=96, chunk_size=16)
+    want = [plain.enqueue(Job(p, max_new_tokens=n_new, stop_tokens=[])) for p in prompts]
+    list(plain.iterate())
+    gen = Generator(pangu, max_batch_size=3, max_seq_len=96, chunk_size=16,
+                    draft=DraftOptions(mode="mtp", num_tokens=3))
+    proposals = _record_proposals(gen)
+    jobs = [gen.enqueue(Job(p, max_new_tokens=n_new, stop_tokens=[])) for p in prompts]
+    list(gen.iterate())
+    assert [j.output_ids for j in jobs] == [j.output_ids for j in want]
+    assert gen.draft_stats.total_rejected > 0
+    for tokens, k, drafts in proposals[::2]:
+        assert drafts == _pangu_uncached_drafts(pangu.network, tokens, k), (len(tokens), k)
+
+
+def test_openpangu_mtp_eval_matches_teacher_forcing(pangu, golden, tmp_path, capsys):
+    from exl3_triton.cli import main
+    from exl3_triton.runtime.drafting import teacher_forced_acceptance
+
+    net = pangu.network
+    ids = torch.randint(0, 512, (60,), generator=torch.Generator().manual_seed(9)).tolist()
+    got = teacher_forced_acceptance(pangu, ids)
+    target = net.forward(torch.tensor(ids)[None])[0].argmax(-1)
+    hidden, want = net.forward_hidden(torch.tensor(ids)[None])[0], []
+    for d in range(1, 4):
+        count = len(ids) - d
+        logits, hidden = net.mtp_forward(d, hidden[:count], torch.tensor(ids[d:]), None)
+        want.append(float((logits[: count - 1].argmax(-1) == target[d:d + count - 1]).float().mean()))
+    assert got == pytest.approx(want, abs=1.01 / 57)  # at most one arg-max near-tie apart
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 8)
+    assert main(["mtp-eval", str(golden / "openpangu" / "A"), "--text", str(text)]) == 0
+    out = capsys.readouterr().out
+    assert "depth 1:" in out and "depth 3:" in out

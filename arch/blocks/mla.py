@@ -84,7 +84,7 @@ class MLAAttention(nn.Module):
             paged.append(PagedTensorSpec("kidx", (self.indexer.head_dim,), dtype))
         slots = ()
         if self.convs is not None:
-            slots = tuple(SlotTensorSpec(name, (CONV_RING, conv.channels), dtype)
+            slots = tuple(SlotTensorSpec(name, (CONV_RING, conv.channels), dtype, position_ring=conv.width - 1)
                           for name, conv in zip(CONV_INPUTS, self.convs))
         return LayerCacheSpec(paged=tuple(paged), slots=slots, window=self.window, device=torch.device(device),
                               ring=self.ring)
@@ -106,12 +106,10 @@ class MLAAttention(nn.Module):
         """New rows ``h [n, hidden]`` at ``positions [n]`` after the cached history ``hist``
         (``positions``, ``c``, ``kpe``, ``kidx`` of earlier tokens and each conv's previous inputs).
 
-        Two layouts of ``hist``: shared by all rows (``positions [m]``; the rows are one
-        sequence's consecutive tokens, a prefill chunk), or one history per row
-        (``positions [n, m]``, entries that do not exist at ``INVALID``; a decode step, one
-        row per sequence). Returns the output ``[n, hidden]`` and the new rows' state."""
+        The rows are one sequence's consecutive tokens (a prefill chunk, or the whole sequence
+        without a cache; decode steps take ``_forward_decode``). Returns the output
+        ``[n, hidden]`` and the new rows' state."""
         n, heads = h.shape[0], self.num_heads
-        per_row = hist["positions"].dim() == 2
         prev = hist.get("conv_prev", (None, None, None))
         qa_in = self.q_a_proj(h)
         q_lora = self.q_a_norm(self._mome(0, qa_in, prev[0], positions))
@@ -125,10 +123,9 @@ class MLAAttention(nn.Module):
         new = {"c": c, "kpe": k_pe, "qa_in": qa_in, "kv_in": kv_in}
 
         def with_new(old: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-            return torch.cat([old.float(), fresh[:, None]], 1) if per_row else torch.cat([old.float(), fresh])
+            return torch.cat([old.float(), fresh])
 
-        key_pos = torch.cat([hist["positions"], positions[:, None]], 1) if per_row \
-            else torch.cat([hist["positions"], positions])[None, :]
+        key_pos = torch.cat([hist["positions"], positions])[None, :]
         keys_c, keys_pe = with_new(hist["c"], c), with_new(hist["kpe"], k_pe)
         visible = key_pos <= positions[:, None]
         if self.window is not None:
@@ -138,22 +135,17 @@ class MLAAttention(nn.Module):
             new["kidx"] = k_idx
             q_idx, w_idx = self.indexer.queries(q_lora, h, cos, sin)
             visible = self.indexer.select(q_idx, w_idx, with_new(hist["kidx"], k_idx), visible)
-        if self.record_selection and not per_row:
+        if self.record_selection:
             self.last_selection = visible  # tests compare the DSA selection with the reference's
 
         # sinks first, always visible; absorbed attention in the latent space
-        sinks_c, sinks_pe = self.sink_c, self.sink_pe
-        if per_row:
-            sinks_c, sinks_pe = sinks_c.expand(n, -1, -1), sinks_pe.expand(n, -1, -1)
-        keys_c = torch.cat([sinks_c, keys_c], dim=-2)
-        keys_pe = torch.cat([sinks_pe, keys_pe], dim=-2)
+        keys_c = torch.cat([self.sink_c, keys_c], dim=-2)
+        keys_pe = torch.cat([self.sink_pe, keys_pe], dim=-2)
         visible = torch.cat([visible.new_ones(n, self.sink_c.shape[0]), visible], dim=1)
         q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
-        if per_row:
-            ctx = self._attend(q_abs, q_pe, keys_c, keys_pe, visible, "n")
-        else:  # a long prefill chunk: bound the [rows, heads, keys] score tensors
-            ctx = torch.cat([self._attend(q_abs[i:i + PREFILL_ROWS], q_pe[i:i + PREFILL_ROWS], keys_c, keys_pe,
-                                          visible[i:i + PREFILL_ROWS], "") for i in range(0, n, PREFILL_ROWS)])
+        # a long prefill chunk: bound the [rows, heads, keys] score tensors
+        ctx = torch.cat([self._attend(q_abs[i:i + PREFILL_ROWS], q_pe[i:i + PREFILL_ROWS], keys_c, keys_pe,
+                                      visible[i:i + PREFILL_ROWS], "") for i in range(0, n, PREFILL_ROWS)])
         o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(h.dtype)
         new["o_in"] = o_in
         return self.o_proj(self._mome(2, o_in, prev[2], positions)), new
@@ -228,43 +220,72 @@ class MLAAttention(nn.Module):
         return torch.cat(outs)
 
     def _decode_history_index(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each decode row's earlier positions (``INVALID`` where none) and their flat cache rows."""
+        """Each decode row's positions up to and including its own (``INVALID`` where none) and
+        their flat cache rows."""
         table = batch.ring_page_table if self.ring else batch.page_table
         page_size, pos = batch.cache.page_size, batch.positions
-        if self.window is not None:  # the window's earlier tokens, oldest first
-            span = torch.arange(1 - self.window, 0, device=pos.device)
+        if self.window is not None:  # the window's tokens, oldest first, the row's own last
+            span = torch.arange(1 - self.window, 1, device=pos.device)
             hist_pos = pos[:, None] + span[None, :]
         else:  # every token the page table can address
             hist_pos = torch.arange(table.shape[1] * page_size, device=pos.device)[None, :].expand(pos.shape[0], -1)
-        exists = (hist_pos >= 0) & (hist_pos < pos[:, None])
+        exists = (hist_pos >= 0) & (hist_pos <= pos[:, None])
         safe = hist_pos.clamp_min(0)
         pages = table.gather(1, safe // page_size).long().clamp_min(0)
         where = pages * page_size + safe % page_size
         return torch.where(exists, hist_pos, torch.full_like(hist_pos, INVALID)), where
 
     def _forward_decode(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """One new token per sequence, from device tensors only (no host values, fixed shapes), so
-        that the step can be captured in a CUDA graph: each row reads its own history."""
+        """One query per row at its own position, from device tensors only (no host values, fixed
+        shapes), so that the step can be captured in a CUDA graph.
+
+        Every row's new state (MoME inputs, latent, k_pe, indexer key) is stored before any row
+        reads the cache, and each row then reads everything up to its own position from it. So
+        several consecutive positions of one sequence can run as rows of one decode step (the
+        generator verifies drafted tokens that way) and each sees the rows before it."""
         paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
-        pos = batch.positions
+        pos, seq_slots, n, heads = batch.positions, batch.seq_slots, x.shape[0], self.num_heads
+        if self.convs is not None:
+            k = self.convs[0].width - 1
+            ring_rows = (pos[:, None] + torch.arange(-k, 0, device=x.device)[None, :]) % CONV_RING
+
+        def conv(which: int, value: torch.Tensor) -> torch.Tensor:
+            if self.convs is None:
+                return value
+            ring = slots[CONV_INPUTS[which]]
+            ring.index_put_((seq_slots, pos % CONV_RING), value.to(ring.dtype))
+            return self._mome(which, value, ring[seq_slots[:, None], ring_rows], pos)
+
+        qa_in = self.q_a_proj(x)
+        kv_in, k_pe = self.kv_a_proj(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        q_lora = self.q_a_norm(conv(0, qa_in))
+        c = self.kv_a_norm(conv(1, kv_in.contiguous())).float()
+        q = self.q_b_proj(q_lora).float().view(n, heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        cos, sin = self._rope_tables(pos)
+        q_pe = q_pe * cos[:, None] + rotate_half(q_pe) * sin[:, None]
+        k_pe = k_pe.float() * cos + rotate_half(k_pe.float()) * sin
+        new = {"c": c, "kpe": k_pe}
+        if self.indexer is not None:
+            new["kidx"] = self.indexer.keys(x, cos, sin)
+        dest = batch.ring_slot_mapping if self.ring else batch.slot_mapping
+        for name, t in paged.items():
+            t.flatten(0, 1).index_copy_(0, dest, new[name].to(t.dtype))
+
         # the same for every layer of this kind in the step (the model clears the memo per step)
         key = ("mla_decode_history", self.ring, self.window)
         if key not in batch.memo:
             batch.memo[key] = self._decode_history_index(batch)
         hist_pos, where = batch.memo[key]
-        hist = {"positions": hist_pos}
-        for name, t in paged.items():
-            hist[name] = t.flatten(0, 1)[where]
-        seq_slots = batch.seq_slots
-        if self.convs is not None:
-            k = self.convs[0].width - 1
-            ring_rows = (pos[:, None] + torch.arange(-k, 0, device=x.device)[None, :]) % CONV_RING
-            hist["conv_prev"] = tuple(slots[name][seq_slots[:, None], ring_rows] for name in CONV_INPUTS)
-        out, new = self._chunk(x, pos, hist)
-        dest = batch.ring_slot_mapping if self.ring else batch.slot_mapping
-        for name, t in paged.items():
-            t.flatten(0, 1).index_copy_(0, dest, new[name].to(t.dtype))
-        if self.convs is not None:
-            for name in CONV_INPUTS:
-                slots[name].index_put_((seq_slots, pos % CONV_RING), new[name].to(slots[name].dtype))
-        return out
+        visible = hist_pos <= pos[:, None]  # INVALID entries are never visible
+        keys_c, keys_pe = paged["c"].flatten(0, 1)[where].float(), paged["kpe"].flatten(0, 1)[where].float()
+        if self.indexer is not None:
+            q_idx, w_idx = self.indexer.queries(q_lora, x, cos, sin)
+            visible = self.indexer.select(q_idx, w_idx, paged["kidx"].flatten(0, 1)[where], visible)
+        keys_c = torch.cat([self.sink_c.expand(n, -1, -1), keys_c], dim=1)  # sinks first, always visible
+        keys_pe = torch.cat([self.sink_pe.expand(n, -1, -1), keys_pe], dim=1)
+        visible = torch.cat([visible.new_ones(n, self.sink_c.shape[0]), visible], dim=1)
+        q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
+        ctx = self._attend(q_abs, q_pe, keys_c, keys_pe, visible, "n")
+        o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(x.dtype)
+        return self.o_proj(conv(2, o_in))

@@ -67,7 +67,7 @@ class DraftModelDrafter:
                 "a draft model must share the target's tokenizer")
         self.model, self.network, self.chunk_size = draft_model, net, chunk_size
         specs = net.cache_spec()
-        if any(s.slots for s in specs):
+        if any(not t.position_ring for s in specs for t in s.slots):
             raise InvalidArgumentError("the draft model keeps per-sequence state that cannot be rolled back")
         pages_per_seq = -(-(max_seq_len + max_draft + 1) // page_size)
         graphs = net.options.device.type == "cuda"  # one more page: where graph padding rows write

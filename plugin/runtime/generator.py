@@ -104,9 +104,16 @@ class Generator:
         opts = self.draft_options
         if not opts.enabled:
             return
-        if any(s.slots for s in specs):
-            raise InvalidArgumentError(f"{type(self.network).__name__} keeps per-sequence state that cannot be "
-                                       "rolled back after rejected drafts; speculative decoding is not available")
+        for spec in specs:
+            for t in spec.slots:
+                if not t.position_ring:
+                    raise InvalidArgumentError(
+                        f"{type(self.network).__name__} keeps per-sequence state ({t.name}) that cannot be rolled "
+                        "back after rejected drafts; speculative decoding is not available for it")
+                if t.shape[0] - t.position_ring < opts.num_tokens + 1:
+                    raise InvalidArgumentError(
+                        f"draft num_tokens={opts.num_tokens}: {type(self.network).__name__}'s {t.name} state keeps "
+                        f"{t.shape[0]} positions, enough for drafts of up to {t.shape[0] - t.position_ring - 1}")
         if opts.mode == "mtp":
             depth = self.network.mtp_depth
             if depth == 0:
