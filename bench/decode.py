@@ -169,8 +169,9 @@ def main() -> int:
     ckpt = SyntheticCheckpoint(name, bits=args.bits, head_bits=args.head_bits)
     model = load_checkpoint(ckpt, device="cuda")
     torch.cuda.synchronize()
-    weight_gb = ckpt.weight_bytes / 1e9
+    weight_gb = ckpt.active_bytes_per_token / 1e9  # MoE: the routed experts a token uses
     res.add("model", {"name": name, "bits": args.bits, "head_bits": args.head_bits,
+                      "weight_GB_total": ckpt.weight_bytes / 1e9,
                       "weight_GB_per_token": weight_gb, "copy_bandwidth_GBps": bw,
                       "bound_tokens_per_s": bw / weight_gb, "load_s": time.perf_counter() - t0,
                       "gpu_memory_GB": torch.cuda.memory_allocated() / 1e9})

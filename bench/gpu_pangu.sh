@@ -9,9 +9,9 @@ source "$(dirname "$0")/device_setup.sh"
 OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1
 timeout 100 python3 bench/decode.py --arch openpangu_v2 --synthetic tiny --batch 1,4 --steps 16 --prefill-len 512 \
-    --out "$OUT" 2>&1 | grep -v Warning | tail -25
+    --mtp 3 --forced-accept 0.9 --out "$OUT" 2>&1 | grep -v Warning | tail -25
 timeout 80 python3 bench/profile_decode.py --arch openpangu_v2 --synthetic tiny --out "$OUT" 2>&1 \
     | grep -v Warning | tail -30
 timeout 400 python3 bench/decode.py --arch openpangu_v2 --synthetic flash --bits 4 --head-bits 8 --batch 1,8 \
-    --steps 32 --prefill-len 4096 --out "$OUT" 2>&1 | grep -v Warning | tail -30
+    --steps 32 --prefill-len 4096 --mtp 3 --forced-accept 0.9 --out "$OUT" 2>&1 | grep -v Warning | tail -30
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv

@@ -104,7 +104,8 @@ class SyntheticCheckpoint:
         self.bits, self.head_bits, self.codebook = bits, head_bits, Codebook(codebook)
         self.device, self.dtype = torch.device(device), dtype
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
-        self.weight_bytes = 0  # EXL3 bytes handed out so far (what one decode step reads)
+        self.weight_bytes = 0  # bytes of every quantized/dense linear handed out so far
+        self._bytes_by_key: dict[str, int] = {}
 
     def _gemma4_full_layer(self, name: str) -> bool:
         layer = int(name.split(".layers.")[1].split(".")[0])
@@ -124,7 +125,7 @@ class SyntheticCheckpoint:
     def linear(self, key: str, *, in_features: int, out_features: int, device=None, dense_dtype=None):
         if self.architecture == "OpenPanguV2ForCausalLM" and key.endswith(PANGU_DENSE_LINEARS):
             w = torch.randn(out_features, in_features, generator=self.gen, device=self.device) * in_features**-0.5
-            self.weight_bytes += w.numel() * torch.finfo(self.dtype).bits // 8
+            self._count(key, w.numel() * torch.finfo(self.dtype).bits // 8)
             return DenseWeight(w.to(self.dtype), key=key)
         k, n = -(-in_features // 128) * 128, -(-out_features // 128) * 128
         bits = self.head_bits if key == "lm_head" else self.bits
@@ -135,8 +136,29 @@ class SyntheticCheckpoint:
         suh = (torch.randn(k, generator=g, device=dev) * 0.02).half()
         svh = (torch.randn(n, generator=g, device=dev) * 0.02).half()
         w = Exl3Weight(trellis, suh, svh, bits, self.codebook, key=key)
-        self.weight_bytes += w.nbytes
+        self._count(key, w.nbytes)
         return w
+
+    def _count(self, key: str, nbytes: int) -> None:
+        self.weight_bytes += nbytes
+        self._bytes_by_key[key] = nbytes
+
+    @property
+    def active_bytes_per_token(self) -> float:
+        """Weight bytes one token's decode step reads: every linear of the trunk, routed experts
+        weighted by top-k / experts, MTP layers (past ``num_hidden_layers``) left out."""
+        t = self.text
+        layers = t.get("num_hidden_layers")
+        experts = t.get("n_routed_experts") or t.get("num_experts")
+        top_k = t.get("num_experts_per_tok") or t.get("top_k_experts")
+        total = 0.0
+        for key, nbytes in self._bytes_by_key.items():
+            parts = key.split(".")
+            if "layers" in parts and layers is not None and int(parts[parts.index("layers") + 1]) >= layers:
+                continue  # an MTP layer
+            routed = ".experts." in key and ".shared_expert" not in key
+            total += nbytes * (top_k / experts if routed and experts and top_k else 1.0)
+        return total
 
     def tensor(self, name: str, *, dtype=None, device=None) -> torch.Tensor:
         if self.architecture == "OpenPanguV2ForCausalLM":
