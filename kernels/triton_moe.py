@@ -149,7 +149,9 @@ def align_slots(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tup
     max_blocks = n_slots // block_m + num_experts
     ids = torch.where(flat >= 0, flat, num_experts)  # dropped slots sort last, into a dummy expert
     order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts]
+    # scatter_add, not bincount: bincount reads the maximum back to the host, which a CUDA graph forbids
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(
+        0, ids, torch.ones_like(ids))[:num_experts]
     blocks = (counts + block_m - 1) // block_m
     block_end = torch.cumsum(blocks, 0)
     start = torch.cumsum(counts, 0) - counts
