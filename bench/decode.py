@@ -90,7 +90,7 @@ def decode_speed(model, batch: int, steps: int, prompt_len: int, max_seq_len: in
         j.cancel()
     gen.step()
     rec = {"batch": batch, "steps": steps, "tokens": produced, "seconds": dt, "tokens_per_s": produced / dt,
-           "ms_per_step": dt / steps * 1000, "graphs": sorted(gen.runner.graphs)}
+           "ms_per_step": dt / steps * 1000, "graphs": sorted(str(k) for k in gen.runner.graphs)}
     if draft is not None:
         rec["draft"] = gen.draft_stats.as_dict()
     return rec
