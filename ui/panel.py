@@ -146,7 +146,8 @@ def build_panel(session: ModelSession | None = None, *, default_model_dir: str =
             return _error(error_message(e))
         if not opts.enabled:
             return _mtp_note(session) + " Drafting off."
-        return (f"Drafting: {opts.mode}, depth {opts.num_tokens}{', dynamic' if opts.dynamic else ''}. "
+        return (f"{_mtp_note(session)} Drafting: {opts.mode}, depth {opts.num_tokens}"
+                f"{', dynamic' if opts.dynamic else ''}. "
                 f"Sources for this model: {', '.join(available_sources(session.mtp_depth))}.")
 
     draft_inputs = [draft_on, draft_source, draft_depth, draft_dynamic, draft_model_dir]
