@@ -113,10 +113,14 @@ class Page:
         raise AssertionError(f"no option {label!r} in #{elem_id}")
 
     def wait_for(self, condition, timeout: float = 60, what: str = ""):
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
         from selenium.webdriver.support.ui import WebDriverWait
 
+        # Gradio re-renders components as they update: an element found a moment ago may be gone
+        retry_on = (NoSuchElementException, StaleElementReferenceException)
         try:
-            return WebDriverWait(self.d, timeout, poll_frequency=0.1).until(lambda _: condition())
+            return WebDriverWait(self.d, timeout, poll_frequency=0.1, ignored_exceptions=retry_on).until(
+                lambda _: condition())
         except Exception as e:
             raise AssertionError(f"timed out waiting for {what}; page says:\n{self.d.find_element(self.By.TAG_NAME, 'body').text[:3000]}") from e
 
@@ -150,6 +154,7 @@ def test_demo_in_a_browser(demo_url, browser, output_dir, tmp_path):
 
     # a streamed reply
     page.fill("exl3-max-new", 60)
+    page.fill("exl3-seed", 1)
     page.fill("exl3-message", "And God said")
     page.click("exl3-send")
     seen = set()
@@ -168,9 +173,9 @@ def test_demo_in_a_browser(demo_url, browser, output_dir, tmp_path):
     assert len({s for s in seen if s.removeprefix("Model:").strip()}) >= 2, f"not streamed: {seen}"
 
     # speculative decoding controls; this model has no MTP heads
-    page.click("exl3-draft-enable")
-    page.wait_for(lambda: "n-gram" in page.text("exl3-draft-status") or "ngram" in page.text("exl3-draft-status"),
-                  what="the draft status")
+    page.el("#exl3-draft-enable input[type=checkbox]").click()
+    # with speculative decoding in the generator: "Drafting: ngram, depth 2"; before: "(asked for: ngram, depth 2)"
+    page.wait_for(lambda: "ngram, depth 2" in page.text("exl3-draft-status"), what="n-gram drafting on")
     page.choose("exl3-draft-source", "MTP heads")
     page.wait_for(lambda: "no MTP heads" in page.text("exl3-draft-status"), what="MTP heads unavailable")
     page.choose("exl3-draft-source", "n-gram")
