@@ -156,16 +156,17 @@ def test_demo_in_a_browser(demo_url, browser, output_dir, tmp_path):
     page.fill("exl3-max-new", 60)
     page.fill("exl3-seed", 1)
     page.fill("exl3-message", "And God said")
+    # record every state the reply passes through (polling could miss a fast stream)
+    browser.execute_script("""
+        window.exl3Replies = [];
+        new MutationObserver(() => {
+            const r = document.querySelectorAll('#exl3-chat .exl3-msg-assistant');
+            if (r.length) window.exl3Replies.push(r[r.length - 1].textContent);
+        }).observe(document.querySelector('#exl3-chat'), {subtree: true, childList: true, characterData: true});
+    """)
     page.click("exl3-send")
-    seen = set()
-
-    def reply_done() -> bool:
-        replies = browser.find_elements(page.By.CSS_SELECTOR, "#exl3-chat .exl3-msg-assistant")
-        if replies:
-            seen.add(replies[-1].text)
-        return "finished" in page.text("exl3-chat-stats")
-
-    page.wait_for(reply_done, timeout=240, what="the reply")
+    page.wait_for(lambda: "finished" in page.text("exl3-chat-stats"), timeout=240, what="the reply")
+    seen = set(browser.execute_script("return window.exl3Replies"))
     stats = page.text("exl3-chat-stats")
     assert "tokens/s" in stats and "time to first token" in stats, stats
     reply = browser.find_elements(page.By.CSS_SELECTOR, "#exl3-chat .exl3-msg-assistant")[-1].text
