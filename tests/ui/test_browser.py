@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from exl3_triton.ui.demo import BUNDLED_MODEL_DIR
+from exl3_triton.ui.session import generator_accepts_draft
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -182,6 +183,13 @@ def test_demo_in_a_browser(demo_url, browser, output_dir, tmp_path):
     page.choose("exl3-draft-source", "n-gram")
     page.wait_for(lambda: "no MTP heads" not in page.text("exl3-draft-status"), what="n-gram accepted")
     assert "MTP heads: unavailable" in page.text("exl3-draft-status")
+    if generator_accepts_draft():  # with speculative decoding in the generator: live statistics after a reply
+        page.fill("exl3-message", "And Abraham said unto God")
+        page.click("exl3-send")
+        page.wait_for(lambda: page.text("exl3-chat-stats").count("finished") == 1
+                      and "And Abraham said unto God" in page.text("exl3-chat"), timeout=240, what="a drafted reply")
+        page.wait_for(lambda: "acceptance per depth" in page.text("exl3-draft-stats"), what="the draft statistics")
+        assert "tokens per step" in page.text("exl3-draft-stats")
 
     browser.save_screenshot(str(output_dir / "demo.png"))
     assert (output_dir / "demo.png").stat().st_size > 10_000
