@@ -15,15 +15,17 @@ Training data is a mix of two kinds of sequences so that both front ends make se
 
 Run it from the repository root (needs the test extra for transformers). Measured for the shipped
 model (1200 steps, torch 2.13 CPU, one thread on a busy 2-core machine): 16 minutes of training
-(0.5-1.4 s a step, loss 6.9 -> 1.73) and about 4 minutes of conversion; on an idle machine
+(0.5-1.4 s a step, loss 6.9 -> 1.73) and about 6 minutes of conversion; on an idle machine
 expect about half that.
 
     .venv/bin/python tools/demo_model/train.py            # writes ui/demo_model/ (replacing it)
     .venv/bin/python tools/demo_model/train.py --steps 50 --out /tmp/demo_try   # a quick try
 
 Everything is seeded (tokenizer training is deterministic, torch and the sampler of training windows
-use ``--seed``), and torch runs single-threaded so that a rerun on the same torch build gives the same
-weights.
+use ``--seed``, the converter ``ConvertOptions.seed``), and torch runs single-threaded so that a
+rerun on the same torch build should give the same weights. Tested: retraining the tokenizer gives
+the shipped tokenizer.json (tests/ui/test_bundled_model.py); a bit-identical rerun of the whole
+script has not been checked.
 """
 
 from __future__ import annotations
