@@ -174,6 +174,20 @@ def test_demo_in_a_browser(demo_url, browser, output_dir, tmp_path):
     assert len(reply.removeprefix("Model:").strip()) > 0, reply
     assert len({s for s in seen if s.removeprefix("Model:").strip()}) >= 2, f"not streamed: {seen}"
 
+    # regenerate: the last reply is replaced, not added to
+    browser.execute_script("""
+        window.exl3Stats = [];
+        const s = document.querySelector('#exl3-chat-stats');
+        new MutationObserver(() => window.exl3Stats.push(s.textContent))
+            .observe(s, {subtree: true, childList: true, characterData: true});
+    """)
+    page.click("exl3-regenerate")
+    page.wait_for(lambda: any("finished" in t for t in browser.execute_script("return window.exl3Stats")),
+                  timeout=240, what="the regenerated reply")
+    roles = lambda: [m.get_attribute("data-role")  # noqa: E731
+                     for m in browser.find_elements(page.By.CSS_SELECTOR, "#exl3-chat .exl3-msg")]
+    page.wait_for(lambda: roles() == ["user", "assistant"], what="one user message and one reply")
+
     # speculative decoding controls; this model has no MTP heads
     page.el("#exl3-draft-enable input[type=checkbox]").click()
     # with speculative decoding in the generator: "Drafting: ngram, depth 2"; before: "(asked for: ngram, depth 2)"

@@ -134,3 +134,20 @@ def test_the_panel_builds_with_the_installed_gradio(tmp_path, monkeypatch):
     assert {"exl3-model-dir", "exl3-load", "exl3-model-card", "exl3-draft-enable", "exl3-chat",
             "exl3-send", "exl3-stop", "exl3-regenerate", "exl3-chat-stats"} <= ids
     assert isinstance(blocks, gr.Blocks)
+
+
+def test_load_reports_real_progress_and_stop_cancels_a_reply(tmp_path):
+    session = ModelSession(recent=RecentModels(tmp_path))
+    calls = []
+    session.load(LoadSettings(str(BUNDLED_MODEL_DIR), max_seq_len=256, max_batch_size=1),
+                 progress=lambda done, total: calls.append((done, total)))
+    config = json.loads((BUNDLED_MODEL_DIR / "config.json").read_text())
+    assert calls[-1][0] == calls[-1][1] and len(calls) >= config["num_hidden_layers"]
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    stream = session.chat([], "And God said", ChatSettings(max_new_tokens=100, seed=0, temperature=1.0))
+    first = next(stream)
+    session.stop()
+    assert not first.finished  # seeded: this reply runs on, so Stop has something to cancel
+    last = list(stream)[-1]
+    assert last.finish_reason == "cancelled" and last.new_tokens <= first.new_tokens + 1
+    assert not session.lock.locked()  # the next message can run
