@@ -84,11 +84,13 @@ def looks_english(text: str, dictionary: set[str]) -> tuple[bool, float, list[st
     return len(words) >= 60 and share >= MIN_ENGLISH, share, words
 
 
+@pytest.mark.slow
 def test_bundled_model_writes_english(dictionary):
     ok, share, words = looks_english(sample_text(BUNDLED_MODEL_DIR), dictionary)
     assert ok, (share, len(words), words)
 
 
+@pytest.mark.slow
 def test_the_english_check_fails_on_random_weights(dictionary, tmp_path):
     text = sample_text(_random_codes_copy(BUNDLED_MODEL_DIR, tmp_path / "random"))
     ok, share, words = looks_english(text, dictionary)
