@@ -9,6 +9,7 @@
     exl3-triton textgen  WEBUI_DIR [webui args]     text-generation-webui with the ExLlamav3-Triton loader
     exl3-triton install-textgen WEBUI_DIR           the webui extension (MTP tab) into user_data/extensions
     exl3-triton tabby    TABBY_DIR [tabby args]     TabbyAPI with this package as its backend
+    exl3-triton demo     [MODEL_DIR] [--host H] [--port P]
 
 Errors a user can cause print one line ``error: ...`` to stderr and exit with
 status 2; nothing prints a traceback for bad input.
@@ -363,6 +364,17 @@ def _add_host_commands(sub) -> None:
     p.set_defaults(func=cmd_tabby)
 
 
+def cmd_demo(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise InvalidArgumentError("the demo needs Gradio: pip install 'exl3-triton[ui]'") from None
+    from .ui.demo import launch_demo
+
+    launch_demo(args.model_dir, host=args.host, port=args.port, device=args.device, autoload=not args.no_autoload)
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.set_defaults(func=cmd_convert)
     _add_host_commands(sub)
+
+    p = sub.add_parser("demo", help="the Gradio demo in the browser (no MODEL_DIR: the bundled model)")
+    p.add_argument("model_dir", nargs="?", default=None, help="model directory (default: the bundled demo model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
+    p.add_argument("--no-autoload", action="store_true", help="open the page without loading the model first")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

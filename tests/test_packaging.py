@@ -37,6 +37,8 @@ def test_regular_install_from_wheel(tmp_path):
     assert top_level == {"exl3_triton", next(t for t in top_level if t.endswith(".dist-info"))}
     missing = _expected_wheel_paths() - names
     assert not missing, f"source files missing from the wheel: {sorted(missing)}"
+    bundled = {f"exl3_triton/ui/demo_model/{f.name}" for f in (REPO_ROOT / "ui" / "demo_model").iterdir()}
+    assert bundled and bundled <= names, f"the demo's bundled model is missing from the wheel: {sorted(bundled - names)}"
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert re.search(r"exl3-triton\s*=\s*exl3_triton\.cli:main", entry_points)
 
