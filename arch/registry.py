@@ -27,6 +27,7 @@ _BUILTIN: dict[str, str] = {
     "Gemma4ForConditionalGeneration": "exl3_triton.arch.gemma4:Gemma4ForCausalLM",
     "Gemma4UnifiedForConditionalGeneration": "exl3_triton.arch.gemma4:Gemma4ForCausalLM",
     "Gemma4ForCausalLM": "exl3_triton.arch.gemma4:Gemma4ForCausalLM",
+    "DeepseekV4ForCausalLM": "exl3_triton.arch.deepseek_v4:DeepseekV4ForCausalLM",
 }
 
 _registered: dict[str, type | str] = {}
