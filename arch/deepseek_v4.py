@@ -280,9 +280,12 @@ class TensorNames:
         elif not native.startswith("head"):
             saved = "model." + re.sub(r"\.attn\.kv_norm(\.|$)", r".attn.norm\1", native)
         out.append(saved)
-        memory = native
+        # the patterns expect a trailing ".weight" (linear keys are named without it)
+        suffixed = native.endswith((".weight", ".bias"))
+        memory = native if suffixed else native + ".weight"
         for pattern, repl in _TO_TRANSFORMERS:
             memory = re.sub(pattern, repl, memory)
+        memory = memory if suffixed else memory[: -len(".weight")]
         out.append(memory if memory.startswith("lm_head") or native == "head" else "model." + memory)
         if native == "head":
             out.append("lm_head")
@@ -365,7 +368,7 @@ class DeepseekV4ForCausalLM(CausalLM):
 
     def head(self, streams: torch.Tensor) -> torch.Tensor:
         """Streams ``[..., N, D]`` -> fp32 logits ``[..., vocab]``."""
-        y = self.hc_head(streams.reshape(-1, *streams.shape[-2:])).view(*streams.shape[:-2], -1)
+        y = self.hc_head(streams.reshape(-1, *streams.shape[-2:])).view(*streams.shape[:-2], streams.shape[-1])
         return self.lm_head(self.norm(y).to(self.options.dtype)).float()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

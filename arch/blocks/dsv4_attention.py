@@ -59,7 +59,10 @@ class LightningIndexer(nn.Module):
         k = min(self.topk, keys.shape[0])
         if k >= keys.shape[0]:
             return visible
-        top = torch.topk(scores, k, dim=-1).indices
+        # Exact ties are common (ReLU zeroes whole score rows). A stable sort breaks them towards the
+        # earlier entry, so the choice does not depend on how many (invisible) entries follow:
+        # torch.topk's order among ties does, which would make a prefix's logits change.
+        top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
         chosen = torch.zeros_like(visible).scatter_(-1, top, True)
         return chosen & visible
 

@@ -1,0 +1,201 @@
+"""DeepSeek-V4 adapter: golden logits, transformers on tiny configs, causality, cached decode, names, config errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import exl3_triton
+from exl3_triton.arch.deepseek_v4 import DeepseekV4Config
+from exl3_triton.errors import CheckpointError, ConfigError
+from exl3_triton.runtime import Generator, Job
+
+from .hf_models import deepseek_v4_model, hf_logits
+from .runtime_helpers import cached_logits
+
+
+def _ids(n: int, vocab: int, seed: int = 1) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def per_position_rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Relative error of each position's logit vector."""
+    return (a - b).norm(dim=-1) / b.norm(dim=-1)
+
+
+def _golden_ids(golden) -> list[int]:
+    return json.loads((golden / "hf" / "dsv4_ids.json").read_text())
+
+
+# ------------------------------------------------------------------ golden
+
+
+@pytest.mark.parametrize("name", ["dsv4_fulltopk", "dsv4_native_fulltopk"])
+def test_golden_full_topk_matches_transformers_at_every_position(golden, name):
+    """321 tokens: the ratio-128 compressor fires twice, the ratio-4 one 80 times; top-k keeps all."""
+    ref = load_file(str(golden / "hf" / "dsv4_fulltopk_hf_logits.safetensors"))
+    ours = exl3_triton.load(golden / "hf" / name).forward(ref["ids"])
+    assert per_position_rel(ours, ref["logits"]).max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["dsv4", "dsv4_native"])
+def test_golden_selective_topk_matches_transformers_before_32(golden, name):
+    """Index top-k 8 with ratio 4: transformers is exact (causal) only for positions < 32 (golden README)."""
+    ref = load_file(str(golden / "hf" / "dsv4_hf_logits.safetensors"))
+    ours = exl3_triton.load(golden / "hf" / name).forward(ref["ids"])
+    assert per_position_rel(ours[:32], ref["logits"][:32]).max() < 1e-5
+
+
+def test_golden_selective_topk_is_causal_and_really_selective(golden):
+    ids = torch.tensor(_golden_ids(golden))
+    model = exl3_triton.load(golden / "hf" / "dsv4_native")
+    full = model.forward(ids)
+    # a prefix's logits never change when tokens follow
+    for n in (37, 100, 200):
+        assert per_position_rel(model.forward(ids[:n]), full[:n]).max() < 1e-5
+    # and the top-8 selection matters from position 32 on (the same weights with top-k 128 differ there)
+    keep_all = exl3_triton.load(golden / "hf" / "dsv4_native_fulltopk").forward(ids)
+    diff = per_position_rel(full, keep_all)
+    assert diff[:32].max() < 1e-6 and diff[32:].max() > 1e-2
+
+
+def test_golden_cached_prefill_and_decode_equal_full_forward(golden):
+    ids = _golden_ids(golden)[:150]
+    model = exl3_triton.load(golden / "hf" / "dsv4_native")
+    full = model.forward(torch.tensor(ids))
+    # chunks end inside compressor windows; then single steps close windows of both compressors
+    step = cached_logits(model, ids, chunks=[30, 91, 3], page_size=128)
+    assert per_position_rel(step, full).max() < 1e-5
+
+
+# ------------------------------------------------------------------ transformers on tiny configs
+
+TINY = {
+    # sliding / CSA (ratio 4, YaRN compress rope) / HCA (ratio 8), hash routing on layer 0
+    "yarn": dict(),
+    "plain_compress_rope": dict(rope_parameters=None, sliding_window=5,
+                                layer_types=["heavily_compressed_attention", "compressed_sparse_attention",
+                                             "sliding_attention"],
+                                mlp_layer_types=["hash_moe", "hash_moe", "moe"]),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(TINY))
+def test_tiny_config_matches_transformers(tmp_path, variant):
+    """index_topk 64 >= every compressed entry, so transformers is an exact oracle at every position."""
+    hf = deepseek_v4_model(tmp_path / "m", **TINY[variant])
+    model = exl3_triton.load(tmp_path / "m")
+    ids = _ids(41, hf.config.vocab_size)
+    full = model.forward(torch.tensor(ids))
+    assert per_position_rel(full, hf_logits(hf, ids)).max() < 1e-5
+    step = cached_logits(model, ids, chunks=[10], page_size=8)
+    assert per_position_rel(step, full).max() < 1e-5
+
+
+def test_yarn_is_applied_to_compressed_layers_only(tmp_path):
+    """Oracle check that the tiny YaRN config exercises the blend: dropping it changes the logits."""
+    deepseek_v4_model(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert DeepseekV4Config.from_hf(cfg, "c").compress_yarn is not None
+    ids = torch.tensor(_ids(30, 128))
+    with_yarn = exl3_triton.load(tmp_path / "m").forward(ids)
+    cfg["rope_parameters"]["compress"] = {"rope_type": "default", "rope_theta": 160000.0,
+                                          "partial_rotary_factor": 0.25}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert per_position_rel(exl3_triton.load(tmp_path / "m").forward(ids), with_yarn).max() > 1e-3
+
+
+@pytest.fixture
+def selective_model(tmp_path):
+    """Tiny model whose indexer keeps 2 entries: selective from position 11 on (3 entries visible)."""
+    deepseek_v4_model(tmp_path / "m", index_topk=2)
+    return exl3_triton.load(tmp_path / "m")
+
+
+def test_selective_decode_equals_full_forward(selective_model):
+    ids = _ids(40, 128, seed=3)
+    full = selective_model.forward(torch.tensor(ids))
+    assert per_position_rel(selective_model.forward(torch.tensor(ids[:23])), full[:23]).max() < 1e-5
+    for chunks in ([], [13, 6]):  # all single steps; chunks ending mid-window, then steps
+        step = cached_logits(selective_model, ids, chunks=chunks, page_size=8)
+        assert per_position_rel(step, full).max() < 1e-5
+
+
+def test_concurrent_jobs_match_single_runs(selective_model):
+    prompts = [_ids(n, 128, seed=n) for n in (17, 5, 26)]
+
+    def run(prompt_list):
+        gen = Generator(selective_model, max_batch_size=4, max_seq_len=64, page_size=8, chunk_size=16)
+        jobs = [gen.enqueue(Job(p, max_new_tokens=8, stop_tokens=[])) for p in prompt_list]
+        list(gen.iterate())
+        return [j.output_ids for j in jobs]
+
+    together = run(prompts)
+    for p, out in zip(prompts, together):
+        assert run([p]) == [out]
+    seq = prompts[2] + together[2]
+    full = selective_model.forward(torch.tensor(seq))
+    assert full[len(prompts[2]) - 1:-1].argmax(-1).tolist() == together[2]
+
+
+# ------------------------------------------------------------------ names and config
+
+
+def test_transformers_in_memory_names_load_the_same_model(tmp_path):
+    """transformers' own module names (fused experts, self_attn.q_a_proj, attn_hc.fn, ...)."""
+    hf = deepseek_v4_model(tmp_path / "saved")
+    (tmp_path / "mem").mkdir()
+    shutil.copy(tmp_path / "saved" / "config.json", tmp_path / "mem" / "config.json")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if "rotary" not in k}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in state and "lm_head.weight" in state
+    save_file(state, str(tmp_path / "mem" / "model.safetensors"))
+    ids = torch.tensor(_ids(20, 128))
+    a = exl3_triton.load(tmp_path / "mem").forward(ids)
+    assert per_position_rel(a, hf_logits(hf, ids.tolist())).max() < 1e-5
+
+
+def _native_cfg(**overrides):
+    cfg = dict(architectures=["DeepseekV4ForCausalLM"], vocab_size=128, hidden_size=64, num_hidden_layers=3,
+               num_attention_heads=4, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32, o_lora_rank=16, o_groups=2,
+               sliding_window=8, compress_ratios=[0, 4, 128, 0], num_hash_layers=1, n_routed_experts=4,
+               num_experts_per_tok=2, moe_intermediate_size=32,
+               rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+                             "beta_fast": 32, "beta_slow": 1})
+    cfg.update(overrides)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def test_native_config_keys():
+    cfg = DeepseekV4Config.from_hf(_native_cfg(), "config.json")
+    # compress_ratios may run past the trunk (MTP blocks); only the trunk's entries count
+    assert cfg.compress_ratios == (0, 4, 128) and [cfg.kind(i) for i in range(3)] == ["sliding", "csa", "hca"]
+    assert cfg.hash_layers == (True, False, False) and cfg.rope_dim == 8
+    assert cfg.compress_yarn.factor == 16 and cfg.compress_yarn.original_max_position_embeddings == 65536
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (dict(compress_ratios=None), "compress_ratios"),
+    (dict(compress_ratios=[0, 4, 64]), "compress_ratios"),
+    (dict(compress_ratios=[0, 4]), "compress_ratios"),
+    (dict(scoring_func="softmax"), "scoring_func"),
+    (dict(num_key_value_heads=2), "num_key_value_heads"),
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+    (dict(o_groups=3), "o_groups"),
+    (dict(rope_scaling={"type": "longrope", "factor": 2}), "rope_type"),
+])
+def test_unsupported_config_is_named(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        DeepseekV4Config.from_hf(_native_cfg(**overrides), "config.json")
+
+
+def test_missing_tensor_is_named(golden, tmp_path):
+    shutil.copytree(golden / "hf" / "dsv4_native", tmp_path / "m")
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
+    del tensors["layers.2.attn.indexer.compressor.ape"]
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"layers\.2\.attn\.indexer\.compressor\.ape"):
+        exl3_triton.load(tmp_path / "m")
