@@ -104,6 +104,7 @@ class DeepseekV4Config:
     compress_rope_theta: float
     compress_yarn: YarnConfig | None
     tie_word_embeddings: bool = False
+    mtp_compress_ratios: tuple[int, ...] = ()  # ``compress_ratios`` entries past the trunk (MTP blocks)
 
     def main_inverse_frequencies(self) -> torch.Tensor:
         return default_inverse_frequencies(self.rope_theta, self.rope_dim)
@@ -145,9 +146,9 @@ class DeepseekV4Config:
             if len(ratios) < n:
                 raise ConfigError(f"key 'compress_ratios' has {len(ratios)} entries, the model has {n} layers",
                                   path=path)
-            ratios = ratios[:n]
             for v in ratios:
                 r.require("compress_ratios", (0, rates["csa"], rates["hca"]), v)
+            ratios, mtp_ratios = ratios[:n], ratios[n:]
         elif r.has("layer_types"):
             types = r.get("layer_types", list)
             if len(types) != n:
@@ -155,6 +156,7 @@ class DeepseekV4Config:
             for v in types:
                 r.require("layer_types", tuple(_TF_LAYER_TYPES), v)
             ratios = [{"sliding": 0, "csa": rates["csa"], "hca": rates["hca"]}[_TF_LAYER_TYPES[v]] for v in types]
+            mtp_ratios = []
         else:
             raise ConfigError("neither 'compress_ratios' (DeepSeek) nor 'layer_types' (transformers) says which "
                               "layers compress their KV", path=path)
@@ -211,11 +213,13 @@ class DeepseekV4Config:
             routed_scaling_factor=r.get("routed_scaling_factor", float, 1.0),
             swiglu_limit=limit if limit and limit > 0 else None, rms_norm_eps=r.get("rms_norm_eps", float, 1e-6),
             rope_theta=rope_theta, compress_rope_theta=compress_theta, compress_yarn=yarn,
-            tie_word_embeddings=r.get("tie_word_embeddings", bool, False),
+            tie_word_embeddings=r.get("tie_word_embeddings", bool, False), mtp_compress_ratios=tuple(mtp_ratios),
         )
 
     def kind(self, layer: int) -> str:
-        ratio = self.compress_ratios[layer]
+        return self.kind_of(self.compress_ratios[layer])
+
+    def kind_of(self, ratio: int) -> str:
         return "sliding" if ratio == 0 else ("csa" if ratio == self.csa_ratio else "hca")
 
 
@@ -269,9 +273,7 @@ class TensorNames:
         return ck.linear_format(name) is not None
 
     def candidates(self, native: str) -> list[str]:
-        out = [native]
-        if native.startswith("hc_head_"):
-            out.append("hc_head.hc_" + native[len("hc_head_"):])
+        out = [native, re.sub(r"(^|\.)hc_head_(fn|base|scale)$", r"\1hc_head.hc_\2", native)]
         saved = native
         if native == "embed.weight":
             saved = "model.embed_tokens.weight"
@@ -332,15 +334,44 @@ class DSV4DecoderLayer(nn.Module):
         return self.ffn_site(x, lambda y: self.moe(self.ffn_norm(y).to(self.dtype), ids).float())
 
 
+class DSV4MtpBlock(nn.Module):
+    """Classic DeepSeek MTP depth (architectures.md §2.7, ds4 ``mtp.0.*``).
+
+    Input streams ``e + h_i`` with ``e = e_proj(enorm(embed[next token]))`` (the same in every
+    stream) and ``h_i = h_proj(hnorm(X_i))`` from the previous depth's 4-stream state ``X``
+    (depth 1: the trunk's, before ``hc_head``); then one V4 block; output ``head(norm(hc_head(X')))``
+    with the trunk's head. ``X'`` seeds the next depth.
+    """
+
+    def __init__(self, e_proj: Linear, h_proj: Linear, enorm: RMSNorm, hnorm: RMSNorm, layer: DSV4DecoderLayer,
+                 hc_head: HyperHead, norm: RMSNorm):
+        super().__init__()
+        self.e_proj, self.h_proj, self.enorm, self.hnorm = e_proj, h_proj, enorm, hnorm
+        self.layer, self.hc_head, self.norm = layer, hc_head, norm
+
+    def streams(self, embedded: torch.Tensor, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``embedded [T, D]`` (next tokens), ``hidden [T, N, D]`` -> the block's input streams (fp32)."""
+        e = self.e_proj(self.enorm(embedded).to(dtype)).float()
+        h = self.h_proj(self.hnorm(hidden.float()).to(dtype)).float()
+        return e[:, None, :] + h
+
+
 class DeepseekV4ForCausalLM(CausalLM):
     architectures = ("DeepseekV4ForCausalLM",)
+    has_mtp = True
 
     def __init__(self, config: DeepseekV4Config, options: RuntimeOptions, embed: torch.Tensor,
-                 layers: list[DSV4DecoderLayer], hc_head: HyperHead, norm: RMSNorm, lm_head: Linear):
+                 layers: list[DSV4DecoderLayer], hc_head: HyperHead, norm: RMSNorm, lm_head: Linear,
+                 mtp: list[DSV4MtpBlock] = ()):
         super().__init__(config, options)
         self.register_buffer("embed_tokens", embed)
         self.layers = nn.ModuleList(layers)
         self.hc_head, self.norm, self.lm_head = hc_head, norm, lm_head
+        self.mtp = nn.ModuleList(mtp)
+
+    @property
+    def mtp_depth(self) -> int:
+        return len(self.mtp)
 
     @classmethod
     def config_from_checkpoint(cls, checkpoint: Checkpoint) -> DeepseekV4Config:
@@ -356,7 +387,7 @@ class DeepseekV4ForCausalLM(CausalLM):
             if progress is not None:
                 progress(i + 1, cfg.num_layers + 1)
         embed, hc_head, norm, lm_head = loader.top()
-        model = cls(cfg, options, embed, layers, hc_head, norm, lm_head)
+        model = cls(cfg, options, embed, layers, hc_head, norm, lm_head, loader.mtp_blocks())
         if progress is not None:
             progress(cfg.num_layers + 1, cfg.num_layers + 1)
         return model
@@ -366,10 +397,11 @@ class DeepseekV4ForCausalLM(CausalLM):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return expand(self.embed_tokens[input_ids.to(self.embed_tokens.device)], self.config.hc_mult)
 
-    def head(self, streams: torch.Tensor) -> torch.Tensor:
-        """Streams ``[..., N, D]`` -> fp32 logits ``[..., vocab]``."""
-        y = self.hc_head(streams.reshape(-1, *streams.shape[-2:])).view(*streams.shape[:-2], streams.shape[-1])
-        return self.lm_head(self.norm(y).to(self.options.dtype)).float()
+    def head(self, streams: torch.Tensor, hc_head: HyperHead | None = None, norm: RMSNorm | None = None) -> torch.Tensor:
+        """Streams ``[..., N, D]`` -> fp32 logits ``[..., vocab]`` (an MTP depth passes its own collapse and norm)."""
+        hc_head, norm = hc_head or self.hc_head, norm or self.norm
+        y = hc_head(streams.reshape(-1, *streams.shape[-2:])).view(*streams.shape[:-2], streams.shape[-1])
+        return self.lm_head(norm(y).to(self.options.dtype)).float()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is None:
@@ -381,26 +413,51 @@ class DeepseekV4ForCausalLM(CausalLM):
         return self.head(x.to(self.norm.weight.device))
 
     def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch,
-                      logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      logits_rows: torch.Tensor | None = None, return_hidden: bool = False):
+        """Logits of ``logits_rows``; with ``return_hidden`` also every row's final 4-stream state
+        ``[T, N, D]`` (before ``hc_head``), which seeds MTP depth 1."""
         with running(batch):
             x = self.embed(input_ids)
             for layer in self.layers:
                 dev = layer.input_layernorm.weight.device
                 on_dev = batch.on(dev)
                 x = layer(x.to(dev), on_dev.positions, on_dev, input_ids.to(dev))
-            head_dev = self.norm.weight.device
-            x = x.to(head_dev)
-            if logits_rows is not None:
-                x = x[logits_rows.to(head_dev)]
-            return self.head(x)
+            logits = self._rows_head(x, logits_rows)
+            return (logits, x) if return_hidden else logits
+
+    def _rows_head(self, x, logits_rows, hc_head=None, norm=None):
+        head_dev = self.norm.weight.device
+        x = x.to(head_dev)
+        if logits_rows is not None:
+            x = x[logits_rows.to(head_dev)]
+        return self.head(x, hc_head, norm)
+
+    def mtp_forward(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch,
+                    logits_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 1 <= depth <= self.mtp_depth:
+            raise ValueError(f"MTP depth {depth} requested; this checkpoint has {self.mtp_depth}")
+        block = self.mtp[depth - 1]
+        dev = block.layer.input_layernorm.weight.device
+        with running(batch):
+            on_dev = batch.on(dev)
+            x = block.streams(self.embed_tokens[next_ids.to(self.embed_tokens.device)].to(dev), hidden.to(dev),
+                              self.options.dtype)
+            x = block.layer(x, on_dev.positions, on_dev, next_ids.to(dev))
+            return self._rows_head(x, logits_rows, block.hc_head, block.norm), x
 
     def cache_spec(self) -> list[LayerCacheSpec]:
         """One ring per layer (kv rows and compressor rows per position), then the compressed
-        pools of the CSA/HCA layers in shared pages, in layer order (``DSV4Attention.pool_idx``)."""
+        pools of the CSA/HCA layers in shared pages, in layer order (``DSV4Attention.pool_idx``);
+        then the same for the MTP depths."""
+        trunk = self._specs([(layer, self.options.for_layer(i).device) for i, layer in enumerate(self.layers)])
+        mtp = self._specs([(b.layer, b.layer.input_layernorm.weight.device) for b in self.mtp])
+        return trunk + mtp
+
+    def _specs(self, layers) -> list[LayerCacheSpec]:
         dt, cfg = self.options.dtype, self.config
         rings, pools = [], []
-        for i, layer in enumerate(self.layers):
-            attn, dev = layer.attn, self.options.for_layer(i).device
+        for layer, dev in layers:
+            attn = layer.attn
             tensors = [PagedTensorSpec("kv", (cfg.head_dim,), dt)]
             entries = []
             if attn.compressor is not None:
@@ -428,8 +485,21 @@ class _Loader:
         self.names = TensorNames(checkpoint)
         self.main_freq = cfg.main_inverse_frequencies()
         self.compress_freq = cfg.compress_inverse_frequencies()
-        compressed = [i for i, r in enumerate(cfg.compress_ratios) if r]
-        self.pool_index = {layer: cfg.num_layers + k for k, layer in enumerate(compressed)}
+        # cache entries: trunk rings, trunk pools, MTP rings, MTP pools (``cache_spec`` order)
+        self.next_pool = cfg.num_layers
+        self.mtp_keys = self._mtp_depths()
+        self.first_mtp = cfg.num_layers + sum(1 for r in cfg.compress_ratios if r)
+        self.next_mtp_pool = self.first_mtp + len(self.mtp_keys)
+
+    def _mtp_depths(self) -> list[str]:
+        """Prefixes of the classic MTP depths present (``mtp.K.e_proj``); DSpark drafters are refused."""
+        depths = []
+        while self.names(f"mtp.{len(depths)}.e_proj", required=False) is not None:
+            depths.append(f"mtp.{len(depths)}")
+        if not depths and self.names("mtp.0.main_proj", required=False) is not None:
+            log.warning("%s: this checkpoint ships a DSpark block drafter (mtp.0.main_proj); it is not supported "
+                        "and is ignored (MTP drafting unavailable)", self.ck.model_dir)
+        return depths
 
     def tensor(self, native: str, shape: tuple[int, ...], opts: RuntimeOptions, dtype=None) -> torch.Tensor:
         name = self.names(native)
@@ -482,15 +552,14 @@ class _Loader:
                     for k in range(g)]
         return GroupedOutput(wo_a, self.linear(f"{a}.wo_b", g * rank, cfg.hidden_size, opts))
 
-    def attention(self, i: int, opts: RuntimeOptions) -> DSV4Attention:
-        cfg, a = self.cfg, f"layers.{i}.attn"
+    def attention(self, p: str, ratio: int, layer_idx: int, pool_idx: int | None, opts: RuntimeOptions) -> DSV4Attention:
+        cfg, a = self.cfg, f"{p}.attn"
         h, hd = cfg.hidden_size, cfg.head_dim
-        kind = cfg.kind(i)
+        kind = cfg.kind_of(ratio)
         compressor = indexer = None
         if kind == "hca":
-            compressor = self.compressor(f"{a}.compressor", cfg.compress_ratios[i], hd, False, opts)
+            compressor = self.compressor(f"{a}.compressor", ratio, hd, False, opts)
         elif kind == "csa":
-            ratio = cfg.compress_ratios[i]
             compressor = self.compressor(f"{a}.compressor", ratio, hd, True, opts)
             ih, idim = cfg.index_n_heads, cfg.index_head_dim
             indexer = LightningIndexer(
@@ -506,13 +575,13 @@ class _Loader:
             output=self.grouped_output(a, opts), sink=self.tensor(f"{a}.attn_sink", (cfg.num_heads,), opts),
             num_heads=cfg.num_heads, head_dim=hd, window=cfg.sliding_window,
             inv_freq=self.main_freq if kind == "sliding" else self.compress_freq, eps=cfg.rms_norm_eps,
-            layer_idx=i, compressor=compressor, indexer=indexer, pool_idx=self.pool_index.get(i))
+            layer_idx=layer_idx, compressor=compressor, indexer=indexer, pool_idx=pool_idx)
 
-    def moe(self, i: int, opts: RuntimeOptions) -> SharedExpertMoE:
-        cfg, f = self.cfg, f"layers.{i}.ffn"
+    def moe(self, p: str, hashed: bool, opts: RuntimeOptions) -> SharedExpertMoE:
+        cfg, f = self.cfg, f"{p}.ffn"
         h, e = cfg.hidden_size, cfg.num_experts
         weight = self.tensor(f"{f}.gate.weight", (e, h), opts)
-        if cfg.hash_layers[i]:
+        if hashed:
             table = self.tensor(f"{f}.gate.tid2eid", (cfg.vocab_size, cfg.top_k), opts)
             if int(table.min()) < 0 or int(table.max()) >= e:
                 raise CheckpointError(f"expert ids outside [0, {e})", path=self.ck.model_dir, tensor=f"{f}.gate.tid2eid")
@@ -538,11 +607,38 @@ class _Loader:
         return SharedExpertMoE(router, experts, shared)
 
     def layer(self, i: int) -> DSV4DecoderLayer:
-        opts, cfg, p = self.options.for_layer(i), self.cfg, f"layers.{i}"
-        return DSV4DecoderLayer(self.site(f"{p}.hc_attn", opts), self.norm(f"{p}.attn_norm.weight", cfg.hidden_size, opts),
-                                self.attention(i, opts), self.site(f"{p}.hc_ffn", opts),
-                                self.norm(f"{p}.ffn_norm.weight", cfg.hidden_size, opts), self.moe(i, opts),
+        ratio = self.cfg.compress_ratios[i]
+        pool = None
+        if ratio:
+            pool, self.next_pool = self.next_pool, self.next_pool + 1
+        return self.block(f"layers.{i}", ratio, self.cfg.hash_layers[i], i, pool, self.options.for_layer(i))
+
+    def block(self, p: str, ratio: int, hashed: bool, layer_idx: int, pool_idx: int | None,
+              opts: RuntimeOptions) -> DSV4DecoderLayer:
+        h = self.cfg.hidden_size
+        return DSV4DecoderLayer(self.site(f"{p}.hc_attn", opts), self.norm(f"{p}.attn_norm.weight", h, opts),
+                                self.attention(p, ratio, layer_idx, pool_idx, opts), self.site(f"{p}.hc_ffn", opts),
+                                self.norm(f"{p}.ffn_norm.weight", h, opts), self.moe(p, hashed, opts),
                                 self.options.dtype)
+
+    def mtp_blocks(self) -> list[DSV4MtpBlock]:
+        cfg, opts = self.cfg, self.options.for_head()
+        h, n = cfg.hidden_size, cfg.hc_mult
+        blocks = []
+        for k, p in enumerate(self.mtp_keys):
+            ratio = cfg.mtp_compress_ratios[k] if k < len(cfg.mtp_compress_ratios) else 0
+            pool = None
+            if ratio:
+                pool, self.next_mtp_pool = self.next_mtp_pool, self.next_mtp_pool + 1
+            layer = self.block(p, ratio, False, self.first_mtp + k, pool, opts)
+            hc_head = HyperHead(self.tensor(f"{p}.hc_head_fn", (n, n * h), opts),
+                                self.tensor(f"{p}.hc_head_scale", (1,), opts),
+                                self.tensor(f"{p}.hc_head_base", (n,), opts), n, eps=cfg.rms_norm_eps,
+                                pre_eps=cfg.hc_eps)
+            blocks.append(DSV4MtpBlock(self.linear(f"{p}.e_proj", h, h, opts), self.linear(f"{p}.h_proj", h, h, opts),
+                                       self.norm(f"{p}.enorm.weight", h, opts), self.norm(f"{p}.hnorm.weight", h, opts),
+                                       layer, hc_head, self.norm(f"{p}.norm.weight", h, opts)))
+        return blocks
 
     def top(self):
         cfg, head_opts = self.cfg, self.options.for_head()

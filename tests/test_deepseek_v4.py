@@ -199,3 +199,120 @@ def test_missing_tensor_is_named(golden, tmp_path):
     save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"layers\.2\.attn\.indexer\.compressor\.ape"):
         exl3_triton.load(tmp_path / "m")
+
+
+# ------------------------------------------------------------------ MTP (classic ds4 layout)
+
+
+def _with_mtp(golden, directory, *, dspark: bool = False):
+    """The golden native model plus a classic MTP depth ``mtp.0.*`` whose block is a copy of layer 1
+    (sliding attention, bias-routed MoE) with its own projections, norms and hc_head; or a DSpark stub."""
+    shutil.copytree(golden / "hf" / "dsv4_native", directory)
+    t = load_file(str(directory / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    if dspark:
+        t["mtp.0.main_proj.weight"] = torch.randn(256, 512, generator=g).bfloat16()
+    else:
+        for k in [k for k in t if k.startswith("layers.1.")]:
+            t["mtp.0." + k[len("layers.1."):]] = t[k].clone()
+        for n in ("e_proj", "h_proj"):
+            t[f"mtp.0.{n}.weight"] = (0.06 * torch.randn(256, 256, generator=g)).bfloat16()
+        for n in ("enorm", "hnorm", "norm"):
+            t[f"mtp.0.{n}.weight"] = (1 + 0.2 * torch.randn(256, generator=g)).bfloat16()
+        t["mtp.0.hc_head_fn"] = (0.05 * torch.randn(4, 1024, generator=g)).bfloat16()
+        t["mtp.0.hc_head_base"] = (0.05 * torch.randn(4, generator=g)).bfloat16()
+        t["mtp.0.hc_head_scale"] = (1 + 0.2 * torch.randn(1, generator=g)).bfloat16()
+    save_file(t, str(directory / "model.safetensors"))
+    return t
+
+
+def _mtp_run(model, ids: list[int], chunks: list[int]):
+    """Trunk over ``ids`` in one step (hidden of every row), then MTP depth 1 over rows 0..T-2 with the
+    next tokens, fed in ``chunks`` through its own cache. Returns trunk hidden, MTP logits and states."""
+    from exl3_triton.runtime.cache import PagedCache
+    from exl3_triton.runtime.runner import ModelRunner, StepItem
+
+    net = model.network
+    cache = PagedCache(net.cache_spec(), num_pages=8, page_size=128, max_seqs=2)
+    runner = ModelRunner(net, cache, max_pages_per_seq=8, use_cuda_graphs=False)
+    seq = cache.new_sequence()
+    cache.reserve(seq, len(ids))
+    ids_t, batch, _ = runner.build_batch([StepItem(seq, ids, True)])
+    with torch.inference_mode():
+        _, hidden = net.forward_batch(ids_t, batch, None, return_hidden=True)
+    mtp_seq = cache.new_sequence()
+    cache.reserve(mtp_seq, len(ids))
+    logits, states, pos = [], [], 0
+    for n in list(chunks) + [1] * len(ids):
+        n = min(n, len(ids) - 1 - pos)
+        if n <= 0:
+            break
+        rows_t, mb, _ = runner.build_batch([StepItem(mtp_seq, ids[pos + 1:pos + 1 + n], True)])
+        with torch.inference_mode():
+            lg, st = net.mtp_forward(1, hidden[pos:pos + n], rows_t, mb)
+        logits.append(lg)
+        states.append(st)
+        mtp_seq.num_tokens += n
+        pos += n
+    return hidden, torch.cat(logits), torch.cat(states)
+
+
+def test_mtp_depth_matches_transformers_blocks(golden, tmp_path):
+    """Oracle: transformers' own modules. The trunk's 4-stream state is captured at the input of its
+    hc_head; the MTP input streams are formed by the literal §2.7 formula; transformers' layer 1
+    (the block's weights) runs on them; then an hc_head with the MTP tensors, the MTP norm, the head."""
+    from .hf_models import transformers_or_skip
+
+    transformers = transformers_or_skip()
+    t = _with_mtp(golden, tmp_path / "m")
+    model = exl3_triton.load(tmp_path / "m")
+    assert model.network.mtp_depth == 1
+    ids = _golden_ids(golden)[:40]
+    hidden, logits, _ = _mtp_run(model, ids, chunks=[39])
+
+    hf = transformers.DeepseekV4ForCausalLM.from_pretrained(golden / "hf" / "dsv4", dtype=torch.float32).eval()
+    captured = {}
+    hf.model.hc_head.register_forward_hook(lambda mod, args, out: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        hf(input_ids=torch.tensor([ids]))
+        trunk = captured["x"][0]  # [T, 4, D]
+        assert per_position_rel(hidden.flatten(1), trunk.flatten(1)).max() < 1e-5
+
+        def rms(x, w):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+        f = {k: v.float() for k, v in t.items() if k.startswith("mtp.0.")}
+        nxt = torch.tensor(ids[1:])
+        e = rms(hf.model.embed_tokens(nxt), f["mtp.0.enorm.weight"]) @ f["mtp.0.e_proj.weight"].T
+        h = rms(trunk[:-1], f["mtp.0.hnorm.weight"]) @ f["mtp.0.h_proj.weight"].T
+        streams = (e[:, None] + h)[None]
+        pos = torch.arange(len(ids) - 1)[None]
+        window = hf.config.sliding_window
+        q, k = pos[0][:, None], pos[0][None, :]
+        mask = torch.where((k <= q) & (k > q - window), 0.0, float("-inf"))[None, None]
+        rope = {kind: hf.model.rotary_emb(streams, position_ids=pos, layer_type=kind) for kind in ("main", "compress")}
+        y = hf.model.layers[1](streams, input_ids=nxt[None], position_embeddings=rope, position_ids=pos,
+                               attention_mask=mask)
+        head = type(hf.model.hc_head)(hf.config)
+        head.hc_fn.copy_(f["mtp.0.hc_head_fn"]), head.hc_base.copy_(f["mtp.0.hc_head_base"])
+        head.hc_scale.copy_(f["mtp.0.hc_head_scale"])
+        expected = hf.lm_head(rms(head(y), f["mtp.0.norm.weight"]))[0]
+    assert per_position_rel(logits, expected).max() < 1e-5
+
+
+def test_mtp_cached_steps_equal_one_pass(golden, tmp_path):
+    _with_mtp(golden, tmp_path / "m")
+    model = exl3_triton.load(tmp_path / "m")
+    ids = _golden_ids(golden)[:30]
+    _, one_pass, states = _mtp_run(model, ids, chunks=[29])
+    _, stepped, stepped_states = _mtp_run(model, ids, chunks=[7])
+    assert per_position_rel(stepped, one_pass).max() < 1e-5
+    assert states.shape == (29, 4, 256) and per_position_rel(stepped_states.flatten(1), states.flatten(1)).max() < 1e-5
+
+
+def test_dspark_drafter_is_reported_and_ignored(golden, tmp_path, caplog):
+    _with_mtp(golden, tmp_path / "m", dspark=True)
+    with caplog.at_level("WARNING", logger="exl3_triton.arch.deepseek_v4"):
+        model = exl3_triton.load(tmp_path / "m")
+    assert model.network.mtp_depth == 0
+    assert any("DSpark" in r.getMessage() and "not supported" in r.getMessage() for r in caplog.records)
