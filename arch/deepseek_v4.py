@@ -272,7 +272,16 @@ class TensorNames:
             return ck.has_tensor(name)
         return ck.linear_format(name) is not None
 
-    def candidates(self, native: str) -> list[str]:
+    @staticmethod
+    def resolve(native: str, has_tensor) -> str | None:
+        """The spelling of a module key (``native`` without ``.weight``) or tensor among ``has_tensor``'s names."""
+        for name in TensorNames.candidates(native):
+            if has_tensor(name) or has_tensor(f"{name}.weight"):
+                return name
+        return None
+
+    @staticmethod
+    def candidates(native: str) -> list[str]:
         out = [native, re.sub(r"(^|\.)hc_head_(fn|base|scale)$", r"\1hc_head.hc_\2", native)]
         saved = native
         if native == "embed.weight":
@@ -535,8 +544,10 @@ class _Loader:
         cfg = self.cfg
         g, rank = cfg.o_groups, cfg.o_lora_rank
         per_group = cfg.num_heads * cfg.head_dim // g
-        if self.ck.linear_format(f"{a}.wo_a.0") is not None:  # EXL3: one quantized linear per group
-            wo_a = [Linear(self.ck.linear(f"{a}.wo_a.{k}", in_features=per_group, out_features=rank), per_group,
+        first = self.names(f"{a}.wo_a.0", required=False)
+        if first is not None:  # EXL3 (the converter's layout): one quantized linear per group, wo_a.{k}
+            base = first[: -len(".0")]
+            wo_a = [Linear(self.ck.linear(f"{base}.{k}", in_features=per_group, out_features=rank), per_group,
                            rank, opts) for k in range(g)]
         else:
             from ..kernels.weights import DenseWeight
@@ -547,8 +558,9 @@ class _Loader:
                 raise CheckpointError(f"shape {list(w.shape)}, expected [{g * rank}, {per_group}] "
                                       "(o_groups * o_lora_rank, heads * head_dim / o_groups)",
                                       path=self.ck.info(name).file, tensor=name)
-            # group k reads head group k and writes rows [k rank, (k+1) rank)
-            wo_a = [Linear(DenseWeight(w[k * rank:(k + 1) * rank], key=f"{a}.wo_a.{k}"), per_group, rank, opts)
+            # group k reads head group k and writes rows [k rank, (k+1) rank); keyed as the converter writes it
+            base = name[: -len(".weight")]
+            wo_a = [Linear(DenseWeight(w[k * rank:(k + 1) * rank], key=f"{base}.{k}"), per_group, rank, opts)
                     for k in range(g)]
         return GroupedOutput(wo_a, self.linear(f"{a}.wo_b", g * rank, cfg.hidden_size, opts))
 
