@@ -214,7 +214,8 @@ class DSV4Attention(nn.Module):
             pools = _PagedPools(pool_state, batch.page_table[b], ps, self._ratio)
             out, new = self._sequence(x[lo:hi], positions, first, n_windows, history, pools)
             slots = batch.ring_slot_mapping[lo:hi]
-            keep = slots >= 0
+            # decode steps never skip a slot, and a boolean mask would sync with the host inside a CUDA graph
+            keep = slice(None) if batch.is_decode else slots >= 0
             for name, t in ring.items():
                 flat = t.view(-1, *t.shape[2:])
                 flat[slots[keep]] = new[name][keep].to(flat.dtype)
