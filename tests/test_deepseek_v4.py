@@ -316,3 +316,33 @@ def test_dspark_drafter_is_reported_and_ignored(golden, tmp_path, caplog):
         model = exl3_triton.load(tmp_path / "m")
     assert model.network.mtp_depth == 0
     assert any("DSpark" in r.getMessage() and "not supported" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------ EXL3 storage (the bench's synthetic model)
+
+
+def test_synthetic_exl3_model_decodes_like_its_full_forward():
+    """bench/synthetic.py's tiny DeepSeek-V4 (random trellises, experts at 2 bits, per-group wo_a, all
+    three layer kinds, indexer top-4): the bench's checkpoint loads, and the cached path equals the full
+    forward on the CPU reference kernels, past the window and with the indexer selective."""
+    import sys
+
+    from exl3_triton.model import load_checkpoint
+
+    from .conftest import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        from synthetic import SyntheticCheckpoint
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    ck = SyntheticCheckpoint("deepseek_v4-tiny", device="cpu", dtype=torch.float32, bits=4, expert_bits=2)
+    model = load_checkpoint(ck, device="cpu")
+    net = model.network
+    assert net.layers[2].moe.experts.quantized and net.layers[2].moe.experts.gate.bits == 2
+    assert len(net.layers[2].attn.output.wo_a) == 2 and net.layers[2].attn.output.wo_a[0].is_exl3
+    ids = _ids(40, 1000, seed=4)
+    full = model.forward(torch.tensor(ids))
+    assert full.isfinite().all()
+    step = cached_logits(model, ids, chunks=[21], page_size=128)
+    assert per_position_rel(step, full).max() < 1e-5
