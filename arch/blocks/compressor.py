@@ -54,29 +54,31 @@ class KVCompressor(nn.Module):
         gate = self.wgate(h).float() + self.ape[positions % self.ratio]
         return kv, gate
 
-    def compress(self, kv_rows: torch.Tensor, gate_rows: torch.Tensor, base: torch.Tensor | int,
-                 windows: torch.Tensor, last: torch.Tensor | int) -> torch.Tensor:
-        """Entries ``[n, head_dim]`` (fp32) for ``windows [n]``.
+    def compress(self, kv_rows: torch.Tensor, gate_rows: torch.Tensor, base: torch.Tensor,
+                 windows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Entries ``[B, n, head_dim]`` (fp32) for ``windows [B, n]`` of ``B`` sequences.
 
-        ``kv_rows``/``gate_rows [N, width]`` hold positions ``base .. base + N - 1``; rows after
-        position ``last`` (not seen yet) and before 0 are left out. Windows that have not closed
-        by ``last`` give partial summaries, which callers never let a query see.
+        ``kv_rows``/``gate_rows [B, N, width]`` hold positions ``base .. base + N - 1`` (``base [B]``);
+        rows after position ``last [B]`` (not seen yet) and before 0 are left out. Windows that have
+        not closed by ``last`` give partial summaries, which callers never let a query see.
         """
         m, d = self.ratio, self.head_dim
         if self.overlap:
             offsets = torch.arange(-m, m, device=windows.device)
         else:
             offsets = torch.arange(m, device=windows.device)
-        pos = windows[:, None] * m + offsets  # [n, slots]
-        n_rows = kv_rows.shape[0]
-        present = (pos >= 0) & (pos >= base) & (pos <= last) & (pos - base < n_rows)
-        idx = (pos - base).clamp(0, max(n_rows - 1, 0))
-        kv, gate = kv_rows[idx].float(), gate_rows[idx]
+        pos = windows[..., None] * m + offsets  # [B, n, slots]
+        n_rows = kv_rows.shape[1]
+        rel = pos - base[:, None, None]
+        present = (pos >= 0) & (rel >= 0) & (rel < n_rows) & (pos <= last[:, None, None])
+        idx = rel.clamp(0, max(n_rows - 1, 0))
+        seq = torch.arange(kv_rows.shape[0], device=idx.device)[:, None, None]
+        kv, gate = kv_rows[seq, idx].float(), gate_rows[seq, idx]  # [B, n, slots, width]
         if self.overlap:  # first m slots: the previous window's Ca half; last m: this window's Cb half
-            kv = torch.cat([kv[:, :m, :d], kv[:, m:, d:]], dim=1)
-            gate = torch.cat([gate[:, :m, :d], gate[:, m:, d:]], dim=1)
+            kv = torch.cat([kv[..., :m, :d], kv[..., m:, d:]], dim=-2)
+            gate = torch.cat([gate[..., :m, :d], gate[..., m:, d:]], dim=-2)
         gate = gate.masked_fill(~present[..., None], _ABSENT)
-        entries = (kv * torch.softmax(gate, dim=1)).sum(dim=1)
+        entries = (kv * torch.softmax(gate, dim=-2)).sum(dim=-2)
         entries = self.norm(entries)
         cos, sin = rope_angles(windows * m, self.inv_freq)
         return rotate_tail_interleaved(entries, cos, sin)

@@ -48,21 +48,21 @@ class LightningIndexer(nn.Module):
 
     def select(self, q_r: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                visible: torch.Tensor) -> torch.Tensor:
-        """``keys [E, D]``, ``visible [T, E]`` -> the selected entries ``[T, E]`` (bool)."""
-        t = q_r.shape[0]
-        q = self.wq_b(q_r).view(t, self.num_heads, self.head_dim)
+        """``q_r``, ``h``, ``positions`` of ``[B, T]`` queries, ``keys [B, E, D]``, ``visible [B, T, E]``
+        -> the selected entries ``[B, T, E]`` (bool)."""
+        q = self.wq_b(q_r).view(*q_r.shape[:-1], self.num_heads, self.head_dim)
         cos, sin = rope_angles(positions, self.inv_freq)
         q = rotate_tail_interleaved(q, cos, sin).float()
-        w = (h.float() @ self.weights_proj.T) * self.num_heads ** -0.5  # [T, H]
-        scores = torch.relu(torch.einsum("thd,ed->the", q, keys.float())) * self.head_dim ** -0.5
-        scores = (scores * w[..., None]).sum(1).masked_fill(~visible, float("-inf"))
-        k = min(self.topk, keys.shape[0])
-        if k >= keys.shape[0]:
+        w = (h.float() @ self.weights_proj.T) * self.num_heads ** -0.5  # [B, T, H]
+        scores = torch.relu(torch.einsum("bthd,bed->bthe", q, keys.float())) * self.head_dim ** -0.5
+        scores = (scores * w[..., None]).sum(2).masked_fill(~visible, float("-inf"))
+        k = min(self.topk, keys.shape[1])
+        if k >= keys.shape[1]:
             return visible
         # Exact ties are common (ReLU zeroes whole score rows). A stable sort breaks them towards the
         # earlier entry, so the choice does not depend on how many (invisible) entries follow:
         # torch.topk's order among ties does, which would make a prefix's logits change.
-        top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+        top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
         chosen = torch.zeros_like(visible).scatter_(-1, top, True)
         return chosen & visible
 
@@ -107,10 +107,9 @@ class DSV4Attention(nn.Module):
     # ------------------------------------------------------------- the causal function
 
     def _project(self, h: torch.Tensor, positions: torch.Tensor):
-        t = h.shape[0]
         cos, sin = rope_angles(positions, self.inv_freq)
         q_r = self.q_norm(self.wq_a(h))
-        q = self.q_head_norm(self.wq_b(q_r).view(t, self.num_heads, self.head_dim))
+        q = self.q_head_norm(self.wq_b(q_r).view(*h.shape[:-1], self.num_heads, self.head_dim))
         q = rotate_tail_interleaved(q, cos, sin)
         kv = rotate_tail_interleaved(self.kv_norm(self.wkv(h)), cos, sin)
         rows = {"kv": kv}
@@ -120,123 +119,126 @@ class DSV4Attention(nn.Module):
             rows["idx_kv"], rows["idx_gate"] = self.indexer.compressor.project(h, positions)
         return q_r, q, rows, (cos, sin)
 
-    def _sequence(self, h: torch.Tensor, positions: torch.Tensor, first: torch.Tensor, n_windows: int,
-                  history: dict[str, torch.Tensor] | None, pools) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One sequence's new tokens ``h [T, hidden]`` at ``positions`` = ``first .. first + T - 1``.
+    def _groups(self, h: torch.Tensor, positions: torch.Tensor, n_windows: int,
+                history: dict[str, torch.Tensor] | None, pools) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``B`` sequences' new tokens ``h [B, T, hidden]`` at contiguous ``positions [B, T]``.
 
-        ``history``: rows of the positions ``first - N .. first - 1`` (None: nothing before).
-        ``n_windows``: compressor windows touched by the new tokens. ``pools(name, entries,
-        windows)`` stores freshly computed entries and returns ``(all entries [E, D], visible-from
-        position [E])``. Returns the attention output ``[T, hidden]`` and the new rows.
+        ``history``: rows ``[B, N, ...]`` of the positions ``first - N .. first - 1`` (None: nothing
+        before). ``n_windows``: compressor windows touched per sequence. ``pools(name, entries [B, n, D],
+        windows [B, n])`` stores freshly computed entries and returns ``(all entries [B, E, D], position
+        from which each is visible [B, E])``. Returns the attention output ``[B, T, hidden]`` and the
+        new rows. Prefill (B = 1), decode (T = 1) and the full forward all run this.
         """
-        t = h.shape[0]
+        b, t = positions.shape
         q_r, q, new, (cos, sin) = self._project(h, positions)
-        n_hist = 0 if history is None else history["kv"].shape[0]
+        n_hist = 0 if history is None else history["kv"].shape[1]
+        first, last = positions[:, 0], positions[:, -1]
         base = first - n_hist
-        rows = {k: v if history is None else torch.cat([history[k].to(v.dtype), v]) for k, v in new.items()}
-        last = positions[-1]
-        key_pos = base + torch.arange(n_hist + t, device=h.device)
-        qp = positions[:, None]
-        mask = (key_pos >= 0) & (key_pos <= qp) & (key_pos > qp - self.window)  # [T, N]
+        rows = {k: v if history is None else torch.cat([history[k].to(v.dtype), v], dim=1) for k, v in new.items()}
+        key_pos = base[:, None] + torch.arange(n_hist + t, device=h.device)  # [B, N]
+        qp = positions[..., None]  # [B, T, 1]
+        mask = (key_pos[:, None] >= 0) & (key_pos[:, None] <= qp) & (key_pos[:, None] > qp - self.window)
         keys = rows["kv"].float()
         if self.compressor is not None:
             m = self.compressor.ratio
-            windows = first // m + torch.arange(n_windows, device=h.device)
+            windows = first[:, None] // m + torch.arange(n_windows, device=h.device)
             new_entries = self.compressor.compress(rows["comp_kv"], rows["comp_gate"], base, windows, last)
             entries, ready_at = pools("pool", new_entries, windows)
-            visible = ready_at[None, :] <= qp  # window closed at or before the query
+            visible = ready_at[:, None, :] <= qp  # the window closed at or before the query
             if self.indexer is not None:
                 ic = self.indexer.compressor
                 new_keys = ic.compress(rows["idx_kv"], rows["idx_gate"], base, windows, last)
                 idx_keys, _ = pools("idx_pool", new_keys, windows)
                 visible = self.indexer.select(q_r, h, positions, idx_keys, visible)
-            keys = torch.cat([keys, entries.float()])
-            mask = torch.cat([mask, visible], dim=1)
+            keys = torch.cat([keys, entries.float()], dim=1)
+            mask = torch.cat([mask, visible], dim=2)
         out = self._attend(q.float(), keys, mask)
         out = rotate_tail_interleaved(out, cos, -sin)  # V = K carries the rope: undo it at the query
-        return self.output(out.to(h.dtype).reshape(t, -1)), new
+        return self.output(out.to(h.dtype).reshape(b * t, -1)).view(b, t, -1), new
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``q [T, H, D]``, shared K = V ``keys [N, D]``, ``mask [T, N]`` -> ``[T, H, D]`` (fp32)."""
-        logits = torch.einsum("thd,nd->thn", q, keys) * self.scale
-        logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
-        sink = self.sink[None, :, None].expand(q.shape[0], -1, 1)
+        """``q [B, T, H, D]``, shared K = V ``keys [B, N, D]``, ``mask [B, T, N]`` -> ``[B, T, H, D]`` (fp32)."""
+        logits = torch.einsum("bthd,bnd->bthn", q, keys) * self.scale
+        logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
+        sink = self.sink[:, None].expand(*q.shape[:2], -1, 1)
         probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
-        return torch.einsum("thn,nd->thd", probs, keys)
+        return torch.einsum("bthn,bnd->bthd", probs, keys)
 
     # ------------------------------------------------------------- entry points
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         if batch is not None:
             return self._forward_cached(x, batch)
-        return torch.stack([self._forward_whole(x[b], positions[b]) for b in range(x.shape[0])])
+        return self._forward_whole(x, positions)
 
     def _forward_whole(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """A whole sequence without a cache (its positions contiguous)."""
-        first = positions[0]
+        """Whole sequences ``h [B, T, hidden]`` without a cache (each row's positions contiguous)."""
         n_windows = 0
         if self.compressor is not None:
             m = self.compressor.ratio
-            n_windows = int(positions[-1]) // m - int(first) // m + 1
+            n_windows = int((positions[:, -1] // m - positions[:, 0] // m).max()) + 1
 
         def pools(name, entries, windows):
             return entries, (windows + 1) * self._ratio - 1
 
-        out, _ = self._sequence(h, positions, first, n_windows, None, pools)
-        return out
+        return self._groups(h, positions, n_windows, None, pools)[0]
 
     @property
     def _ratio(self) -> int:
         return self.compressor.ratio if self.compressor is not None else 1
 
     def _forward_cached(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Decode steps run every sequence at once (one token each, no host values: CUDA-graph safe);
+        prefill steps one sequence at a time."""
+        if batch.is_decode:
+            rows = torch.arange(batch.num_seqs, device=x.device)
+            return self._cached_group(x[:, None], batch.positions[:, None], rows, 1, batch,
+                                      batch.ring_slot_mapping, slice(None))[:, 0]
+        outs = []
+        for b, lo, hi in batch.segments():
+            n, n_windows = hi - lo, 0
+            if self.compressor is not None:  # host positions: prefill steps are never graph-captured
+                m, start = self.compressor.ratio, batch.kv_lens[b] - (hi - lo)
+                n_windows = (start + n - 1) // m - start // m + 1
+            seq = torch.tensor([b], device=x.device)
+            slots = batch.ring_slot_mapping[lo:hi]  # -1: overwritten later in this chunk, not written
+            outs.append(self._cached_group(x[None, lo:hi], batch.positions[None, lo:hi], seq, n_windows, batch,
+                                           slots, slots >= 0)[0])
+        return torch.cat(outs)
+
+    def _cached_group(self, h, positions, seqs, n_windows, batch, slots, keep) -> torch.Tensor:
+        """Sequences ``seqs`` of the batch (rows of its page tables) with their new tokens ``h [B, T, hidden]``:
+        ring rows of positions ``first - ring_size .. first - 1`` as history (ring index = position mod
+        ring size), then the new rows written into the ring at ``slots [B * T]`` (``keep``: which)."""
         ring = batch.cache.paged[self.layer_idx]
         ps = batch.cache.page_size
         ring_size = batch.cache.ring_pages * ps
+        region = batch.ring_page_table[seqs, 0].long() * ps
+        offsets = torch.arange(ring_size, device=h.device)
+        hist_idx = region[:, None] + (positions[:, :1] - ring_size + offsets) % ring_size  # [B, ring_size]
+        history = {name: t.view(-1, *t.shape[2:])[hist_idx] for name, t in ring.items()}
         pool_state = batch.cache.paged[self.pool_idx] if self.pool_idx is not None else None
-        outs = []
-        for b, lo, hi in batch.segments():
-            positions = batch.positions[lo:hi]
-            first = positions[0]
-            n = hi - lo
-            # ring rows of positions first - ring_size .. first - 1, oldest first (ring index = position mod size)
-            region = batch.ring_page_table[b, 0].long() * ps
-            hist_idx = region + (first - ring_size + torch.arange(ring_size, device=x.device)) % ring_size
-            history = {name: t.view(-1, *t.shape[2:])[hist_idx] for name, t in ring.items()}
-            n_windows = 0
-            if self.compressor is not None:
-                m = self.compressor.ratio
-                if batch.is_decode:
-                    n_windows = 1
-                else:  # host positions: prefill steps are never graph-captured
-                    start = batch.kv_lens[b] - n
-                    n_windows = (start + n - 1) // m - start // m + 1
-            pools = _PagedPools(pool_state, batch.page_table[b], ps, self._ratio)
-            out, new = self._sequence(x[lo:hi], positions, first, n_windows, history, pools)
-            slots = batch.ring_slot_mapping[lo:hi]
-            # decode steps never skip a slot, and a boolean mask would sync with the host inside a CUDA graph
-            keep = slice(None) if batch.is_decode else slots >= 0
-            for name, t in ring.items():
-                flat = t.view(-1, *t.shape[2:])
-                flat[slots[keep]] = new[name][keep].to(flat.dtype)
-            outs.append(out)
-        return torch.cat(outs)
+        pools = _PagedPools(pool_state, batch.page_table[seqs], ps, self._ratio)
+        out, new = self._groups(h, positions, n_windows, history, pools)
+        for name, t in ring.items():
+            flat = t.view(-1, *t.shape[2:])
+            flat[slots[keep]] = new[name].reshape(-1, *new[name].shape[2:])[keep].to(flat.dtype)
+        return out
 
 
 class _PagedPools:
-    """A sequence's compressed entries in the shared pages: entry ``w`` at page ``(w m) // page_size``."""
+    """Sequences' compressed entries in the shared pages: entry ``w`` at page ``(w m) // page_size``."""
 
-    def __init__(self, state: dict[str, torch.Tensor] | None, page_row: torch.Tensor, page_size: int, ratio: int):
-        self.state, self.page_row, self.ratio = state, page_row.long(), ratio
+    def __init__(self, state: dict[str, torch.Tensor] | None, page_rows: torch.Tensor, page_size: int, ratio: int):
+        self.state, self.page_rows, self.ratio = state, page_rows.long(), ratio
         self.per_page = page_size // ratio
 
     def __call__(self, name: str, entries: torch.Tensor, windows: torch.Tensor):
         pool = self.state[name]
         flat = pool.view(-1, pool.shape[-1])
-        pages = self.page_row[(windows * self.ratio) // (self.per_page * self.ratio)]
+        pages = self.page_rows.gather(1, windows // self.per_page)
         flat[pages * self.per_page + windows % self.per_page] = entries.to(flat.dtype)
-        table = self.page_row.clamp(min=0)
-        everything = pool[table].reshape(-1, pool.shape[-1])
-        w = torch.arange(everything.shape[0], device=everything.device)
-        # pages past the sequence's end hold other data; their windows close after any query here
-        return everything, (w + 1) * self.ratio - 1
+        everything = pool[self.page_rows.clamp(min=0)].flatten(1, 2)  # [B, E, D]
+        w = torch.arange(everything.shape[1], device=everything.device)
+        # pages past a sequence's end hold other data; their windows close after any of its queries
+        return everything, ((w + 1) * self.ratio - 1).expand(everything.shape[0], -1)

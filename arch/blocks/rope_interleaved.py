@@ -46,14 +46,14 @@ def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.
 
 
 def rotate_tail_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the trailing ``2 * cos.shape[-1]`` channels of ``x [T, ..., D]`` in pairs ``(2i, 2i+1)``.
+    """Rotate the trailing ``2 * cos.shape[-1]`` channels of ``x [*lead, ..., D]`` in pairs ``(2i, 2i+1)``.
 
-    ``cos``/``sin [T, rope_dim / 2]`` broadcast over the middle (head) dims. Pass ``-sin`` for the
-    inverse rotation (V4 de-rotates the attention output, whose values carry the keys' rope).
-    The rotation runs in fp32 and is cast back to ``x``'s dtype.
+    ``cos``/``sin [*lead, rope_dim / 2]`` (one angle per token) broadcast over the dims between the
+    token dims and the channels (heads). Pass ``-sin`` for the inverse rotation (V4 de-rotates the
+    attention output, whose values carry the keys' rope). Runs in fp32, cast back to ``x``'s dtype.
     """
     half = cos.shape[-1]
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    shape = cos.shape[:-1] + (1,) * (x.dim() - cos.dim()) + (half,)
     cos, sin = cos.reshape(shape), sin.reshape(shape)
     nope, rope = x[..., : -2 * half], x[..., -2 * half:].float()
     even, odd = rope[..., 0::2], rope[..., 1::2]
