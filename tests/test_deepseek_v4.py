@@ -346,3 +346,35 @@ def test_synthetic_exl3_model_decodes_like_its_full_forward():
     assert full.isfinite().all()
     step = cached_logits(model, ids, chunks=[21], page_size=128)
     assert per_position_rel(step, full).max() < 1e-5
+
+
+def test_prefill_and_decode_of_several_sequences_in_one_step(selective_model):
+    """Two sequences' prefill chunks in one step, then decode steps of both together: each row equals the
+    full forward of its own sequence (the batch-invariant linears must split rows by sequence)."""
+    from exl3_triton.runtime.cache import PagedCache
+    from exl3_triton.runtime.runner import ModelRunner, StepItem
+
+    net = selective_model.network
+    seqs_ids = [_ids(30, 128, seed=7), _ids(30, 128, seed=8)]
+    fulls = [selective_model.forward(torch.tensor(s)) for s in seqs_ids]
+    cache = PagedCache(net.cache_spec(), num_pages=10, page_size=8, max_seqs=3)
+    runner = ModelRunner(net, cache, max_pages_per_seq=5, use_cuda_graphs=False)
+    seqs = [cache.new_sequence() for _ in seqs_ids]
+    for s in seqs:
+        cache.reserve(s, 30)
+    steps = [(0, 13, 9)] + [(13 + k, 1, 1) for k in range(17)]  # (start, tokens of sequence 0, of sequence 1)
+    got = [[], []]
+    pos1 = 0
+    for start, n0, n1 in steps:
+        items = [StepItem(seqs[0], seqs_ids[0][start:start + n0], True),
+                 StepItem(seqs[1], seqs_ids[1][pos1:pos1 + n1], True)]
+        ids_t, batch, _ = runner.build_batch(items)
+        with torch.inference_mode():
+            out = net.forward_batch(ids_t, batch, None)
+        got[0].append(out[:n0])
+        got[1].append(out[n0:])
+        seqs[0].num_tokens += n0
+        seqs[1].num_tokens += n1
+        pos1 += n1
+    assert per_position_rel(torch.cat(got[0]), fulls[0]).max() < 1e-5
+    assert per_position_rel(torch.cat(got[1]), fulls[1][:pos1]).max() < 1e-5

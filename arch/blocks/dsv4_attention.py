@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..batch import ForwardBatch
+from ..batch import ForwardBatch, running
 from .compressor import KVCompressor
 from .linear import Linear
 from .norm import RMSNorm
@@ -50,7 +50,7 @@ class LightningIndexer(nn.Module):
                visible: torch.Tensor) -> torch.Tensor:
         """``q_r``, ``h``, ``positions`` of ``[B, T]`` queries, ``keys [B, E, D]``, ``visible [B, T, E]``
         -> the selected entries ``[B, T, E]`` (bool)."""
-        q = self.wq_b(q_r).view(*q_r.shape[:-1], self.num_heads, self.head_dim)
+        q = self.wq_b(q_r.reshape(-1, q_r.shape[-1])).view(*q_r.shape[:-1], self.num_heads, self.head_dim)
         cos, sin = rope_angles(positions, self.inv_freq)
         q = rotate_tail_interleaved(q, cos, sin).float()
         w = (h.float() @ self.weights_proj.T) * self.num_heads ** -0.5  # [B, T, H]
@@ -107,17 +107,21 @@ class DSV4Attention(nn.Module):
     # ------------------------------------------------------------- the causal function
 
     def _project(self, h: torch.Tensor, positions: torch.Tensor):
+        # the linears see 2-D rows: in a decode step one row per sequence, which is what
+        # ``Linear``'s batch-invariant mode splits by
+        lead = h.shape[:-1]
+        flat, flat_pos = h.reshape(-1, h.shape[-1]), positions.reshape(-1)
         cos, sin = rope_angles(positions, self.inv_freq)
-        q_r = self.q_norm(self.wq_a(h))
-        q = self.q_head_norm(self.wq_b(q_r).view(*h.shape[:-1], self.num_heads, self.head_dim))
+        q_r = self.q_norm(self.wq_a(flat))
+        q = self.q_head_norm(self.wq_b(q_r).view(*lead, self.num_heads, self.head_dim))
         q = rotate_tail_interleaved(q, cos, sin)
-        kv = rotate_tail_interleaved(self.kv_norm(self.wkv(h)), cos, sin)
+        kv = rotate_tail_interleaved(self.kv_norm(self.wkv(flat)).view(*lead, -1), cos, sin)
         rows = {"kv": kv}
-        if self.compressor is not None:
-            rows["comp_kv"], rows["comp_gate"] = self.compressor.project(h, positions)
-        if self.indexer is not None:
-            rows["idx_kv"], rows["idx_gate"] = self.indexer.compressor.project(h, positions)
-        return q_r, q, rows, (cos, sin)
+        for prefix, comp in (("comp", self.compressor), ("idx", self.indexer.compressor if self.indexer is not None else None)):
+            if comp is not None:
+                c, z = comp.project(flat, flat_pos)
+                rows[f"{prefix}_kv"], rows[f"{prefix}_gate"] = c.view(*lead, -1), z.view(*lead, -1)
+        return q_r.view(*lead, -1), q, rows, (cos, sin)
 
     def _groups(self, h: torch.Tensor, positions: torch.Tensor, n_windows: int,
                 history: dict[str, torch.Tensor] | None, pools) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -202,8 +206,9 @@ class DSV4Attention(nn.Module):
                 n_windows = (start + n - 1) // m - start // m + 1
             seq = torch.tensor([b], device=x.device)
             slots = batch.ring_slot_mapping[lo:hi]  # -1: overwritten later in this chunk, not written
-            outs.append(self._cached_group(x[None, lo:hi], batch.positions[None, lo:hi], seq, n_windows, batch,
-                                           slots, slots >= 0)[0])
+            with running(None):  # one sequence's rows: nothing for batch-invariant linears to split
+                outs.append(self._cached_group(x[None, lo:hi], batch.positions[None, lo:hi], seq, n_windows,
+                                               batch, slots, slots >= 0)[0])
         return torch.cat(outs)
 
     def _cached_group(self, h, positions, seqs, n_windows, batch, slots, keep) -> torch.Tensor:
