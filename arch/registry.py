@@ -28,6 +28,7 @@ _BUILTIN: dict[str, str] = {
     "Gemma4UnifiedForConditionalGeneration": "exl3_triton.arch.gemma4:Gemma4ForCausalLM",
     "Gemma4ForCausalLM": "exl3_triton.arch.gemma4:Gemma4ForCausalLM",
     "OpenPanguV2ForCausalLM": "exl3_triton.arch.openpangu_v2:OpenPanguV2ForCausalLM",
+    "DeepseekV4ForCausalLM": "exl3_triton.arch.deepseek_v4:DeepseekV4ForCausalLM",
 }
 
 _registered: dict[str, type | str] = {}

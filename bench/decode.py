@@ -5,6 +5,7 @@
     python bench/decode.py --arch gemma4 --synthetic 31b --bits 4 --batch 1,8
     python bench/decode.py --arch openpangu_v2 --synthetic flash --bits 4 --head-bits 8 --batch 1,8 \
         --mtp 3 --forced-accept 0.9
+    python bench/decode.py --arch deepseek_v4 --synthetic flash --bits 4 --expert-bits 2 --batch 1,8
 
 The model has the real shapes and random trellises (bench/synthetic.py). Decode
 speed: B jobs with random prompts are prefilled, then ``--steps`` decode steps
@@ -150,6 +151,7 @@ def main() -> int:
                    help="also time batch 1 with both graph-time rotation launch choices")
     p.add_argument("--bits", type=float, default=4)
     p.add_argument("--head-bits", type=float, default=6)
+    p.add_argument("--expert-bits", type=float, default=None, help="routed experts' bits (default: --bits)")
     p.add_argument("--batch", default="1,8,32")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=128)
@@ -166,11 +168,11 @@ def main() -> int:
     res = open_results("decode", name, args.out)
     bw = copy_bandwidth()
     t0 = time.perf_counter()
-    ckpt = SyntheticCheckpoint(name, bits=args.bits, head_bits=args.head_bits)
+    ckpt = SyntheticCheckpoint(name, bits=args.bits, head_bits=args.head_bits, expert_bits=args.expert_bits)
     model = load_checkpoint(ckpt, device="cuda")
     torch.cuda.synchronize()
     weight_gb = ckpt.active_bytes_per_token / 1e9  # MoE: the routed experts a token uses
-    res.add("model", {"name": name, "bits": args.bits, "head_bits": args.head_bits,
+    res.add("model", {"name": name, "bits": args.bits, "head_bits": args.head_bits, "expert_bits": args.expert_bits,
                       "weight_GB_total": ckpt.weight_bytes / 1e9,
                       "weight_GB_per_token": weight_gb, "copy_bandwidth_GBps": bw,
                       "bound_tokens_per_s": bw / weight_gb, "load_s": time.perf_counter() - t0,

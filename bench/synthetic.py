@@ -92,9 +92,46 @@ CONFIGS = {
 }
 
 
+def _deepseek_v4(**shape) -> dict:
+    """DeepSeek-V4 with DeepSeek's native config keys (architectures.md 2.1)."""
+    base = {
+        "architectures": ["DeepseekV4ForCausalLM"], "num_key_value_heads": 1, "scoring_func": "sqrtsoftplus",
+        "norm_topk_prob": True, "routed_scaling_factor": 1.5, "swiglu_limit": 10.0, "rms_norm_eps": 1e-6,
+        "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "n_shared_experts": 1, "hidden_act": "silu",
+        "rope_theta": 10000.0, "compress_rope_theta": 160000.0, "compress_rate_csa": 4, "compress_rate_hca": 128,
+        "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+                         "beta_fast": 32, "beta_slow": 1},
+        "tie_word_embeddings": False,
+    }
+    return dict(base, **shape)
+
+
+def _dsv4_ratios(layers: int) -> list[int]:
+    # layers 0, 1 sliding only; then CSA (ratio 4) on even, HCA (128) on odd layers (ds4 ds4_layer_compress_ratio)
+    return [0 if i < 2 else (4 if i % 2 == 0 else 128) for i in range(layers)]
+
+
+CONFIGS.update({
+    # DeepSeek-V4-Flash (architectures.md 2.1): 43 layers, 256 experts of 2048, 64 heads of 512
+    "deepseek_v4-flash": _deepseek_v4(
+        vocab_size=129280, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64, head_dim=512,
+        qk_rope_head_dim=64, q_lora_rank=1024, o_groups=8, o_lora_rank=1024, sliding_window=128,
+        compress_ratios=_dsv4_ratios(43), index_n_heads=64, index_head_dim=128, index_topk=512,
+        n_routed_experts=256, num_experts_per_tok=6, moe_intermediate_size=2048, num_hash_layers=3,
+        max_position_embeddings=1048576),
+    # the same layer kinds at a size that runs anywhere (window 16, top-k 4: selective after 16 tokens)
+    "deepseek_v4-tiny": _deepseek_v4(
+        vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, head_dim=128,
+        qk_rope_head_dim=32, q_lora_rank=128, o_groups=2, o_lora_rank=128, sliding_window=16,
+        compress_ratios=_dsv4_ratios(4), index_n_heads=4, index_head_dim=64, index_topk=4,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, num_hash_layers=1,
+        max_position_embeddings=4096),
+})
+
+
 class SyntheticCheckpoint:
     def __init__(self, name: str, *, bits: float = 4, head_bits: float = 6, codebook=Codebook.MCG,
-                 device="cuda", dtype=torch.float16, seed: int = 0):
+                 device="cuda", dtype=torch.float16, seed: int = 0, expert_bits: float | None = None):
         if name not in CONFIGS:
             raise KeyError(f"unknown synthetic model {name!r}; known: {', '.join(CONFIGS)}")
         self.config = dict(CONFIGS[name])
@@ -102,6 +139,7 @@ class SyntheticCheckpoint:
         self.text = self.config.get("text_config", self.config)
         self.architecture = self.config["architectures"][0]
         self.bits, self.head_bits, self.codebook = bits, head_bits, Codebook(codebook)
+        self.expert_bits = bits if expert_bits is None else expert_bits  # routed experts (the ds4 recipe: 2)
         self.device, self.dtype = torch.device(device), dtype
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.weight_bytes = 0  # bytes of every quantized/dense linear handed out so far
@@ -111,13 +149,19 @@ class SyntheticCheckpoint:
         layer = int(name.split(".layers.")[1].split(".")[0])
         return self.text["layer_types"][layer] == "full_attention"
 
+    @property
+    def _dsv4(self) -> bool:
+        return self.architecture == "DeepseekV4ForCausalLM"
+
     def linear_format(self, key: str) -> str | None:
+        if self._dsv4 and ("mtp." in key or key.endswith("wo_a")):
+            return None  # no MTP depths; wo_a is stored per output group (wo_a.{g})
         if "gemma4" in self.architecture.lower() and key.endswith("v_proj") and self._gemma4_full_layer(key):
             return None  # attention_k_eq_v: full layers have no v_proj
         return "exl3"
 
     def has_tensor(self, name: str) -> bool:
-        return True
+        return not (self._dsv4 and "mtp." in name)
 
     def tensor_names(self) -> list[str]:
         return []
@@ -128,7 +172,9 @@ class SyntheticCheckpoint:
             self._count(key, w.numel() * torch.finfo(self.dtype).bits // 8)
             return DenseWeight(w.to(self.dtype), key=key)
         k, n = -(-in_features // 128) * 128, -(-out_features // 128) * 128
-        bits = self.head_bits if key == "lm_head" else self.bits
+        bits = self.head_bits if key in ("lm_head", "head") else self.bits
+        if ".experts." in key:
+            bits = self.expert_bits
         words = int(16 * bits)
         g, dev = self.gen, self.device
         trellis = torch.randint(-32768, 32768, (k // 16, n // 16, words), generator=g, device=dev,
@@ -154,8 +200,9 @@ class SyntheticCheckpoint:
         total = 0.0
         for key, nbytes in self._bytes_by_key.items():
             parts = key.split(".")
-            if "layers" in parts and layers is not None and int(parts[parts.index("layers") + 1]) >= layers:
-                continue  # an MTP layer
+            if parts[0] == "mtp" or ("layers" in parts and layers is not None
+                                     and int(parts[parts.index("layers") + 1]) >= layers):
+                continue  # an MTP layer (DeepSeek-V4 names them mtp.K, OpenPanguV2 numbers them after the trunk)
             routed = ".experts." in key and ".shared_expert" not in key
             total += nbytes * (top_k / experts if routed and experts and top_k else 1.0)
         return total
@@ -163,6 +210,8 @@ class SyntheticCheckpoint:
     def tensor(self, name: str, *, dtype=None, device=None) -> torch.Tensor:
         if self.architecture == "OpenPanguV2ForCausalLM":
             return self._pangu_tensor(name, dtype)
+        if self._dsv4:
+            return self._dsv4_tensor(name, dtype)
         h, v = self.text["hidden_size"], self.text["vocab_size"]
         if name.endswith("embed_tokens.weight"):
             return torch.randn(v, h, generator=self.gen, device=self.device).to(dtype or self.dtype) * 0.02
@@ -217,3 +266,55 @@ class SyntheticCheckpoint:
 
     def info(self, name: str):
         raise CheckpointError("synthetic checkpoints have no files", tensor=name)
+
+    def _dsv4_tensor(self, name: str, dtype) -> torch.Tensor:
+        """DeepSeek-V4's unquantized tensors (native names): embedding, norms, mHC, sinks, ape, routers."""
+        c, g, dev = self.config, self.gen, self.device
+        h, n, e = c["hidden_size"], c["hc_mult"], c["n_routed_experts"]
+        m = (2 + n) * n
+
+        def rand(*shape, std=0.02):
+            return (torch.randn(*shape, generator=g, device=dev) * std).to(dtype or torch.float32)
+
+        def ones(size):
+            return torch.ones(size, device=dev, dtype=dtype or torch.float32)
+
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else -1
+        ratio = c["compress_ratios"][layer] if layer >= 0 else 0
+        indexer = ".indexer." in name
+        width = c["index_head_dim"] if indexer else c["head_dim"]
+        if name == "embed.weight":
+            return rand(c["vocab_size"], h).to(dtype or self.dtype)
+        if name.endswith(("attn_norm.weight", "ffn_norm.weight")) or name == "norm.weight":
+            return ones(h)
+        if name.endswith("q_norm.weight"):
+            return ones(c["q_lora_rank"])
+        if name.endswith(("kv_norm.weight", "compressor.norm.weight")):
+            return ones(width)
+        if name.endswith(("hc_attn_fn", "hc_ffn_fn")):
+            return rand(m, n * h)
+        if name.endswith(("hc_attn_base", "hc_ffn_base")):
+            return rand(m)
+        if name.endswith(("hc_attn_scale", "hc_ffn_scale")):
+            return ones(3)
+        if name == "hc_head_fn":
+            return rand(n, n * h)
+        if name == "hc_head_base":
+            return rand(n)
+        if name == "hc_head_scale":
+            return ones(1)
+        if name.endswith("attn_sink"):
+            return rand(c["num_attention_heads"], std=1.0)
+        if name.endswith("compressor.ape"):
+            return rand(ratio, (2 if ratio == c["compress_rate_csa"] else 1) * width)
+        if name.endswith("indexer.weights_proj.weight"):
+            return rand(c["index_n_heads"], h)
+        if name.endswith("gate.weight"):
+            return rand(e, h)
+        if name.endswith("gate.bias"):
+            return rand(e, std=0.01)
+        if name.endswith("gate.tid2eid"):
+            k = c["num_experts_per_tok"]
+            return torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(i))[:k]
+                                for i in range(c["vocab_size"])]).to(dev)
+        raise CheckpointError("the synthetic checkpoint has no such tensor", tensor=name)

@@ -95,3 +95,44 @@ def gemma4_model(directory: Path, *, seed: int = 0, causal_lm: bool = False, **t
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+DSV4_BASE = dict(
+    vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+    partial_rotary_factor=0.25, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8,
+    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+    mlp_layer_types=["hash_moe", "moe", "moe"],
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+    index_n_heads=2, index_head_dim=16, index_topk=64, n_routed_experts=4, num_experts_per_tok=2,
+    n_shared_experts=1, moe_intermediate_size=32, routed_scaling_factor=1.5, swiglu_limit=10.0,
+    hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6, rope_theta=10000.0,
+    compress_rope_theta=160000.0, max_position_embeddings=1024, tie_word_embeddings=False,
+    # YaRN on the compress rope, with a short original context so that the ramp falls inside the 4 frequencies
+    rope_parameters={"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 64,
+                     "beta_fast": 32.0, "beta_slow": 1.0},
+)
+
+
+def deepseek_v4_model(directory: Path, *, seed: int = 0, **overrides):
+    """A random ``DeepseekV4ForCausalLM`` saved to ``directory`` (transformers' naming); returns it (fp32, eval).
+
+    Besides ``randomise_``, the hash layers get a random token -> experts table (distinct experts per
+    token) and the sink logits a wider spread, so that a misread table or a dropped sink shows.
+    """
+    transformers = transformers_or_skip()
+    from transformers.models.deepseek_v4 import DeepseekV4Config
+
+    torch.manual_seed(seed)
+    cfg = DeepseekV4Config(**dict(DSV4_BASE, **overrides))
+    model = transformers.DeepseekV4ForCausalLM(cfg).float().eval()
+    randomise_(model, seed, std=0.1)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.mlp.is_hash:
+                table = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:cfg.num_experts_per_tok]
+                                     for _ in range(cfg.vocab_size)])
+                layer.mlp.gate.tid2eid.copy_(table)
+            layer.self_attn.sinks.copy_(torch.randn(cfg.num_attention_heads, generator=g))
+    model.save_pretrained(directory)
+    return model

@@ -1,4 +1,4 @@
-"""Gated MLP: ``down(act(gate(x)) * up(x))``."""
+"""Gated MLP: ``down(act(gate(x)) * up(x))``, optionally with DeepSeek-V4's SwiGLU clamp."""
 
 from __future__ import annotations
 
@@ -14,11 +14,21 @@ ACTIVATIONS = {
 }
 
 
+def gated_activation(act, gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """``act(gate) * up``; with ``limit`` (DeepSeek-V4 ``swiglu_limit``) the gate is clamped from
+    above and the up projection to ``[-limit, limit]`` first (architectures.md §0.7)."""
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return act(gate) * up
+
+
 class GatedMLP(nn.Module):
-    def __init__(self, gate_proj: Linear, up_proj: Linear, down_proj: Linear, activation: str):
+    def __init__(self, gate_proj: Linear, up_proj: Linear, down_proj: Linear, activation: str,
+                 limit: float | None = None):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.act = ACTIVATIONS[activation]
+        self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_activation(self.act, self.gate_proj(x), self.up_proj(x), self.limit))

@@ -28,7 +28,7 @@ from ...errors import CheckpointError
 from ...kernels.weights import DenseWeight, Exl3ExpertStack, Exl3Weight
 from ...options import RuntimeOptions
 from .linear import Linear
-from .mlp import ACTIVATIONS, GatedMLP
+from .mlp import ACTIVATIONS, GatedMLP, gated_activation
 
 
 # Set by the converter while it records the inputs of every expert's linears: each expert then
@@ -57,7 +57,7 @@ class RoutedExperts(nn.Module):
 
     def __init__(self, *, hidden_size: int, intermediate_size: int, activation: str, options: RuntimeOptions,
                  stacks: tuple[Exl3ExpertStack, Exl3ExpertStack, Exl3ExpertStack] | None = None,
-                 mlps: list[GatedMLP] | None = None):
+                 mlps: list[GatedMLP] | None = None, limit: float | None = None):
         super().__init__()
         if (stacks is None) == (mlps is None):
             raise ValueError("give either the quantized stacks or the per-expert MLPs")
@@ -68,6 +68,7 @@ class RoutedExperts(nn.Module):
             self.mlps = nn.ModuleList(mlps)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.act = ACTIVATIONS[activation]
+        self.limit = limit  # SwiGLU clamp (DeepSeek-V4); the per-expert MLPs carry it too
         self.options = options
         self.backend = kernels.resolve_backend(options.backend, options.device)
 
@@ -87,7 +88,7 @@ class RoutedExperts(nn.Module):
         i = self.intermediate_size
         g = kernels.exl3_moe(xp, self.gate, expert_ids, backend=self.backend)[..., :i]
         u = kernels.exl3_moe(xp, self.up, expert_ids, backend=self.backend)[..., :i]
-        h = self.act(g) * u
+        h = gated_activation(self.act, g, u, self.limit)
         pad_mid = self.down.in_features - i
         if pad_mid:  # padded input rows of the down projection must see zeros
             h = nn.functional.pad(h, (0, pad_mid))
@@ -111,7 +112,7 @@ class RoutedExperts(nn.Module):
 
 def load_routed_experts(checkpoint: Checkpoint, prefix: str, *, num_experts: int, hidden_size: int,
                         intermediate_size: int, activation: str, options: RuntimeOptions,
-                        names=("gate_proj", "up_proj", "down_proj")) -> RoutedExperts:
+                        names=("gate_proj", "up_proj", "down_proj"), limit: float | None = None) -> RoutedExperts:
     """The experts under ``prefix`` (e.g. ``model.layers.3.experts``) in whichever form the checkpoint has.
 
     Per-expert linears ``{prefix}.{e}.{gate,up,down}``: EXL3 (stacked) or dense.
@@ -121,7 +122,7 @@ def load_routed_experts(checkpoint: Checkpoint, prefix: str, *, num_experts: int
     sizes = {names[0]: (hidden_size, intermediate_size), names[1]: (hidden_size, intermediate_size),
              names[2]: (intermediate_size, hidden_size)}
     common = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, activation=activation,
-                  options=options)
+                  options=options, limit=limit)
     if checkpoint.linear_format(f"{prefix}.0.{names[0]}") is not None:
         weights = {name: [checkpoint.linear(f"{prefix}.{e}.{name}", in_features=n_in, out_features=n_out)
                           for e in range(num_experts)] for name, (n_in, n_out) in sizes.items()}
@@ -147,7 +148,7 @@ def load_routed_experts(checkpoint: Checkpoint, prefix: str, *, num_experts: int
     else:
         raise CheckpointError(f"no experts found: expected {prefix}.0.{names[0]} (per expert) or "
                               f"{prefix}.gate_up_proj (fused)", path=checkpoint.model_dir, tensor=f"{prefix}.*")
-    mlps = [GatedMLP(*(Linear(w, *sizes[name], options) for w, name in zip(ws, names)), activation)
+    mlps = [GatedMLP(*(Linear(w, *sizes[name], options) for w, name in zip(ws, names)), activation, limit)
             for ws in per_expert]
     return RoutedExperts(mlps=mlps, **common)
 

@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import UnsupportedArchitectureError
+from ..errors import ConversionError, UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class FusedSource:
     """
 
     tensor: str
-    index: int
+    index: int | None  # None: a 2-D tensor, ``tensor[rows[0]:rows[1]]`` (DeepSeek-V4's grouped wo_a)
     rows: tuple[int, int] | None = None  # None: all rows
 
 
@@ -323,3 +323,118 @@ def family_for(architecture: str, config_path=None) -> ConversionFamily:
             f"supported: {', '.join(sorted(FAMILIES))}",
             path=config_path,
         ) from None
+
+
+# ----------------------------------------------------------------- DeepSeek-V4
+
+
+class _DeepseekV4Runner(CalibrationRunner):
+    """Calibration for DeepSeek-V4: the hidden state is the 4-stream residual ``[B, T, N, D]`` plus one
+    extra "stream" carrying each row's token id (exact in fp32), because the hash-routed layers choose
+    their experts by token id and the converter hands layers only hidden states (and saves them to resume)."""
+
+    def __init__(self, network):
+        self.net = network
+        self.vocab_size = network.vocab_size
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        streams = self.net.embed(ids)
+        tag = torch.zeros_like(streams[..., :1, :])
+        tag[..., 0, 0] = ids.to(streams.device).float()
+        return torch.cat([streams, tag], dim=-2)
+
+    def layer(self, index: int) -> nn.Module:
+        return self.net.layers[index]
+
+    def run_layer(self, index: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        streams, tag = hidden[..., :-1, :].float(), hidden[..., -1:, :]
+        ids = tag[..., 0, 0].round().long()
+        out = self.net.layers[index](streams, positions, None, ids)
+        return torch.cat([out, tag.to(out.dtype)], dim=-2)
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        streams = hidden[..., :-1, :].float()
+        flat = self.net.hc_head(streams.reshape(-1, *streams.shape[-2:]))
+        return self.net.norm(flat).view(*streams.shape[:-2], -1)
+
+    def head_module(self) -> nn.Module:
+        return self.net.lm_head
+
+
+class DeepseekV4Family(ConversionFamily):
+    """DeepSeek-V4 (architectures.md 2.6, as ExLlamaV3 quantizes it): attention ``wq_a``, ``wq_b``, ``wkv``,
+    ``wo_a`` cut into one linear per output group (``wo_a.{g}``, each reads its own head group), ``wo_b``;
+    the compressors' and the indexer's ``wkv``/``wgate`` and the indexer's ``wq_b``; routed and shared
+    experts; the head. Stay as stored: the indexer's ``weights_proj`` (a router-like scoring head), the
+    router and its bias, ``tid2eid``, sinks, ``ape``, norms, mHC tensors, the embedding, MTP depths.
+
+    Sources with DeepSeek's native names or transformers' ``save_pretrained`` layout (per-expert
+    ``w1``/``w2``/``w3``) are supported; the converted model keeps the source's spelling."""
+
+    architectures = ("DeepseekV4ForCausalLM",)
+
+    def tensor_sort_key(self, name: str) -> tuple:
+        m = re.match(r"(?:.*\.)?layers\.(\d+)\.", name)
+        if m and not name.startswith("mtp."):
+            return (1, int(m.group(1)), 0, name)
+        if "embed" in name:
+            return (0, 0, 0, name)
+        return (3 if re.match(r"(lm_)?head\.", name) else 2, 0, 0, name)
+
+    def plan(self, config: dict, has_tensor) -> ConversionPlan:
+        from ..arch.deepseek_v4 import DeepseekV4Config, TensorNames
+
+        cfg = DeepseekV4Config.from_hf(config, "config.json")
+
+        def key(native: str) -> str:
+            found = TensorNames.resolve(native, has_tensor)
+            if found is None:
+                raise ConversionError(f"the source model has no tensor for '{native}' (nor its transformers "
+                                      "spellings)")
+            return found
+
+        layers = []
+        for i in range(cfg.num_layers):
+            a, f = f"layers.{i}.attn", f"layers.{i}.ffn"
+            A = key(f"{a}.wq_a").rsplit(".", 1)[0]  # the layer's attention prefix as the source spells it
+
+            def attn(name: str, group: str, bits: str = "attn") -> LinearSpec:
+                return LinearSpec(key(f"{a}.{name}"), f"{A}.{group}", f"{A}.{bits}", 2, i)
+
+            specs = [attn("wq_a", "input"), attn("wkv", "input")]
+            if cfg.compress_ratios[i]:
+                specs += [attn("compressor.wkv", "input", "compressor"), attn("compressor.wgate", "input", "compressor")]
+            if cfg.kind(i) == "csa":
+                specs += [attn("indexer.compressor.wkv", "input", "indexer"),
+                          attn("indexer.compressor.wgate", "input", "indexer")]
+            specs.append(attn("wq_b", "q_lora"))
+            if cfg.kind(i) == "csa":
+                specs.append(attn("indexer.wq_b", "q_lora", "indexer"))
+            rank = cfg.o_lora_rank
+            wo_a = key(f"{a}.wo_a")
+            specs += [LinearSpec(f"{wo_a}.{g}", f"{wo_a}.{g}.input", f"{A}.o", 2, i,
+                                 FusedSource(f"{wo_a}.weight", None, (g * rank, (g + 1) * rank)))
+                      for g in range(cfg.o_groups)]
+            specs.append(attn("wo_b", "wo_b_input", "o"))
+            experts = key(f"{f}.experts.0.w1")
+            if experts is None or experts.endswith("gate_up_proj"):
+                raise ConversionError("convert DeepSeek-V4 from per-expert w1/w2/w3 tensors")
+            x = experts.rsplit(".", 2)[0]
+            for e in range(cfg.num_experts):  # all experts read the normed residual; calibrated on all tokens
+                specs += [LinearSpec(f"{x}.{e}.w3", f"{x}.input", f"{x}.gu", 0, i),
+                          LinearSpec(f"{x}.{e}.w1", f"{x}.input", f"{x}.gu", 0, i),
+                          LinearSpec(f"{x}.{e}.w2", f"{x}.{e}.down_input", f"{x}.d", 0, i)]
+            if cfg.n_shared_experts:
+                s = key(f"{f}.shared_experts.w1").rsplit(".", 1)[0]
+                specs += [LinearSpec(f"{s}.w3", f"{x}.input", f"{s}.gu", 1, i),
+                          LinearSpec(f"{s}.w1", f"{x}.input", f"{s}.gu", 1, i),
+                          LinearSpec(f"{s}.w2", f"{s}.down_input", f"{s}.d", 1, i)]
+            layers.append(specs)
+        return ConversionPlan(layers=layers, head_key=key("head"), tied_embeddings=False,
+                              embedding_key=key("embed.weight").rsplit(".", 1)[0])
+
+    def runner(self, model) -> CalibrationRunner:
+        return _DeepseekV4Runner(model.network)
+
+
+FAMILIES.update({arch: DeepseekV4Family for arch in DeepseekV4Family.architectures})

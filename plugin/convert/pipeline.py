@@ -125,7 +125,12 @@ class _Converter:
             shape = self.source.info(name).shape
             if spec.source is None and len(shape) != 2:
                 raise ConversionError(f"tensor '{name}' in {self.in_dir} is not a 2-D linear weight")
-            if spec.source is not None:
+            if spec.source is not None and spec.source.index is None:  # row slice of a 2-D weight
+                rows = spec.source.rows or (0, shape[0])
+                if len(shape) != 2 or rows[1] > shape[0]:
+                    raise ConversionError(f"tensor '{name}' in {self.in_dir} has shape {list(shape)}; expected "
+                                          f"[rows >= {rows[1]}, in] for {spec.key}")
+            elif spec.source is not None:
                 rows = spec.source.rows or (0, shape[1] if len(shape) == 3 else 0)
                 if len(shape) != 3 or spec.source.index >= shape[0] or rows[1] > shape[1]:
                     raise ConversionError(f"tensor '{name}' in {self.in_dir} has shape {list(shape)}; expected "
@@ -142,7 +147,8 @@ class _Converter:
         if spec.source is None:
             out_f, in_f = self.source.info(f"{spec.key}.weight").shape
             return out_f, in_f
-        _, rows, in_f = self.source.info(spec.source.tensor).shape
+        shape = self.source.info(spec.source.tensor).shape
+        rows, in_f = shape[-2:]
         lo, hi = spec.source.rows or (0, rows)
         return hi - lo, in_f
 
@@ -152,8 +158,11 @@ class _Converter:
         name = spec.source.tensor
         if self._fused_cache[0] != name:  # the experts of one fused tensor come one after another
             self._fused_cache = (name, self.source.tensor(name))
-        lo, hi = spec.source.rows or (0, self._fused_cache[1].shape[1])
-        return self._fused_cache[1][spec.source.index, lo:hi].to(self.device)
+        fused = self._fused_cache[1]
+        lo, hi = spec.source.rows or (0, fused.shape[-2])
+        if spec.source.index is None:
+            return fused[lo:hi].to(self.device)
+        return fused[spec.source.index, lo:hi].to(self.device)
 
     def _padded_numel(self, spec: LinearSpec) -> int:
         out_f, in_f = self._source_shape(spec)

@@ -1,0 +1,105 @@
+"""The converter on DeepSeek-V4: which tensors become EXL3 (the plan of a CSA layer, checked without
+quantizing), and a tiny one-layer model converted for real: wo_a cut per output group, the hash layer
+calibrated with its token ids, the converted model equal to the source with decoded weights.
+
+The converted model is kept small for the CPU Viterbi (about 0.1 s per 16x16 tile here): one HCA layer,
+two experts and no shared expert, so 14 linears and the head."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import exl3_triton
+from exl3_triton.checkpoint import Checkpoint
+from exl3_triton.convert import ConvertOptions, convert_model
+from exl3_triton.kernels import exl3_full_weight
+
+from ..conftest import rel_err
+from ..hf_models import deepseek_v4_model
+
+FAST = dict(cal_rows=8, cal_cols=128, scale_search="fast")
+
+
+def test_plan_of_a_csa_layer(golden):
+    """Golden native model: layer 2 is CSA (compressor, indexer), layer 0 sliding; 8 experts + shared."""
+    from exl3_triton.convert.families import family_for
+
+    ck = Checkpoint(golden / "hf" / "dsv4_native")
+    plan = family_for("DeepseekV4ForCausalLM").plan(ck.config, ck.has_tensor)
+    keys = [s.key for s in plan.layers[2]]
+    attn = ["wq_a", "wkv", "compressor.wkv", "compressor.wgate", "indexer.compressor.wkv",
+            "indexer.compressor.wgate", "wq_b", "indexer.wq_b", "wo_a.0", "wo_a.1", "wo_b"]
+    assert keys[:11] == [f"layers.2.attn.{m}" for m in attn]
+    assert len(keys) == 11 + 3 * 8 + 3 and "layers.2.ffn.shared_experts.w2" in keys
+    assert [s.key for s in plan.layers[0]][:3] == ["layers.0.attn.wq_a", "layers.0.attn.wkv", "layers.0.attn.wq_b"]
+    by_key = {s.key: s for s in plan.layers[2]}
+    assert by_key["layers.2.attn.wo_a.1"].source.rows == (64, 128)  # o_lora_rank 64, second group
+    assert by_key["layers.2.attn.wq_b"].input_group == by_key["layers.2.attn.indexer.wq_b"].input_group
+    # never quantized: router, indexer scoring head, everything not a linear of the plan
+    quantized = {s.key for layer in plan.layers for s in layer}
+    assert not any(k.endswith((".gate", ".weights_proj")) for k in quantized)
+    assert plan.head_key == "head" and plan.embedding_key == "embed"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    src = tmp_path_factory.mktemp("dsv4") / "src"
+    deepseek_v4_model(src, num_hidden_layers=1, layer_types=["heavily_compressed_attention"],
+                      mlp_layer_types=["hash_moe"], n_routed_experts=2, num_experts_per_tok=1)
+    tensors = {k: v for k, v in load_file(str(src / "model.safetensors")).items() if "shared_experts" not in k}
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["n_shared_experts"] = 0
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = src.parent / "q4"
+    result = convert_model(src, out, ConvertOptions(bits=4, head_bits=6, codebook="mcg", **FAST))
+    return src, out, result
+
+
+def test_tensor_formats(converted):
+    src, out, _ = converted
+    ck, source = Checkpoint(out), Checkpoint(src)
+    a, f = "model.layers.0.attn", "model.layers.0.ffn"
+    expected = {"head"} | {f"{a}.{m}" for m in (
+        "wq_a", "wq_b", "wkv", "wo_a.0", "wo_a.1", "wo_b", "compressor.wkv", "compressor.wgate")} | {
+        f"{f}.{x}.{w}" for x in ("experts.0", "experts.1") for w in ("w1", "w2", "w3")}
+    assert set(ck.exl3_linear_keys()) == expected
+    assert not ck.has_tensor(f"{a}.wo_a.weight")
+    for name in source.tensor_names():  # router, tid2eid, weights_proj, sinks, ape, norms, mHC: as stored
+        if name.rpartition(".")[0] not in expected and name != f"{a}.wo_a.weight":
+            assert ck.info(name).dtype == source.info(name).dtype, name
+            assert torch.equal(ck.tensor(name), source.tensor(name)), name
+    wo_a = source.tensor(f"{a}.wo_a.weight").float()
+    for g in range(2):  # each group slice quantized on its own: rows [16 g, 16 (g+1))
+        w = exl3_full_weight(ck.exl3_linear(f"{a}.wo_a.{g}")).T[:16, :64]
+        assert rel_err(w, wo_a[16 * g:16 * (g + 1)]) < 0.15
+
+
+def test_converted_model_equals_source_with_decoded_weights_and_tracks_it(converted, tmp_path):
+    src, out, result = converted
+    ck = Checkpoint(out)
+    decoded = load_file(str(src / "model.safetensors"))
+    a = "model.layers.0.attn"
+    for key in ck.exl3_linear_keys():
+        w = exl3_full_weight(ck.exl3_linear(key)).T
+        if key.startswith(f"{a}.wo_a."):
+            continue
+        rows, cols = decoded[f"{key}.weight"].shape  # EXL3 tensors are padded to 128s
+        decoded[f"{key}.weight"] = w[:rows, :cols].contiguous()
+    decoded[f"{a}.wo_a.weight"] = torch.cat([exl3_full_weight(ck.exl3_linear(f"{a}.wo_a.{g}")).T[:16, :64]
+                                             for g in range(2)]).contiguous()
+    (tmp_path / "decoded").mkdir()
+    shutil.copy(src / "config.json", tmp_path / "decoded" / "config.json")
+    save_file(decoded, str(tmp_path / "decoded" / "model.safetensors"), metadata={"format": "pt"})
+    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(0))
+    quantized = exl3_triton.load(out).forward(ids)
+    assert rel_err(quantized, exl3_triton.load(tmp_path / "decoded").forward(ids)) < 1e-4
+    source = exl3_triton.load(src).forward(ids)
+    assert rel_err(quantized, source) < 0.2
+    for key, rec in result.records.items():
+        assert rec.predicted_error < (0.03 if key == "head" else 0.12), key
