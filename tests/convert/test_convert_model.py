@@ -12,8 +12,9 @@ import exl3_triton
 from exl3_triton.checkpoint import Checkpoint
 from exl3_triton.cli import main
 from exl3_triton.convert import ConvertOptions, convert_model
-from exl3_triton.errors import ConfigError, (
+from exl3_triton.errors import (
     CheckpointError,
+    ConfigError,
     ConversionError,
     InvalidArgumentError,
     UnsupportedArchitectureError,
