@@ -378,3 +378,37 @@ def test_prefill_and_decode_of_several_sequences_in_one_step(selective_model):
         pos1 += n1
     assert per_position_rel(torch.cat(got[0]), fulls[0]).max() < 1e-5
     assert per_position_rel(torch.cat(got[1]), fulls[1][:pos1]).max() < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_mtp_speculative_greedy_equals_plain_and_drafts_equal_recomputation(golden, tmp_path, batch):
+    """Drafting with the MTP depth: past the sliding window and through compressor windows, rejected
+    drafts leave no trace in the rings, pools or indexer keys (greedy output as without drafting), and
+    every draft equals the MTP depth recomputed from scratch over the verified tokens."""
+    from exl3_triton import Generator, Job
+    from exl3_triton.runtime.drafting_options import DraftOptions
+
+    _with_mtp(golden, tmp_path / "m")
+    model = exl3_triton.load(tmp_path / "m")
+    ids = _golden_ids(golden)
+    prompts = [ids[:30], ids[40:53]][:batch]
+    kw = dict(max_batch_size=2, max_seq_len=256, page_size=128, chunk_size=16)
+    plain = Generator(model, **kw)
+    want = [plain.enqueue(Job(p, max_new_tokens=20, stop_tokens=[])) for p in prompts]
+    list(plain.iterate())
+    gen = Generator(model, draft=DraftOptions(mode="mtp", num_tokens=1), **kw)
+    proposals, original = [], gen.drafter.propose
+
+    def recording(job, k):
+        drafts = original(job, k)
+        proposals.append((list(job.tokens), drafts))
+        return drafts
+
+    gen.drafter.propose = recording
+    jobs = [gen.enqueue(Job(p, max_new_tokens=20, stop_tokens=[])) for p in prompts]
+    list(gen.iterate())
+    assert [j.output_ids for j in jobs] == [j.output_ids for j in want]
+    assert gen.draft_stats.steps > 0 and gen.draft_stats.total_rejected > 0
+    for tokens, drafts in proposals[::3]:
+        _, logits, _ = _mtp_run(model, tokens, chunks=[len(tokens) - 1])
+        assert drafts == [int(logits[-1].argmax())], len(tokens)

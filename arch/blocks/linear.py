@@ -46,9 +46,11 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = current_batch()
-        if self.options.batch_invariant and batch is not None and batch.num_seqs > 1 and x.dim() == 2:
+        if (self.options.batch_invariant and batch is not None and batch.num_seqs > 1 and x.dim() == 2
+                and x.shape[0] == batch.num_tokens):
             # Each sequence's rows on their own: a GEMM's rounding depends on how many rows it
-            # multiplies, and a job's output must not depend on the jobs running beside it.
+            # multiplies, and a job's output must not depend on the jobs running beside it. (Not for
+            # a gathered subset of the rows, such as one expert's tokens: its rows are not the batch's.)
             return torch.cat([self._apply(x[lo:hi]) for _, lo, hi in batch.segments()])
         return self._apply(x)
 
