@@ -77,8 +77,15 @@ def decode_speed(model, batch: int, steps: int, prompt_len: int, max_seq_len: in
                             max_new_tokens=max_seq_len - prompt_len - 1, stop_tokens=[])) for _ in range(batch)]
     while any(not j.output_ids for j in jobs):  # prefill (and capture the decode graph on the first decode)
         gen.step()
-    for _ in range(3):  # warm-up decode steps (graph capture happens here)
+    # warm-up decode steps, until no step captures a new CUDA graph (with drafting, steps of several
+    # row counts and each MTP depth have graphs of their own): captures must not be timed
+    stable = 0
+    for _ in range(60):
+        before = len(gen.runner.graphs)
         gen.step()
+        stable = stable + 1 if len(gen.runner.graphs) == before else 0
+        if stable >= (6 if draft is not None else 3):
+            break
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     produced0 = sum(len(j.output_ids) for j in jobs)
