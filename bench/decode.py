@@ -206,7 +206,7 @@ def main() -> int:
             if args.forced_accept is not None:
                 generator_module.verify_drafts = forced_acceptance(args.forced_accept)
             try:
-                mtp = decode_speed(model, b, args.steps, args.prompt_len, args.prompt_len + 4 * args.steps + 32,
+                mtp = decode_speed(model, b, args.steps, args.prompt_len, args.prompt_len + 4 * (args.steps + 60) + 32,
                                    draft=DraftOptions(mode="mtp", num_tokens=args.mtp))
             finally:
                 generator_module.verify_drafts = real_verify
