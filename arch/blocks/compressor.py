@@ -40,7 +40,8 @@ class KVCompressor(nn.Module):
             raise ValueError(f"compressor ape has shape {tuple(ape.shape)}, expected {(ratio, width)}")
         self.wkv, self.wgate, self.norm = wkv, wgate, norm
         self.register_buffer("ape", ape.float())
-        self.register_buffer("inv_freq", inv_freq.float())
+        # on the layer's device: a copy from the host inside a captured decode step is not allowed
+        self.register_buffer("inv_freq", inv_freq.float().to(ape.device))
         self.ratio, self.head_dim, self.overlap, self.width = ratio, head_dim, overlap, width
 
     @property

@@ -43,7 +43,8 @@ class LightningIndexer(nn.Module):
         self.wq_b, self.compressor = wq_b, compressor
         # unquantized in every reference (a router-like scoring head): kept fp32
         self.register_buffer("weights_proj", weights_proj.float())
-        self.register_buffer("inv_freq", inv_freq.float())
+        # on the layer's device: a copy from the host inside a captured decode step is not allowed
+        self.register_buffer("inv_freq", inv_freq.float().to(weights_proj.device))
         self.num_heads, self.head_dim, self.topk = num_heads, head_dim, topk
 
     def select(self, q_r: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
@@ -89,7 +90,7 @@ class DSV4Attention(nn.Module):
         self.output, self.compressor, self.indexer = output, compressor, indexer
         self.q_head_norm = RMSNorm(None, eps)
         self.register_buffer("sink", sink.float())
-        self.register_buffer("inv_freq", inv_freq.float())
+        self.register_buffer("inv_freq", inv_freq.float().to(sink.device))
         self.num_heads, self.head_dim, self.window = num_heads, head_dim, window
         self.scale = head_dim ** -0.5
         self.layer_idx = layer_idx
