@@ -284,7 +284,7 @@ def test_openpangu_mtp_eval_matches_teacher_forcing(pangu, golden, tmp_path, cap
         count = len(ids) - d
         logits, hidden = net.mtp_forward(d, hidden[:count], torch.tensor(ids[d:]), None)
         want.append(float((logits[: count - 1].argmax(-1) == target[d:d + count - 1]).float().mean()))
-    assert got == pytest.approx(want, abs=1.01 / 57)  # at most one arg-max near-tie apart
+    assert got == pytest.approx(want, abs=1.01 / 55)  # at most one arg-max near-tie apart per depth
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 8)
     assert main(["mtp-eval", str(golden / "openpangu" / "A"), "--text", str(text)]) == 0
