@@ -228,9 +228,15 @@ def test_extension_ui_builds_with_gradio():
     gr = pytest.importorskip("gradio")
     from exl3_triton.integrations import textgen_extension as ext
 
-    with gr.Blocks():
+    with gr.Blocks() as blocks:
         ext.ui()
     assert ext.params["is_tab"] and ext.params["display_name"]
+    # the same panel as the standalone demo is mounted in the tab
+    from exl3_triton.ui.panel import build_panel
+
+    assert ext.shared_panel() is build_panel
+    ids = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
+    assert {"exl3-model-dir", "exl3-max-seq-len", "exl3-chunk-size"} <= ids
 
 
 def test_launcher_loads_model_at_startup(golden, tmp_path):
