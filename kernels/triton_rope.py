@@ -9,7 +9,6 @@ layer on the decode path.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

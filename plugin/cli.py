@@ -100,7 +100,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ dequant
 
 def cmd_dequant(args: argparse.Namespace) -> int:
-    import torch
     from safetensors.torch import save_file
 
     from . import kernels

@@ -1,7 +1,6 @@
 """Chat templates and the interactive chat command."""
 
 import io
-import json
 
 import pytest
 

@@ -32,7 +32,7 @@ import torch
 from ..arch.blocks.moe import all_experts_see_all_tokens
 from ..checkpoint import Checkpoint, padded_size
 from ..errors import CheckpointError, ConversionError
-from ..kernels.weights import Codebook, Exl3Weight
+from ..kernels.weights import Exl3Weight
 from .allocation import allocate_bits
 from .calibration import calibration_ids
 from .families import CalibrationRunner, ConversionPlan, LinearSpec, family_for
@@ -254,7 +254,7 @@ class _Converter:
     def run(self) -> ConversionResult:
         start = time.time()
         self._prepare_out_dir()
-        resuming = self.work.open()
+        self.work.open()
         n_layers = len(self.plan.layers)
         runner, hidden, first_todo = None, None, 0
         if self.options.calibrate:

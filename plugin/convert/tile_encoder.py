@@ -180,7 +180,6 @@ def _backtrack(final_states: torch.Tensor, backptrs: list[torch.Tensor], shifts:
 
 def _encode_batch(targets: torch.Tensor, table: torch.Tensor, bits: float) -> torch.Tensor:
     """Tail-biting Viterbi for a batch ``[T, 256]`` of targets; returns int64 states ``[T, 256]``."""
-    t_count = targets.shape[0]
     device = targets.device
     d = _fresh_bits_list(bits)
     table_sq = table.square()

@@ -11,7 +11,6 @@ text). ``finish_reason`` is one of ``"stop_token"``, ``"stop_string"``,
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, field
 from enum import Enum
 

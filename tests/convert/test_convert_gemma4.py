@@ -32,6 +32,7 @@ from exl3_triton.kernels import exl3_full_weight
 
 from ..conftest import rel_err
 from ..hf_models import gemma4_model
+from .noise_baseline import with_weight_noise
 
 FAST = dict(cal_rows=8, cal_cols=128, scale_search="fast")
 
@@ -79,22 +80,6 @@ def test_gemma4_tensor_formats(dense_gemma):
     assert storage[f"{pre}.layers.1.mlp.down_proj"]["quant_format"] == "exl3"
 
 
-def _with_weight_noise(src, dst, relative_errors, seed):
-    """A copy of ``src`` whose listed linears carry Gaussian noise of the given relative size."""
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy(f, dst / f.name)
-    tensors = load_file(str(src / "model.safetensors"))
-    g = torch.Generator().manual_seed(seed)
-    for key, err in relative_errors.items():
-        w = tensors[f"{key}.weight"].float()
-        z = torch.randn(w.shape, generator=g)
-        tensors[f"{key}.weight"] = (w + z * (err * w.norm() / z.norm())).to(tensors[f"{key}.weight"].dtype)
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
 def test_gemma4_tracks_the_unquantized_model_better_than_noise(dense_gemma, golden, tmp_path):
     """The oracle: the same model with Gaussian noise of each tensor's measured 4-bit error.
 
@@ -117,7 +102,7 @@ def test_gemma4_tracks_the_unquantized_model_better_than_noise(dense_gemma, gold
         errors[key] = rel_err(w[: want.shape[0], : want.shape[1]], want)
         assert abs(errors[key] - rec.predicted_error) < 1e-3 + 0.02 * rec.predicted_error, key
         assert errors[key] < (0.03 if key == "lm_head" else 0.1), key  # 6 and 4 bits
-    noisy = [exl3_triton.load(_with_weight_noise(src, tmp_path / f"noise{s}", errors, s)).forward(ids)
+    noisy = [exl3_triton.load(with_weight_noise(src, tmp_path / f"noise{s}", errors, s)).forward(ids)
              for s in range(2)]
     noise_rel = min(rel_err(n, ref) for n in noisy)
     noise_top1 = max((n.argmax(-1) == ref.argmax(-1)).float().mean().item() for n in noisy)

@@ -7,11 +7,8 @@ routed experts and the shared one), and one MTP layer, which stays unquantized.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import exl3_triton
 from exl3_triton.checkpoint import Checkpoint
@@ -20,6 +17,7 @@ from exl3_triton.kernels import exl3_full_weight
 
 from ..conftest import rel_err
 from ..pangu_models import tiny_pangu
+from .noise_baseline import with_weight_noise
 
 FAST = dict(cal_rows=8, cal_cols=128, scale_search="fast")
 SHAPE = dict(num_hidden_layers=1, dsa_layers=[0], swa_layers=[1], sliding_window_list=[16],
@@ -48,21 +46,6 @@ def test_pangu_tensor_formats(converted):
             assert torch.equal(ck.tensor(name), source.tensor(name)), name
 
 
-def _with_weight_noise(src, dst, relative_errors, seed):
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy(f, dst / f.name)
-    tensors = load_file(str(src / "model.safetensors"))
-    g = torch.Generator().manual_seed(seed)
-    for key, err in relative_errors.items():
-        w = tensors[f"{key}.weight"].float()
-        z = torch.randn(w.shape, generator=g)
-        tensors[f"{key}.weight"] = (w + z * (err * w.norm() / z.norm())).to(tensors[f"{key}.weight"].dtype)
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
 def test_pangu_tracks_the_unquantized_model(converted, tmp_path):
     """Top-1 >= 90% at 4 bits (head 6), and better than unshaped noise of each tensor's measured error."""
     src, out, result = converted
@@ -80,7 +63,7 @@ def test_pangu_tracks_the_unquantized_model(converted, tmp_path):
         assert errors[key] < (0.03 if key == "lm_head" else 0.1), key
     top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert top1 >= 0.9, top1
-    noisy = [exl3_triton.load(_with_weight_noise(src, tmp_path / f"noise{s}", errors, s)).forward(ids)
+    noisy = [exl3_triton.load(with_weight_noise(src, tmp_path / f"noise{s}", errors, s)).forward(ids)
              for s in range(2)]
     noise_rel = min(rel_err(n, ref) for n in noisy)
     assert rel_err(got, ref) < noise_rel, (rel_err(got, ref), noise_rel)
