@@ -87,17 +87,24 @@ def decode_speed(model, batch: int, steps: int, prompt_len: int, max_seq_len: in
         if stable >= (6 if draft is not None else 3):
             break
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    produced0 = sum(len(j.output_ids) for j in jobs)
+    # each step timed on its own; a step that still captured a graph (a row count first seen late)
+    # is left out of the figures and counted in "capture_steps"
+    dt, produced, captures = 0.0, 0, 0
     for _ in range(steps):
+        before, tokens0 = len(gen.runner.graphs), sum(len(j.output_ids) for j in jobs)
+        t0 = time.perf_counter()
         gen.step()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    produced = sum(len(j.output_ids) for j in jobs) - produced0
+        torch.cuda.synchronize()
+        if len(gen.runner.graphs) != before:
+            captures += 1
+            continue
+        dt += time.perf_counter() - t0
+        produced += sum(len(j.output_ids) for j in jobs) - tokens0
+    steps -= captures
     for j in jobs:
         j.cancel()
     gen.step()
-    rec = {"batch": batch, "steps": steps, "tokens": produced, "seconds": dt, "tokens_per_s": produced / dt,
+    rec = {"batch": batch, "steps": steps, "capture_steps": captures, "tokens": produced, "seconds": dt, "tokens_per_s": produced / dt,
            "ms_per_step": dt / steps * 1000, "graphs": sorted(str(k) for k in gen.runner.graphs)}
     if draft is not None:
         rec["draft"] = gen.draft_stats.as_dict()
