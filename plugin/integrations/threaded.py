@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 
+from ..runtime.job import route_events
 from .common import log
 
 
@@ -53,12 +54,7 @@ class ThreadedGenerator:
                         for job in list(self.generator.running) + list(self.generator.waiting):
                             job.cancel()
                         events = []
-                    for event in events:
-                        q = self._queues.get(event.job.id)
-                        if q is not None:
-                            q.put(event)
-                            if event.finished:
-                                del self._queues[event.job.id]
+                    route_events(events, self._queues)
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()

@@ -15,7 +15,7 @@ import threading
 from typing import AsyncIterator
 
 from .generator import Generator
-from .job import Job, JobEvent
+from .job import Job, JobEvent, route_events
 
 
 class AsyncGenerator:
@@ -52,11 +52,5 @@ class AsyncGenerator:
 
     async def _drive(self) -> None:
         while self.generator.has_work:
-            events = await asyncio.to_thread(self._step)
-            for event in events:
-                queue = self._queues.get(event.job.id)
-                if queue is not None:
-                    queue.put_nowait(event)
-                    if event.finished:
-                        del self._queues[event.job.id]
+            route_events(await asyncio.to_thread(self._step), self._queues)
             await asyncio.sleep(0)

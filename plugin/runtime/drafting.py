@@ -20,6 +20,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .cache import PagedCache, SequenceCache
+from .drafting_options import check_rollback
 from .runner import ModelRunner, StepItem
 
 
@@ -67,8 +68,7 @@ class DraftModelDrafter:
                 "a draft model must share the target's tokenizer")
         self.model, self.network, self.chunk_size = draft_model, net, chunk_size
         specs = net.cache_spec()
-        if any(not t.position_ring for s in specs for t in s.slots):
-            raise InvalidArgumentError("the draft model keeps per-sequence state that cannot be rolled back")
+        check_rollback(specs, max_draft, f"the draft model ({type(net).__name__})")
         pages_per_seq = -(-(max_seq_len + max_draft + 1) // page_size)
         graphs = net.options.device.type == "cuda"  # one more page: where graph padding rows write
         self.cache = PagedCache(specs, num_pages=max_batch_size * pages_per_seq + graphs, page_size=page_size,
@@ -201,7 +201,7 @@ def teacher_forced_acceptance(model, ids: list[int], *, page_size: int = 16) -> 
     seq = cache.new_sequence()
     cache.reserve(seq, n)
     with torch.inference_mode():
-        logits, hidden, _ = runner.run([StepItem(seq, list(ids), want_logits=True, num_logits=n)],
+        logits, hidden = runner.run([StepItem(seq, list(ids), want_logits=True, num_logits=n)],
                                        return_hidden=True)
         target = logits.argmax(-1)  # target[p]: the target's prediction for position p + 1
         rates = []

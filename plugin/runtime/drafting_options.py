@@ -52,6 +52,21 @@ class DraftOptions:
         return self.mode != "disabled"
 
 
+def check_rollback(specs, num_tokens: int, model_name: str) -> None:
+    """Refuse drafting ``num_tokens`` ahead for a model whose decode state (``LayerCacheSpec``s)
+    cannot forget rejected positions: plain per-sequence slots, or position rings too short."""
+    for spec in specs:
+        for t in spec.slots:
+            if not t.position_ring:
+                raise InvalidArgumentError(
+                    f"{model_name} keeps per-sequence state ({t.name}) that cannot be rolled back after "
+                    "rejected drafts; speculative decoding is not available for it")
+            if t.shape[0] - t.position_ring < num_tokens + 1:
+                raise InvalidArgumentError(
+                    f"draft num_tokens={num_tokens}: {model_name}'s {t.name} state keeps {t.shape[0]} positions, "
+                    f"enough for drafts of up to {t.shape[0] - t.position_ring - 1}")
+
+
 @dataclass
 class DraftStats:
     """Acceptance counts. ``proposed[d]`` / ``accepted[d]``: drafted tokens at depth d+1."""
@@ -70,16 +85,6 @@ class DraftStats:
             self.accepted[d] += d < num_accepted
         self.steps += 1
         self.tokens += num_accepted + 1
-
-    def merge(self, other: "DraftStats") -> None:
-        for d in range(len(other.proposed)):
-            if d >= len(self.proposed):
-                self.proposed.append(0)
-                self.accepted.append(0)
-            self.proposed[d] += other.proposed[d]
-            self.accepted[d] += other.accepted[d]
-        self.steps += other.steps
-        self.tokens += other.tokens
 
     @property
     def acceptance_per_depth(self) -> list[float]:

@@ -32,10 +32,10 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .cache import OutOfPagesError, PagedCache
-from .drafting_options import DraftOptions, DraftStats
+from .drafting_options import DraftOptions, DraftStats, check_rollback
 from .job import Job, JobEvent, JobStatus
 from .runner import ModelRunner, StepItem
-from .sampling import RowState, sample, verify_drafts
+from .sampling import RowState, verify_drafts
 from .text import IncrementalDecoder
 
 
@@ -104,16 +104,7 @@ class Generator:
         opts = self.draft_options
         if not opts.enabled:
             return
-        for spec in specs:
-            for t in spec.slots:
-                if not t.position_ring:
-                    raise InvalidArgumentError(
-                        f"{type(self.network).__name__} keeps per-sequence state ({t.name}) that cannot be rolled "
-                        "back after rejected drafts; speculative decoding is not available for it")
-                if t.shape[0] - t.position_ring < opts.num_tokens + 1:
-                    raise InvalidArgumentError(
-                        f"draft num_tokens={opts.num_tokens}: {type(self.network).__name__}'s {t.name} state keeps "
-                        f"{t.shape[0]} positions, enough for drafts of up to {t.shape[0] - t.position_ring - 1}")
+        check_rollback(specs, opts.num_tokens, type(self.network).__name__)
         if opts.mode == "mtp":
             depth = self.network.mtp_depth
             if depth == 0:
@@ -250,7 +241,7 @@ class Generator:
             for job in list(self.running):
                 self._finish(job, "error", events, error=f"out of GPU memory: {e}")
             return events
-        logits, hidden = out[:2] if needs_hidden else (out, None)
+        logits, hidden = out if needs_hidden else (out, None)
         planned = list(zip(self._planned_jobs, items))
         firsts = {job.id: it.seq.num_tokens - len(it.tokens) for job, it in planned}
         self._postprocess([(job, it.num_logits) for job, it in planned if it.want_logits], logits, events)
@@ -394,34 +385,19 @@ class Generator:
 
     def _postprocess(self, planned: list[tuple[Job, int]], logits: torch.Tensor, events: list[JobEvent]) -> None:
         """Sample (or verify drafts for) every job that produced logits; ``planned``: (job, its logit rows)."""
-        plain = [job for job, n in planned if n == 1]
-        row_of, r = {}, 0
+        first = 0
         for job, n in planned:
-            row_of[job.id] = r
-            r += n
-        if plain:
-            rows = []
-            for job in plain:
-                suppress = job.eos_ids if len(job.output_ids) < job.min_new_tokens else ()
-                rows.append(RowState(job.sampling, job.tokens, len(job.prompt_ids), job.generator, suppress))
-            idx = torch.tensor([row_of[j.id] for j in plain], device=logits.device)
-            tokens, logprobs, tops = sample(logits[idx], rows, want_logprobs=[j.return_logprobs for j in plain],
-                                            top_logprobs=[j.top_logprobs for j in plain])
-            for job, token, lp, top in zip(plain, tokens, logprobs, tops):
-                self._emit(job, [token], [lp], [top], events)
-        for job, n in planned:
-            if n == 1:
-                continue
+            drafts = job.drafts if n > 1 else []  # n rows: the last verified token's and one per draft
             row = RowState(job.sampling, job.tokens, len(job.prompt_ids), job.generator, job.eos_ids,
                            min_new=job.min_new_tokens)
-            drafts = job.drafts
             emitted, accepted, logprobs, tops = verify_drafts(
-                logits[row_of[job.id]:row_of[job.id] + n], drafts, row, want_logprobs=job.return_logprobs,
-                top_logprobs=job.top_logprobs)
-            job.cache.num_tokens -= len(drafts) - accepted  # forget the rejected drafts' positions
-            job.stats.draft.record(len(drafts), accepted)
-            self.draft_stats.record(len(drafts), accepted)
-            self._adapt_draft_length(job, len(drafts), accepted)
+                logits[first:first + n], drafts, row, want_logprobs=job.return_logprobs, top_logprobs=job.top_logprobs)
+            first += n
+            if drafts:
+                job.cache.num_tokens -= len(drafts) - accepted  # forget the rejected drafts' positions
+                job.stats.draft.record(len(drafts), accepted)
+                self.draft_stats.record(len(drafts), accepted)
+                self._adapt_draft_length(job, len(drafts), accepted)
             self._emit(job, emitted, logprobs, tops, events)
 
     def _adapt_draft_length(self, job: Job, drafted: int, accepted: int) -> None:

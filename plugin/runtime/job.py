@@ -141,3 +141,14 @@ class Job:
 
     def __repr__(self) -> str:
         return f"Job(id={self.id}, {self.status.value}, {len(self.prompt_ids)}+{len(self.output_ids)} tokens)"
+
+
+def route_events(events: list[JobEvent], queues: dict) -> None:
+    """Put each event on its job's queue (``{job id: queue with put_nowait}``; asyncio or thread
+    queues alike) and forget the queue once its job finished. Events of unknown jobs are dropped."""
+    for event in events:
+        q = queues.get(event.job.id)
+        if q is not None:
+            q.put_nowait(event)
+            if event.finished:
+                del queues[event.job.id]

@@ -114,8 +114,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, items: list[StepItem], *, return_hidden: bool = False):
         """Feed every item's tokens; returns fp32 logits ``[rows wanting logits, vocab]`` (each item's
-        ``num_logits`` last rows, in item order), and with ``return_hidden`` also the hidden state of
-        every fed row (what seeds MTP draft layers) and the step's ``ForwardBatch``.
+        ``num_logits`` last rows, in item order), and with ``return_hidden`` a pair ``(logits, hidden)``
+        with the hidden state of every fed row (what seeds MTP draft layers).
 
         A step where every item wants logits for all its rows (a decode step, or a verification
         of drafted tokens) runs as a decode step over rows: each row a query of its own, at its own
@@ -123,21 +123,15 @@ class ModelRunner:
         replay CUDA graphs.
         """
         rows = self._decode_rows(items)
-        if rows is not None:
-            if self.use_graphs and len(rows) <= GRAPH_BUCKETS[-1] and self._fits_graph(items):
-                out = self._run_graph(rows, return_hidden)
-            else:
-                ids, batch = self.layout([(seq, pos, [tok]) for seq, pos, tok in rows])
-                out = self.network.forward_batch(ids, batch, None, return_hidden=return_hidden)
-                if return_hidden:
-                    out = (*out, batch)
+        if rows is not None and self._graphable(rows):
+            out = self._run_graph(rows, return_hidden)
         else:
-            ids, batch, logit_rows = self.build_batch(items)
-            if return_hidden:
-                logits, hidden = self.network.forward_batch(ids, batch, logit_rows, return_hidden=True)
-                out = (logits, hidden, batch)
+            if rows is not None:
+                ids, batch = self._row_layout(rows)
+                logit_rows = None
             else:
-                out = self.network.forward_batch(ids, batch, logit_rows)
+                ids, batch, logit_rows = self.build_batch(items)
+            out = self.network.forward_batch(ids, batch, logit_rows, return_hidden=return_hidden)
         for it in items:
             it.seq.num_tokens += len(it.tokens)
         return out
@@ -150,11 +144,21 @@ class ModelRunner:
             return None
         return [(it.seq, it.seq.num_tokens + i, tok) for it in items for i, tok in enumerate(it.tokens)]
 
-    def _fits_graph(self, items: list[StepItem]) -> bool:
-        return all(len(it.seq.page_ids) <= self.max_pages for it in items)
+    def _row_layout(self, rows: list[tuple[SequenceCache, int, int]]) -> tuple[torch.Tensor, ForwardBatch]:
+        """Decode rows as a step of one-token sequences (each row at its own position)."""
+        return self.layout([(seq, pos, [tok]) for seq, pos, tok in rows])
+
+    def _graphable(self, rows: list[tuple[SequenceCache, int, int]]) -> bool:
+        """Whether decode ``rows`` fit a captured graph (bucket sizes, page-table width)."""
+        return (self.use_graphs and len(rows) <= GRAPH_BUCKETS[-1]
+                and all(len(seq.page_ids) <= self.max_pages for seq, _, _ in rows))
+
+    @staticmethod
+    def _bucket(n: int) -> int:
+        return next(b for b in GRAPH_BUCKETS if b >= n)
 
     def _run_graph(self, rows: list[tuple[SequenceCache, int, int]], return_hidden: bool):
-        bucket = next(b for b in GRAPH_BUCKETS if b >= len(rows))
+        bucket = self._bucket(len(rows))
         key = ("trunk", bucket, return_hidden)
         graph = self.graphs.get(key)
         if graph is None:
@@ -167,9 +171,7 @@ class ModelRunner:
             graph = self.graphs[key] = _DecodeGraph(self, bucket, body)
         logits, hidden = graph.replay(rows)
         n = len(rows)  # copies: the graph's output buffers are overwritten by the next replay
-        if not return_hidden:
-            return logits[:n].clone()
-        return logits[:n].clone(), hidden[:n].clone(), None
+        return (logits[:n].clone(), hidden[:n].clone()) if return_hidden else logits[:n].clone()
 
     @torch.inference_mode()
     def run_mtp(self, depth: int, rows: list[tuple[SequenceCache, int, int]], hidden: torch.Tensor,
@@ -179,7 +181,23 @@ class ModelRunner:
         ``logit_rows`` and the layer's hidden state of every row. Sequences' ``num_tokens`` are
         not changed. Decode-row models replay CUDA graphs here too."""
         net, n = self.network, len(rows)
-        if not net.verify_as_decode_rows:
+        if net.verify_as_decode_rows and self._graphable(rows):
+            bucket, heads = self._bucket(n), self._bucket(max(1, len(logit_rows)))
+            key = ("mtp", depth, bucket, heads, tuple(hidden.shape[1:]), hidden.dtype)
+            graph = self.graphs.get(key)
+            if graph is None:
+                def body(ids, batch, inputs):
+                    return net.mtp_forward(depth, inputs["hidden"], ids, batch, inputs["logit_rows"])
+
+                graph = self.graphs[key] = _DecodeGraph(self, bucket, body, inputs={
+                    "hidden": ((bucket, *hidden.shape[1:]), hidden.dtype),
+                    "logit_rows": ((heads,), torch.long)})
+            logits, out = graph.replay(rows, hidden=hidden,
+                                       logit_rows=torch.tensor(logit_rows + [0] * (heads - len(logit_rows))))
+            return logits[:len(logit_rows)].clone(), out[:n].clone()
+        if net.verify_as_decode_rows:
+            ids, batch = self._row_layout(rows)
+        else:  # consecutive positions of a sequence as one span, run like a prefill chunk
             spans: list[tuple[SequenceCache, int, list[int]]] = []
             for seq, pos, tok in rows:
                 if spans and spans[-1][0] is seq and spans[-1][1] + len(spans[-1][2]) == pos:
@@ -187,27 +205,8 @@ class ModelRunner:
                 else:
                     spans.append((seq, pos, [tok]))
             ids, batch = self.layout(spans)
-            idx = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
-            return net.mtp_forward(depth, hidden, ids, batch, idx)
-        if not (self.use_graphs and n <= GRAPH_BUCKETS[-1] and all(len(seq.page_ids) <= self.max_pages
-                                                                     for seq, _, _ in rows)):
-            ids, batch = self.layout([(seq, pos, [tok]) for seq, pos, tok in rows])
-            idx = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
-            return net.mtp_forward(depth, hidden, ids, batch, idx)
-        bucket = next(b for b in GRAPH_BUCKETS if b >= n)
-        heads = next(b for b in GRAPH_BUCKETS if b >= max(1, len(logit_rows)))
-        key = ("mtp", depth, bucket, heads, tuple(hidden.shape[1:]), hidden.dtype)
-        graph = self.graphs.get(key)
-        if graph is None:
-            def body(ids, batch, inputs):
-                return net.mtp_forward(depth, inputs["hidden"], ids, batch, inputs["logit_rows"])
-
-            graph = self.graphs[key] = _DecodeGraph(self, bucket, body, inputs={
-                "hidden": ((bucket, *hidden.shape[1:]), hidden.dtype),
-                "logit_rows": ((heads,), torch.long)})
-        logits, out = graph.replay(rows, hidden=hidden,
-                                   logit_rows=torch.tensor(logit_rows + [0] * (heads - len(logit_rows))))
-        return logits[:len(logit_rows)].clone(), out[:n].clone()
+        idx = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        return net.mtp_forward(depth, hidden, ids, batch, idx)
 
 
 class _DecodeGraph:

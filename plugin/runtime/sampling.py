@@ -1,4 +1,4 @@
-"""Sampling settings and the batched sampler.
+"""Sampling settings and the sampler (``verify_drafts``: one token, or a verified draft plus one).
 
 Order of operations for one row (the usual one, as in transformers/vLLM):
 penalties and biases on the raw logits -> banned tokens -> temperature ->
@@ -66,7 +66,7 @@ class RowState:
     num_prompt: int
     generator: torch.Generator | None
     suppress: tuple[int, ...] = ()  # e.g. stop tokens before min_new_tokens
-    min_new: int = 0  # verify_drafts: apply ``suppress`` only while fewer tokens than this were generated
+    min_new: int = 0  # apply ``suppress`` only while fewer tokens than this were generated
 
 
 def apply_penalties(logits: torch.Tensor, row: RowState) -> torch.Tensor:
@@ -105,29 +105,6 @@ def filtered_distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tens
     return probs / probs.sum()
 
 
-def sample(logits: torch.Tensor, rows: list[RowState], *, want_logprobs: list[bool],
-           top_logprobs: list[int]) -> tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]:
-    """Sample one token per row of ``logits [B, V]`` (fp32).
-
-    Returns the tokens, their log-probabilities under the model (raw logits) where
-    asked, and the top alternatives where asked.
-    """
-    tokens, logprobs, tops = [], [], []
-    for b, row in enumerate(rows):
-        raw = logits[b]
-        processed = apply_penalties(raw.clone(), row)
-        if row.params.greedy:
-            token = int(torch.argmax(processed))
-        else:
-            probs = filtered_distribution(processed, row.params)
-            token = int(torch.multinomial(probs, 1, generator=row.generator))
-        tokens.append(token)
-        lp, top = _logprob_info(raw, token, want_logprobs[b], top_logprobs[b])
-        logprobs.append(lp)
-        tops.append(top)
-    return tokens, logprobs, tops
-
-
 def _logprob_info(raw: torch.Tensor, token: int, want: bool, top: int):
     """The token's log-probability under the raw logits and the ``top`` best alternatives, where asked."""
     if not (want or top):
@@ -150,7 +127,8 @@ def verify_drafts(logits: torch.Tensor, drafts: list[int], row: RowState, *, wan
     reduces to: accept draft ``x`` with probability ``p(x)``; on rejection, draw from ``p`` with
     ``x`` removed (the normalised residual ``max(p - q, 0)``); after all drafts are accepted draw
     one more token from the last row. The emitted tokens are distributed exactly as if sampled
-    one at a time from the target. Greedy: accept while the draft is the argmax.
+    one at a time from the target. Greedy: accept while the draft is the argmax. Without drafts
+    (one logits row) this is plain sampling of the next token.
 
     Returns the emitted tokens (accepted drafts, then one token of the target's own), how many
     drafts were accepted, and log-probabilities / top alternatives per emitted token where asked.
