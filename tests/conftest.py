@@ -10,6 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+# Without a GPU, Triton kernels run under Triton's interpreter. Switch it on before any test module
+# imports Triton (transformers does, for the Gemma 4 tests): set later, the Triton-backend tests that
+# follow such a module fail with "Cannot call @triton.jit'd outside of the scope of a kernel".
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(os.environ.get("EXL3_TRITON_GOLDEN", REPO_ROOT.parent / "shared" / "golden"))
 # CI sets this so that a missing golden directory fails instead of skipping.

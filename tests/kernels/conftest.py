@@ -1,12 +1,8 @@
-"""Kernel tests run the Triton kernels under Triton's interpreter when there is no GPU."""
-
-import os
+"""Kernel tests run the Triton kernels under Triton's interpreter when there is no GPU
+(``tests/conftest.py`` switches it on before anything imports Triton)."""
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a Triton kernel module
 
 
 @pytest.fixture(scope="session")
