@@ -243,7 +243,8 @@ class Generator:
             return events
         logits, hidden = out if needs_hidden else (out, None)
         planned = list(zip(self._planned_jobs, items))
-        firsts = {job.id: it.seq.num_tokens - len(it.tokens) for job, it in planned}
+        # where each job's fed rows start, read before verification forgets rejected positions
+        firsts = {job.id: it.seq.num_tokens - len(it.tokens) for job, it in planned} if needs_hidden else None
         self._postprocess([(job, it.num_logits) for job, it in planned if it.want_logits], logits, events)
         self._register_prefixes()
         if needs_hidden:
