@@ -10,7 +10,7 @@ OUT=${OUT:-/tmp/out}
 SECTIONS=${SECTIONS:-env,exact,gemv,m16,table,crossover,moe}
 BUDGET=${BUDGET:-300}
 if [ "${RUN_TESTS:-1}" = 1 ]; then
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -3
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 | tail -3
 fi
 if [ "${RUN_NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
     for spec in "1 1 2" "16 16 2"; do

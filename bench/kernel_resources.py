@@ -93,7 +93,7 @@ def gemm_variants():
 
 def moe_variants():
     yield ("moe decode reduce", triton_moe._exl3_moe_decode_kernel,
-           dict(TOPK=8, X_PER_SLOT=True, REDUCE=True, SPLIT_K=2, BTK=2, NCH=8), 8)
+           dict(TOPK=8, X_PER_SLOT=True, REDUCE=True, SPLIT_K=2, BTK=2, NCH=8, TOPK_P2=8, SPLIT_GROUP=2), 8)
     yield ("moe grouped bm16", triton_moe._exl3_moe_grouped_kernel,
            dict(HAS_WEIGHTS=False, BLOCK_M=16, BTK=2), 8)
 

@@ -175,6 +175,28 @@ class Bench:
                 GemmConfig(block_m=1, btk=2, num_warps=4, rotate_in_kernel=True)]
         self.best["1"] = self.variants("gemv_variants", 1, 8192, 8192, 4, cfgs)
 
+    def gemv_shapes(self):
+        """One-row schedules on the table's shapes and an 8B model's: graph times of the fused kernel
+        (the source of the one-row choice in kernels/tuning.py)."""
+        cfgs = [GemmConfig(block_m=1, btk=btk, num_warps=warps, rotate_in_kernel=True)
+                for btk, warps in ((1, 4), (2, 4))]
+        for k, n, bits in [(8192, 8192, 4), (5376, 21504, 4), (21504, 5376, 4), (8192, 8192, 2), (4096, 4096, 4),
+                           (4096, 14336, 4), (14336, 4096, 4), (2560, 7680, 4), (4096, 1024, 4)]:
+            ws = self.weights(k, n, bits)
+            xs = [torch.randn(1, k, device="cuda").half() for _ in ws]
+            for cfg in cfgs:
+                if self.out_of_time():
+                    return
+                rec = {"shape": f"{k}x{n}", "K": bits, "rows": 1, "config": cfg.describe()}
+                rec["rel_err"] = self.check_gemm(cfg, k, n, bits, Codebook.MCG, 1)
+                if rec["rel_err"] < MATMUL_TOL:
+                    fn = lambda i: OPS.gemm.exl3_gemm_triton(xs[i], ws[i], cfg)  # noqa: E731
+                    rec["graph_us"] = time_graph(fn, len(ws))["median_us"]
+                    rec["weight_GBps_graph"] = k * n * bits / 8 / rec["graph_us"] / 1e3
+                self.r.add("gemv_shapes", rec)
+            del ws
+            torch.cuda.empty_cache()
+
     def _faster(self, a, b, rows) -> bool:
         return self.time_gemm(a, 8192, 8192, 4, rows)["graph_us"] < self.time_gemm(b, 8192, 8192, 4, rows)["graph_us"]
 

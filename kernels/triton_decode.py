@@ -175,13 +175,37 @@ def load_tile_words(t32_ptr, kt0, nt0, TN, W32: tl.constexpr, KA: tl.constexpr, 
 def decode_words(w0, w1, w2, W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
                  CB: tl.constexpr, USE_PTX: tl.constexpr, BTK: tl.constexpr, BTN: tl.constexpr):
     """Words from ``load_tile_words`` -> fp16 ``W_hat`` block ``[16*BTK, 16*BTN]``."""
+    values = decode_words_rank7(w0, w1, w2, W32, KA, HALF, NLOAD, CB, USE_PTX)
+    return tl.reshape(values, (16 * BTK, 16 * BTN))
+
+
+@triton.jit
+def decode_words_rank7(w0, w1, w2, W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr,
+                       NLOAD: tl.constexpr, CB: tl.constexpr, USE_PTX: tl.constexpr):
+    """``decode_words`` before the reshape: axes ``(tile_k, mh, t4, ml, tile_n, h, c0)``."""
     j0, pair_idx, shift = _lane_geometry(W32, KA, HALF)
     pair = (w0 << 32) | w1
     if NLOAD >= 3:
         pair = tl.where(pair_idx >= 1, (w1 << 32) | w2, pair)
     state = ((pair >> shift) & 0xFFFF).to(tl.uint32)
-    values = codebook_decode(state, CB, USE_PTX)
-    return tl.reshape(values, (16 * BTK, 16 * BTN))
+    return codebook_decode(state, CB, USE_PTX)
+
+
+@triton.jit
+def load_rows_rank7(src32_ptr, word0, BTK: tl.constexpr):
+    """Activations for tile rows ``[kt, kt + BTK)`` in the decode's rank-7 row axes, as fp32
+    ``[BTK, 2, 4, 2, 1, 1, 1]`` (row ``16*tile_k + 8*mh + 2*t4 + ml``).
+
+    ``src32_ptr`` views the fp16 activations as int32 and ``word0`` is the int32 index of row
+    ``16*kt``: rows ``2i`` and ``2i + 1`` arrive in one 32-bit load, which halves the load
+    instructions of the one-row loop (it is bound by L1 load throughput, docs/performance.md)."""
+    tk = tl.arange(0, BTK)[:, None, None, None, None, None, None]
+    mh = tl.arange(0, 2)[None, :, None, None, None, None, None]
+    t4 = tl.arange(0, 4)[None, None, :, None, None, None, None]
+    ml = tl.arange(0, 2)[None, None, None, :, None, None, None]
+    pairs = tl.load(src32_ptr + word0 + 8 * tk + 4 * mh + t4).to(tl.uint32)
+    half = (pairs >> (16 * ml).to(tl.uint32)) & 0xFFFF
+    return half.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .launch import FastLauncher
-from .triton_decode import HAD_SCALE, decode_words, hadamard_rows, lane_layout, load_tile_words
+from .triton_decode import (HAD_SCALE, decode_words, decode_words_rank7, hadamard_rows, lane_layout, load_rows_rank7,
+                            load_tile_words)
 from .triton_hadamard import exl3_input_rotate
 from .weights import Exl3Weight
 
@@ -119,9 +120,11 @@ def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_
     """
     r = tl.arange(0, 16 * BTK)
     w0, w1, w2 = load_tile_words(t32_ptr, kt_begin, nt, TN, W32, KA, HALF, NLOAD, BTK, 8)
-    if BM == 1:
-        x = tl.load(src_ptr + src_rows * stride_src + kt_begin * 16 + r)
-        acc2 = tl.zeros((16 * BTK, 128), tl.float32)
+    if BM == 1:  # activations two at a time, straight into the decode's rank-7 layout
+        src32 = src_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        row_word0 = (src_rows * stride_src) // 2
+        x = load_rows_rank7(src32, row_word0 + kt_begin * 8, BTK)
+        acc2 = tl.zeros((BTK, 2, 4, 2, 8, 2, 8), tl.float32)
     else:
         x = tl.load(src_ptr + src_rows[:, None] * stride_src + kt_begin * 16 + r[None, :],
                     mask=src_mask[:, None], other=0.0)
@@ -134,20 +137,21 @@ def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_
         nxt = kt_begin + (it + BTK) % k_tiles
         n0, n1, n2 = load_tile_words(t32_ptr, nxt, nt, TN, W32, KA, HALF, NLOAD, BTK, 8)
         if BM == 1:
-            x_next = tl.load(src_ptr + src_rows * stride_src + nxt * 16 + r)
+            x_next = load_rows_rank7(src32, row_word0 + nxt * 8, BTK)
         else:
             x_next = tl.load(src_ptr + src_rows[:, None] * stride_src + nxt * 16 + r[None, :],
                              mask=src_mask[:, None], other=0.0)
-        w = decode_words(w0, w1, w2, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, 8)
         if BM == 1:
-            acc2 += x.to(tl.float32)[:, None] * w.to(tl.float32)
-        elif BM < 16:
-            acc3 += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+            acc2 += x * decode_words_rank7(w0, w1, w2, W32, KA, HALF, NLOAD, CB, USE_PTX).to(tl.float32)
         else:
-            acc = tl.dot(x.to(tl.float16), w, acc)
+            w = decode_words(w0, w1, w2, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, 8)
+            if BM < 16:
+                acc3 += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+            else:
+                acc = tl.dot(x.to(tl.float16), w, acc)
         w0, w1, w2, x = n0, n1, n2, x_next
     if BM == 1:
-        return tl.sum(acc2, axis=0)[None, :]
+        return tl.sum(tl.reshape(acc2, (16 * BTK, 128)), axis=0)[None, :]
     elif BM < 16:
         return tl.sum(acc3, axis=1)
     else:

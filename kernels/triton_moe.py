@@ -37,12 +37,21 @@ from .weights import Exl3ExpertStack
 
 
 @triton.jit
-def _slot_output(ws_ptr, ws_row0, SPLIT_K: tl.constexpr, N, cols, svh_row_ptr, scale, h32_ptr):
-    """Sum a slot's K-slice partials, rotate, and scale by ``svh`` and ``scale``: ``[1, 128]`` fp32."""
-    part = tl.zeros((1, 128), tl.float32)
-    for sp in range(SPLIT_K):
-        part += tl.load(ws_ptr + (ws_row0 + sp) * N + cols, cache_modifier=".cg")[None, :]
-    return rotate_output(part, h32_ptr, 1) * (tl.load(svh_row_ptr + cols).to(tl.float32) * scale)[None, :]
+def _slots_output(ws_ptr, slots, valid, experts, scales, SPLIT_K: tl.constexpr, GROUP: tl.constexpr, N, cols,
+                  svh_ptr, h32_ptr, S: tl.constexpr):
+    """``S`` slots' results ``[S, 128]`` fp32: their K-slice partials summed, rotated, times
+    their expert's ``svh`` and ``scales``. The loads are issued for all slots and ``GROUP``
+    splits at once: summing a token's slots one after another put an L2 round trip per slot
+    and split on the critical path (the down projection of a token took 71 us instead of 45,
+    docs/performance.md)."""
+    g = tl.arange(0, GROUP)[None, :, None]
+    part = tl.zeros((S, 128), tl.float32)
+    for s0 in range(0, SPLIT_K, GROUP):
+        rows = slots[:, None, None] * SPLIT_K + s0 + g
+        part += tl.sum(tl.load(ws_ptr + rows * N + cols[None, None, :], mask=valid[:, None, None] & (s0 + g < SPLIT_K),
+                               other=0.0, cache_modifier=".cg"), axis=1)
+    svh = tl.load(svh_ptr + experts[:, None] * N + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    return rotate_output(part, h32_ptr, S) * svh * scales[:, None]
 
 
 @triton.jit
@@ -52,7 +61,7 @@ def _exl3_moe_decode_kernel(
     W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
     CB: tl.constexpr, USE_PTX: tl.constexpr,
     TOPK: tl.constexpr, X_PER_SLOT: tl.constexpr, REDUCE: tl.constexpr, SPLIT_K: tl.constexpr,
-    BTK: tl.constexpr, NCH: tl.constexpr,
+    BTK: tl.constexpr, NCH: tl.constexpr, TOPK_P2: tl.constexpr, SPLIT_GROUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     slot = tl.program_id(1)
@@ -89,17 +98,19 @@ def _exl3_moe_decode_kernel(
             expected = SPLIT_K
         arrived = tl.atomic_add(lock, 1, sem="acq_rel")
         if arrived == expected - 1:
-            if REDUCE:
-                total = tl.zeros((1, 128), tl.float32)
-                for j in range(TOPK):
-                    s_j = token * TOPK + j
-                    e_j = tl.load(ids_ptr + s_j)
-                    if e_j >= 0:
-                        total += _slot_output(ws_ptr, s_j * SPLIT_K, SPLIT_K, N, cols,
-                                              svh_ptr + e_j * N, tl.load(rw_ptr + s_j), h32_ptr)
-                tl.store(y_ptr + token * stride_ym + cols[None, :], total.to(y_ptr.dtype.element_ty))
+            if REDUCE:  # the token's slots in slot order, summed in one fixed order (deterministic)
+                j = tl.arange(0, TOPK_P2)
+                slots_j = token * TOPK + j
+                e_j = tl.load(ids_ptr + slots_j, mask=j < TOPK, other=-1)
+                used = e_j >= 0
+                rw_j = tl.load(rw_ptr + slots_j, mask=used, other=0.0)
+                y = _slots_output(ws_ptr, slots_j, used, tl.maximum(e_j, 0), rw_j, SPLIT_K, SPLIT_GROUP, N, cols,
+                                  svh_ptr, h32_ptr, TOPK_P2)
+                tl.store(y_ptr + token * stride_ym + cols[None, :], tl.sum(y, axis=0)[None, :].to(y_ptr.dtype.element_ty))
             else:
-                y = _slot_output(ws_ptr, slot * SPLIT_K, SPLIT_K, N, cols, svh_ptr + e_safe * N, 1.0, h32_ptr)
+                one = tl.arange(0, 1)
+                y = _slots_output(ws_ptr, slot + one, one == 0, e_safe + one, tl.full((1,), 1.0, tl.float32),
+                                  SPLIT_K, SPLIT_GROUP, N, cols, svh_ptr, h32_ptr, 1)
                 tl.store(y_ptr + slot * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty))
             tl.atomic_xchg(lock, 0)
 
@@ -131,6 +142,12 @@ def _exl3_moe_grouped_kernel(
 
 
 _decode = FastLauncher(_exl3_moe_decode_kernel)
+
+
+def reduction_group(split: int, top_k: int) -> int:
+    """Split-K partials per slot that the reducing program loads at once: all of a token's slots
+    times up to 32 // top_k splits (registers), a power of two."""
+    return min(next_power_of_2(split), max(1, 32 // next_power_of_2(top_k)))
 _grouped = FastLauncher(_exl3_moe_grouped_kernel)
 
 
@@ -234,6 +251,7 @@ def exl3_moe_triton(
             xs, scratch, ids32, rw, t32, experts.suh, experts.svh, y, ws, locks, h32,
             n, k, n // 16, k_tiles // split, expert_w32, xs.stride(0), y.stride(0),
             TOPK=top_k, X_PER_SLOT=per_slot, REDUCE=reduce, SPLIT_K=split, BTK=btk,
+            TOPK_P2=next_power_of_2(top_k), SPLIT_GROUP=reduction_group(split, top_k) if reduce else 1,
             NCH=next_power_of_2(k_tiles // split // 8), num_warps=num_warps, num_stages=1, **fmt,
         )
         return y if reduce else y.reshape(t, top_k, n)

@@ -82,6 +82,7 @@ GEMM_CASES = [  # (rows, bits, codebook, config kwargs)
     (5, 6, Codebook.MCG, dict(block_m=16, btk=2, rotate_in_kernel=True)),
     (17, 8, Codebook.MCG, dict(block_m=16, btk=2, split_k=2)),
     (33, 1.5, Codebook.MUL1, dict(block_m=32, btk=2, rotate_in_kernel=True, split_k=2)),
+    (18, 4, Codebook.MCG, dict(block_m=16, btk=1, split_k=16)),  # partials summed in two load groups
 ]
 
 
@@ -144,6 +145,20 @@ def test_moe(triton_kernels, device, schedule, split_k):
     comb = moe(xs, stack, ids, rw, schedule=schedule, split_k=split_k)
     assert comb.shape == (3, 128)
     assert rel_err(comb, exl3_moe_ref(xs.float(), stack, ids, rw)) < MATMUL_TOL
+
+
+def test_moe_decode_sums_many_splits(triton_kernels, device):
+    # 16 K slices per slot and 3 experts per token: the finishing program loads the partials of all
+    # slots in groups (two groups here) and must still add exactly the reference's terms
+    stack = _stack(4, 2048, 128, 2, Codebook.MCG, device)
+    ids = torch.tensor([[3, 0, 2], [1, -1, 1]], device=device)
+    rw = torch.rand(2, 3, device=device)
+    xs = torch.randn(2, 3, 2048, device=device).half()
+    moe = triton_kernels.moe.exl3_moe_triton
+    comb = moe(xs, stack, ids, rw, schedule="decode", split_k=16)
+    assert rel_err(comb, exl3_moe_ref(xs.float(), stack, ids, rw)) < MATMUL_TOL
+    proj = moe(xs, stack, ids, schedule="decode", split_k=16)
+    assert rel_err(proj, exl3_moe_ref(xs.float(), stack, ids)) < MATMUL_TOL
 
 
 def test_moe_grouped_many_tokens(device):
