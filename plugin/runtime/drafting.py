@@ -187,6 +187,46 @@ class MtpDrafter:
                         del here[p]
 
 
+class BlockDrafter:
+    """Drafts with a block drafter (DeepSeek-V4 DSpark, ``CausalLM.draft_block``): after every step,
+    one drafter forward for all jobs that are ready to decode, each seeded with its last sampled
+    token at its cached length.
+
+    The drafter's state (main-kv rows per position) is written by the trunk's own forward for every
+    row it runs, so this class holds no per-sequence state but the next drafts: rolling back is the
+    cache forgetting positions, and the drafts after a partial acceptance are those of a fresh run
+    over the verified tokens. Each job proposes the prefix of its block whose confidence reaches
+    ``confidence_threshold``.
+    """
+
+    needs_hidden = True  # for ``observe`` after each step; the hidden rows themselves are not needed
+
+    def __init__(self, network, cache: PagedCache, confidence_threshold: float):
+        self.network, self.cache, self.threshold = network, cache, confidence_threshold
+        self.drafts: dict[int, list[int]] = {}
+
+    def propose(self, job, k: int) -> list[int]:
+        return self.drafts.get(job.id, [])[:k]
+
+    def release(self, job) -> None:
+        self.drafts.pop(job.id, None)
+
+    @torch.inference_mode()
+    def observe(self, updates: list[tuple[object, int, torch.Tensor]]) -> None:
+        ready = []
+        for job, _, _ in updates:
+            self.drafts.pop(job.id, None)
+            if len(job.tokens) - job.cache.num_tokens == 1:  # decoding: its last token is the seed
+                ready.append(job)
+        if not ready:
+            return
+        draft = self.network.draft_block(
+            torch.tensor([job.tokens[-1] for job in ready]), torch.tensor([job.cache.num_tokens for job in ready]),
+            torch.tensor([self.cache.ring_slot(job.cache.slot, 0) for job in ready]), self.cache)
+        for job, tokens, n in zip(ready, draft.tokens.tolist(), draft.lengths(self.threshold)):
+            self.drafts[job.id] = tokens[:n]
+
+
 def teacher_forced_acceptance(model, ids: list[int], *, page_size: int = 16) -> list[float]:
     """For each MTP depth d: how often its greedy draft, fed the true text, equals the target's own
     greedy prediction for that position (the published per-depth acceptance method)."""
