@@ -194,7 +194,7 @@ def test_drafter_matches_plain_reimplementation(golden, tmp_path):
 
 def _bigram_markov(outputs: list[list[int]]):
     """A markov head that drafts the successor each token had the first time it appeared in ``outputs``
-    (a large bias), so that drafts are often right and sometimes wrong."""
+    (a bias large enough to decide the argmax), so that drafts are often right and sometimes wrong."""
     w1, w2 = torch.zeros(VOCAB, RANK), torch.zeros(VOCAB, RANK)
     seen = {}
     for out in outputs:
@@ -202,7 +202,7 @@ def _bigram_markov(outputs: list[list[int]]):
             if a not in seen and len(seen) < RANK:
                 seen[a] = len(seen)
                 w1[a, seen[a]] = 1.0
-                w2[b, seen[a]] = 1000.0
+                w2[b, seen[a]] = 30.0
     return w1, w2
 
 
@@ -214,30 +214,36 @@ def _always_confident():
 def test_speculative_greedy_equals_plain_and_rollback_equals_fresh_run(golden, tmp_path, batch):
     """Greedy output with DSpark drafting equals greedy output without it (concurrent jobs of different
     lengths), with accepted and rejected drafts; every draft made after a partial acceptance equals the
-    block a fresh run over the verified tokens drafts."""
+    block a fresh run over the verified tokens drafts: the runtime's (tokens), and the plain oracle's
+    (tokens, logits to 1e-5), so the main-kv rows read after a rollback are those of verified tokens."""
     from exl3_triton import Generator, Job
 
     ids = _ids(golden)
     prompts = [ids[:30], ids[40:53], ids[60:85], ids[100:105]][:batch]
     kw = dict(max_batch_size=4, max_seq_len=256, page_size=128, chunk_size=16)
-    _dspark_checkpoint(golden, tmp_path / "a")
-    plain = Generator(exl3_triton.load(tmp_path / "a"), **kw)
+    plain = Generator(exl3_triton.load(golden / "hf" / "dsv4_native"), **kw)  # the trunk alone, no drafter
     want = [plain.enqueue(Job(p, max_new_tokens=24, stop_tokens=[])) for p in prompts]
     list(plain.iterate())
     outputs = [j.output_ids for j in want]
 
-    _dspark_checkpoint(golden, tmp_path / "b", markov=_bigram_markov(outputs), confidence=_always_confident())
+    f = _dspark_checkpoint(golden, tmp_path / "b", markov=_bigram_markov(outputs), confidence=_always_confident())
     model = exl3_triton.load(tmp_path / "b")
     gen = Generator(model, draft=DraftOptions(mode="mtp", num_tokens=BLOCK), **kw)
     assert type(gen.drafter).__name__ == "BlockDrafter"
-    proposals, original = [], gen.drafter.propose
+    proposals, original, blocks, draft_block = [], gen.drafter.propose, {}, model.network.draft_block
 
     def recording(job, k):
         drafts = original(job, k)
-        proposals.append((job.id, list(job.tokens), drafts))
+        proposals.append((job.id, list(job.tokens), drafts, blocks[(job.cache.num_tokens, job.tokens[-1])]))
         return drafts
 
-    gen.drafter.propose = recording
+    def recording_block(seeds, starts, ring_bases, cache):
+        out = draft_block(seeds, starts, ring_bases, cache)
+        for b, key in enumerate(zip(starts.tolist(), seeds.tolist())):
+            blocks[key] = out.logits[b]
+        return out
+
+    gen.drafter.propose, model.network.draft_block = recording, recording_block
     jobs = [gen.enqueue(Job(p, max_new_tokens=24, stop_tokens=[])) for p in prompts]
     list(gen.iterate())
     assert [j.output_ids for j in jobs] == outputs
@@ -247,12 +253,15 @@ def test_speculative_greedy_equals_plain_and_rollback_equals_fresh_run(golden, t
     assert sum(j.stats.draft.steps for j in jobs) == stats.steps
 
     after_partial = []
-    for (jid, before, drafts), (jid2, after, next_drafts) in zip(proposals, proposals[1:]):
+    for (jid, before, drafts, _), (jid2, after, next_drafts, logits) in zip(proposals, proposals[1:]):
         if jid == jid2 and drafts and 0 < len(after) - len(before) <= len(drafts):  # some drafts rejected
-            after_partial.append((after, next_drafts))
+            after_partial.append((after, next_drafts, logits))
     assert after_partial
-    for tokens, drafts in after_partial[:6]:
+    for tokens, drafts, logits in after_partial[:4]:
         assert drafts == _fresh_draft(model, tokens).tokens[0].tolist()[:len(drafts)], len(tokens)
+        plain_tokens, _, plain_logits = _plain_draft(model, f, tokens[:-1], tokens[-1])
+        assert drafts == plain_tokens[:len(drafts)]
+        assert (logits - plain_logits).norm() / plain_logits.norm() < 1e-5, len(tokens)
 
 
 # ------------------------------------------------------------------ the confidence gate
