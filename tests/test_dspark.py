@@ -206,6 +206,15 @@ def _bigram_markov(outputs: list[list[int]]):
     return w1, w2
 
 
+def _consecutive_proposals(proposals, extras):
+    """Pairs of one job's consecutive proposals ``((tokens, drafts, extra), (tokens, drafts, extra))``,
+    from ``(job id, tokens, drafts)`` records of interleaved jobs."""
+    by_job: dict[int, list] = {}
+    for (jid, tokens, drafts), extra in zip(proposals, extras):
+        by_job.setdefault(jid, []).append((tokens, drafts, extra))
+    return [pair for seq in by_job.values() for pair in zip(seq, seq[1:])]
+
+
 def _always_confident():
     return torch.zeros(1, HIDDEN + RANK), torch.full((1,), 20.0)
 
@@ -252,10 +261,9 @@ def test_speculative_greedy_equals_plain_and_rollback_equals_fresh_run(golden, t
     assert sum(j.stats.draft.total_accepted for j in jobs) == stats.total_accepted
     assert sum(j.stats.draft.steps for j in jobs) == stats.steps
 
-    after_partial = []
-    for (jid, before, drafts, _), (jid2, after, next_drafts, logits) in zip(proposals, proposals[1:]):
-        if jid == jid2 and drafts and 0 < len(after) - len(before) <= len(drafts):  # some drafts rejected
-            after_partial.append((after, next_drafts, logits))
+    after_partial = [(after, next_drafts, logits) for (before, drafts, _), (after, next_drafts, logits)
+                     in _consecutive_proposals([p[:3] for p in proposals], [p[3] for p in proposals])
+                     if drafts and len(after) - len(before) <= len(drafts)]  # some of the drafts were rejected
     assert after_partial
     for tokens, drafts, logits in after_partial[:4]:
         assert drafts == _fresh_draft(model, tokens).tokens[0].tolist()[:len(drafts)], len(tokens)
@@ -335,3 +343,17 @@ def test_drafter_without_its_config_keys_is_ignored_with_a_warning(golden, tmp_p
         model = exl3_triton.load(tmp_path / "m")
     assert model.network.block_drafter is None and model.network.mtp_depth == 0
     assert any("dspark_target_layer_ids" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_maps_the_confidence_gate(golden, tmp_path, monkeypatch):
+    import exl3_triton.runtime
+    from exl3_triton.cli import _load_for_generation, build_parser
+
+    _dspark_checkpoint(golden, tmp_path / "m")
+    made = []
+    monkeypatch.setattr(exl3_triton.runtime, "Generator", lambda model, **kw: made.append(kw) or kw)
+    for extra, gate in (([], 0.3), (["--draft-confidence", "0.7"], 0.7)):
+        args = build_parser().parse_args(["generate", str(tmp_path / "m"), "--prompt", "x", "--device", "cpu",
+                                          "--draft-mode", "mtp", "--draft-tokens", "2", *extra])
+        _load_for_generation(args)
+        assert made[-1]["draft"] == DraftOptions(mode="mtp", num_tokens=2, confidence_threshold=gate)

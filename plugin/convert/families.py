@@ -368,6 +368,12 @@ class DeepseekV4Family(ConversionFamily):
     experts; the head. Stay as stored: the indexer's ``weights_proj`` (a router-like scoring head), the
     router and its bias, ``tid2eid``, sinks, ``ape``, norms, mHC tensors, the embedding, MTP depths.
 
+    A DSpark block drafter (``mtp.*`` with ``main_proj``) is copied as stored too. Its ``markov_w1/w2`` and
+    ``confidence_head`` stay 16-bit as in the reference; the reference quantizes ``main_proj`` and the
+    drafter blocks' linears (``mtp_bits``, 4 by default) after calibrating them through the drafter
+    (taps of the trunk, noise blocks), which this converter cannot do yet: it calibrates layer by layer on
+    the trunk's residual stream only. (For V4-Flash that leaves about 19B drafter parameters at 16 bits.)
+
     Sources with DeepSeek's native names or transformers' ``save_pretrained`` layout (per-expert
     ``w1``/``w2``/``w3``) are supported; the converted model keeps the source's spelling."""
 

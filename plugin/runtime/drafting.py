@@ -216,7 +216,7 @@ class BlockDrafter:
         ready = []
         for job, _, _ in updates:
             self.drafts.pop(job.id, None)
-            if len(job.tokens) - job.cache.num_tokens == 1:  # decoding: its last token is the seed
+            if len(job.tokens) - job.cache.num_tokens == 1 and job.draft_length:  # decoding, its last token the seed
                 ready.append(job)
         if not ready:
             return
