@@ -212,6 +212,33 @@ def test_decode_steps_of_several_sequences_write_the_main_kv(golden, tmp_path):
         assert (draft.logits[b] - logits).norm() / logits.norm() < 1e-5
 
 
+def test_calibration_forward_is_the_draft_forward(golden, tmp_path):
+    """What the converter calibrates the drafter on: a whole sequence cut into draft blocks, block ``j``
+    seeded with token ``jS``. Each block's logits equal those of drafting from the prefix ``[0, jS)``
+    (no markov bias here, so that the logits are the blocks' alone)."""
+    _dspark_checkpoint(golden, tmp_path / "m", markov=(torch.randn(VOCAB, RANK), torch.zeros(VOCAB, RANK)))
+    model = exl3_triton.load(tmp_path / "m")
+    net, d = model.network, model.network.dspark
+    ids = _ids(golden)[:30]
+    with torch.no_grad():
+        x = net.embed(torch.tensor([ids]))
+        taps = []
+        for i, layer in enumerate(net.layers):
+            x = layer(x, torch.arange(len(ids))[None], None, torch.tensor([ids]))
+            if i in TARGETS:
+                taps.append(x.mean(dim=-2))
+        main_x = d.main_norm(d.main_proj(torch.cat(taps, dim=-1)[0])).unsqueeze(0)
+        block_ids = d.block_ids(torch.tensor([ids]))
+        assert block_ids[0, :4].tolist() == [ids[0], NOISE, NOISE, ids[3]]
+        streams = net.embed(block_ids)
+        for k in range(len(d.blocks)):
+            streams = d.calibration_forward(k, streams, block_ids, main_x)
+        logits = net.lm_head(d.norm(d.hc_head(streams[0]))).float()
+    for start in (3, 18, 27):  # before and past the window of 16
+        draft = _fresh_draft(model, ids[:start + 1])
+        assert (draft.logits[0] - logits[start:start + BLOCK]).norm() / draft.logits[0].norm() < 1e-5, start
+
+
 # ------------------------------------------------------------------ speculative decoding
 
 

@@ -138,17 +138,40 @@ class DSparkDrafter(nn.Module):
         idx = ring_bases[:, None] + pos % ring_size
         return ring.view(-1, ring.shape[-1])[idx], pos >= 0
 
-    def attend(self, attn, h: torch.Tensor, positions: torch.Tensor, history: torch.Tensor,
-               visible: torch.Tensor) -> torch.Tensor:
-        """One block's attention: ``h [B, S, hidden]`` (normed) at ``positions [B, S]``; every query sees
-        the visible ``history [B, W, head_dim]`` rows and all ``S`` block rows (non-causal)."""
+    @staticmethod
+    def attend(attn, h: torch.Tensor, positions: torch.Tensor, history: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """One block's attention: queries ``h [B, S, hidden]`` (normed) at ``positions [B, S]`` over the
+        main-kv ``history [B, H, head_dim]`` and their own rows; ``mask [B, S, H + S]``: what each sees."""
         b, s = positions.shape
         _, q, rows, (cos, sin) = attn._project(h, positions)
         keys = torch.cat([history.float(), rows["kv"].float()], dim=1)
-        mask = torch.cat([visible, torch.ones(b, s, dtype=torch.bool, device=h.device)], dim=1)
-        out = attn._attend(q.float(), keys, mask[:, None, :].expand(b, s, -1))
+        out = attn._attend(q.float(), keys, mask)
         out = rotate_tail_interleaved(out, cos, -sin)  # V = K carries the rope: undo it at the query
         return attn.output(out.to(h.dtype).reshape(b * s, -1)).view(b, s, -1)
+
+    def calibration_forward(self, k: int, x: torch.Tensor, ids: torch.Tensor, main_x: torch.Tensor) -> torch.Tensor:
+        """Block ``k`` over whole calibration sequences cut into draft blocks (the converter's input for
+        its linears): ``x [B, T, N, D]`` streams of the block inputs ``ids [B, T]`` (``block_ids``),
+        ``main_x [B, T, D]`` each position's projected taps. Block ``j`` (positions ``jS .. jS + S - 1``)
+        sees the main-kv rows of the ``window`` positions before ``jS`` and its own rows, as when drafting."""
+        block, (b, t) = self.blocks[k], ids.shape
+        positions = torch.arange(t, device=x.device).expand(b, t)
+        cos, sin = rope_angles(positions.reshape(-1), block.attn.inv_freq)
+        main_kv = block.attn.roped_kv(main_x.reshape(b * t, -1).to(self.dtype), cos, sin).view(b, t, -1)
+        p0 = positions[:, :, None] // self.block_size * self.block_size  # [B, T, 1] each query's block start
+        kp = positions[:, None, :]  # [B, 1, T]
+        mask = torch.cat([(kp < p0) & (kp >= p0 - self.window), kp // self.block_size * self.block_size == p0], dim=2)
+
+        def attend(y):
+            return self.attend(block.attn, y.view(b, t, -1), positions, main_kv, mask).reshape(b * t, -1)
+
+        return block.sites(x.reshape(b * t, *x.shape[2:]), attend, ids.reshape(-1)).view(x.shape)
+
+    def block_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Calibration block inputs of token sequences ``ids [B, T]``: each block's first token, then noise."""
+        pos = torch.arange(ids.shape[-1], device=ids.device)
+        return torch.where(pos % self.block_size == 0, ids, torch.full_like(ids, self.cfg.noise_token_id))
 
     def draft(self, seeds: torch.Tensor, starts: torch.Tensor, ring_bases: torch.Tensor, cache, embed,
               lm_head) -> BlockDraft:
@@ -164,9 +187,10 @@ class DSparkDrafter(nn.Module):
         x = expand(embed(ids.reshape(-1)).to(dev), self.hc_mult)  # [B S, N, D]
         for i, block in enumerate(self.blocks):
             hist, visible = self.history(cache, starts, ring_bases, i)
+            mask = torch.cat([visible, torch.ones(b, s, dtype=torch.bool, device=dev)], dim=1)[:, None].expand(b, s, -1)
 
-            def attend(y, block=block, hist=hist, visible=visible):
-                return self.attend(block.attn, y.view(b, s, -1), positions, hist, visible).reshape(b * s, -1)
+            def attend(y, block=block, hist=hist, mask=mask):
+                return self.attend(block.attn, y.view(b, s, -1), positions, hist, mask).reshape(b * s, -1)
 
             x = block.sites(x, attend, ids.reshape(-1))
         y = self.hc_head(x)  # [B S, D] fp32, before the norm: the confidence head reads it

@@ -1,7 +1,7 @@
 """The converter on DeepSeek-V4: which tensors become EXL3 (the plan of a CSA layer, checked without
 quantizing), and a tiny one-layer model converted for real: wo_a cut per output group, the hash layer
 calibrated with its token ids, the converted model equal to the source with decoded weights; a DSpark
-block drafter copied as stored.
+block drafter quantized (main_proj, attention, experts) with its markov and confidence heads as stored.
 
 The converted model is kept small for the CPU Viterbi (about 0.1 s per 16x16 tile here): one HCA layer,
 two experts and no shared expert, so 14 linears and the head."""
@@ -87,15 +87,17 @@ def test_tensor_formats(converted):
     src, out, _ = converted
     ck, source = Checkpoint(out), Checkpoint(src)
     a, f = "model.layers.0.attn", "model.layers.0.ffn"
-    expected = {"head"} | {f"{a}.{m}" for m in (
-        "wq_a", "wq_b", "wkv", "wo_a.0", "wo_a.1", "wo_b", "compressor.wkv", "compressor.wgate")} | {
-        f"{f}.{x}.{w}" for x in ("experts.0", "experts.1") for w in ("w1", "w2", "w3")}
+    attention = ("wq_a", "wq_b", "wkv", "wo_a.0", "wo_a.1", "wo_b")
+    experts = {f"{x}.{w}" for x in ("experts.0", "experts.1") for w in ("w1", "w2", "w3")}
+    expected = {"head"} | {f"{a}.{m}" for m in attention + ("compressor.wkv", "compressor.wgate")} | {
+        f"{f}.{e}" for e in experts} | {"mtp.0.main_proj"} | {f"mtp.0.attn.{m}" for m in attention} | {
+        f"mtp.0.ffn.{e}" for e in experts}
     assert set(ck.exl3_linear_keys()) == expected
-    assert not ck.has_tensor(f"{a}.wo_a.weight")
+    assert not ck.has_tensor(f"{a}.wo_a.weight") and not ck.has_tensor("mtp.0.attn.wo_a.weight")
     assert any(n.startswith("mtp.0.") for n in source.tensor_names())
-    # router, tid2eid, weights_proj, sinks, ape, norms, mHC, the DSpark drafter: as stored
+    # router, tid2eid, weights_proj, sinks, ape, norms, mHC, the DSpark markov and confidence heads: as stored
     for name in source.tensor_names():
-        if name.rpartition(".")[0] not in expected and name != f"{a}.wo_a.weight":
+        if name.rpartition(".")[0] not in expected and not name.endswith("wo_a.weight"):
             assert ck.info(name).dtype == source.info(name).dtype, name
             assert torch.equal(ck.tensor(name), source.tensor(name)), name
     wo_a = source.tensor(f"{a}.wo_a.weight").float()
@@ -108,15 +110,15 @@ def test_converted_model_equals_source_with_decoded_weights_and_tracks_it(conver
     src, out, result = converted
     ck = Checkpoint(out)
     decoded = load_file(str(src / "model.safetensors"))
-    a = "model.layers.0.attn"
     for key in ck.exl3_linear_keys():
         w = exl3_full_weight(ck.exl3_linear(key)).T
-        if key.startswith(f"{a}.wo_a."):
+        if ".wo_a." in key:
             continue
         rows, cols = decoded[f"{key}.weight"].shape  # EXL3 tensors are padded to 128s
         decoded[f"{key}.weight"] = w[:rows, :cols].contiguous()
-    decoded[f"{a}.wo_a.weight"] = torch.cat([exl3_full_weight(ck.exl3_linear(f"{a}.wo_a.{g}")).T[:16, :64]
-                                             for g in range(2)]).contiguous()
+    for a in ("model.layers.0.attn", "mtp.0.attn"):
+        decoded[f"{a}.wo_a.weight"] = torch.cat([exl3_full_weight(ck.exl3_linear(f"{a}.wo_a.{g}")).T[:16, :64]
+                                                 for g in range(2)]).contiguous()
     (tmp_path / "decoded").mkdir()
     shutil.copy(src / "config.json", tmp_path / "decoded" / "config.json")
     save_file(decoded, str(tmp_path / "decoded" / "model.safetensors"), metadata={"format": "pt"})
@@ -129,9 +131,9 @@ def test_converted_model_equals_source_with_decoded_weights_and_tracks_it(conver
         assert rec.predicted_error < (0.03 if key == "head" else 0.12), key
 
 
-def test_dspark_drafter_loads_back_unquantized_and_drafts(converted):
-    """The converted model runs its DSpark drafter (16-bit, as stored) over its EXL3 trunk: greedy output
-    with block drafting equals greedy output without."""
+def test_dspark_drafter_loads_back_quantized_and_drafts(converted):
+    """The converted model runs its DSpark drafter (EXL3 linears, 16-bit markov and confidence heads) over
+    its EXL3 trunk: greedy output with block drafting equals greedy output without."""
     from exl3_triton import Generator, Job
     from exl3_triton.arch.blocks.linear import Linear
     from exl3_triton.runtime.drafting_options import DraftOptions
@@ -141,8 +143,9 @@ def test_dspark_drafter_loads_back_unquantized_and_drafts(converted):
     drafter = model.network.block_drafter
     assert drafter is not None and model.network.layers[0].attn.wq_a.is_exl3
     linears = [m for m in drafter.modules() if isinstance(m, Linear)]
-    # main_proj; wq_a, wq_b, wkv, wo_a per group (2), wo_b; 2 experts x 3
-    assert len(linears) == 1 + 6 + 6 and not any(lin.is_exl3 for lin in linears)
+    # main_proj; wq_a, wq_b, wkv, wo_a per group (2), wo_b; the 2 experts' 6 linears are EXL3 too (fused)
+    assert len(linears) == 1 + 6 and all(lin.is_exl3 for lin in linears)
+    assert drafter.blocks[0].moe.experts.quantized
     assert drafter.markov_w1.shape == (128, 8) and drafter.confidence_bias is not None
     prompt = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(2)).tolist()
     outputs = []
