@@ -123,8 +123,14 @@ def test_converted_model_equals_source_with_decoded_weights_and_tracks_it(conver
     shutil.copy(src / "config.json", tmp_path / "decoded" / "config.json")
     save_file(decoded, str(tmp_path / "decoded" / "model.safetensors"), metadata={"format": "pt"})
     ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(0))
-    quantized = exl3_triton.load(out).forward(ids)
-    assert rel_err(quantized, exl3_triton.load(tmp_path / "decoded").forward(ids)) < 1e-4
+    q_model, d_model = exl3_triton.load(out), exl3_triton.load(tmp_path / "decoded")
+    quantized = q_model.forward(ids)
+    assert rel_err(quantized, d_model.forward(ids)) < 1e-4
+    # the quantized DSpark drafter drafts like its decoded weights do
+    from ..test_dspark import _draft, _prefill
+
+    drafts = [_draft(m, *_prefill(m, [ids.tolist()]), [5]).logits for m in (q_model, d_model)]
+    assert rel_err(drafts[0], drafts[1]) < 1e-4
     source = exl3_triton.load(src).forward(ids)
     assert rel_err(quantized, source) < 0.2
     for key, rec in result.records.items():
