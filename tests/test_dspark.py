@@ -73,8 +73,9 @@ def _prefill(model, prompts: list[list[int]]):
     seqs = []
     for p in prompts:
         seq = cache.new_sequence()
-        cache.reserve(seq, len(p))
-        runner.run([StepItem(seq, list(p), want_logits=True)])
+        if p:
+            cache.reserve(seq, len(p))
+            runner.run([StepItem(seq, list(p), want_logits=True)])
         seqs.append(seq)
     return cache, seqs
 
@@ -407,3 +408,27 @@ def test_cli_maps_the_confidence_gate(golden, tmp_path, monkeypatch):
                                           "--draft-mode", "mtp", "--draft-tokens", "2", *extra])
         _load_for_generation(args)
         assert made[-1]["draft"] == DraftOptions(mode="mtp", num_tokens=2, confidence_threshold=gate)
+
+
+def test_teacher_forced_acceptance_per_draft_position(golden, tmp_path):
+    """``mtp-eval`` for a block drafter, against fresh runs: at every position the block seeded with the
+    true token over the cached prefix, drafts compared with the target's greedy predictions (full forward)."""
+    from exl3_triton.runtime.drafting import teacher_forced_acceptance
+
+    ids = _ids(golden)[:24]
+    plain = exl3_triton.load(golden / "hf" / "dsv4_native")
+    predicted = plain.forward(torch.tensor(ids)).argmax(-1).tolist()
+    pairs = [[a, b] for a, b in zip(ids, predicted)] + [predicted]  # seed -> first draft, then the chain
+    _dspark_checkpoint(golden, tmp_path / "m", markov=_bigram_markov(pairs), confidence=_always_confident())
+    model = exl3_triton.load(tmp_path / "m")
+    proposed, accepted = [0] * BLOCK, [0] * BLOCK
+    for p in range(len(ids) - BLOCK + 1):
+        block = _fresh_draft(model, ids[:p + 1]).tokens[0].tolist()  # p = 0: a block over an empty history
+        for d in range(BLOCK):
+            proposed[d] += 1
+            if block[d] != predicted[p + d]:
+                break
+            accepted[d] += 1
+    rates = teacher_forced_acceptance(model, ids)
+    assert rates == [a / c if c else 0.0 for a, c in zip(accepted, proposed)]
+    assert rates[0] > 0 and accepted[1] > 0
