@@ -91,6 +91,23 @@ class CausalLM(nn.Module):
                     logits_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no MTP draft layers")
 
+    # ---- block drafter (DeepSeek-V4 DSpark): one forward drafts a whole block of tokens
+    #
+    # * ``block_drafter``: None, or the drafter module; its ``block_size`` is the most drafts per step.
+    # * ``forward_batch`` keeps the drafter's state current for every row it runs (per-position rows in
+    #   the drafter's own ring entries of ``cache_spec()``, written like the trunk's KV rings), so
+    #   rejected drafts are forgotten with their positions.
+    # * ``draft_block(seeds, starts, ring_bases, cache)`` -> ``arch.blocks.dspark.BlockDraft`` (greedy
+    #   tokens and per-position confidences) for sequences that cached ``starts`` positions and whose
+    #   last sampled token is ``seeds``; ``ring_bases``: ``cache.ring_slot(seq.slot, 0)`` per sequence.
+
+    @property
+    def block_drafter(self):
+        return None
+
+    def draft_block(self, seeds: torch.Tensor, starts: torch.Tensor, ring_bases: torch.Tensor, cache):
+        raise NotImplementedError(f"{type(self).__name__} has no block drafter")
+
     def linears(self) -> list[Linear]:
         return [m for m in self.modules() if isinstance(m, Linear)]
 

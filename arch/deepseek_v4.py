@@ -46,6 +46,7 @@ from ..options import RuntimeOptions
 from .base import CausalLM
 from .batch import ForwardBatch, running
 from .blocks.compressor import KVCompressor
+from .blocks.dspark import BlockDraft, DSparkConfig, DSparkDrafter
 from .blocks.dsv4_attention import DSV4Attention, GroupedOutput, LightningIndexer
 from .blocks.linear import Linear
 from .blocks.mhc import HyperHead, HyperSite, expand
@@ -105,6 +106,7 @@ class DeepseekV4Config:
     compress_yarn: YarnConfig | None
     tie_word_embeddings: bool = False
     mtp_compress_ratios: tuple[int, ...] = ()  # ``compress_ratios`` entries past the trunk (MTP blocks)
+    dspark: DSparkConfig | None = None  # the ``dspark_*`` keys of checkpoints with a DSpark block drafter
 
     def main_inverse_frequencies(self) -> torch.Tensor:
         return default_inverse_frequencies(self.rope_theta, self.rope_dim)
@@ -200,6 +202,7 @@ class DeepseekV4Config:
         if heads % o_groups:
             raise ConfigError(f"num_attention_heads {heads} is not a multiple of 'o_groups' {o_groups}", path=path)
         limit = r.get("swiglu_limit", float, 10.0)
+        dspark = _dspark_config(r, n, r.get("vocab_size", int), path)
         return DeepseekV4Config(
             vocab_size=r.get("vocab_size", int), hidden_size=r.get("hidden_size", int), num_layers=n,
             num_heads=heads, head_dim=head_dim, rope_dim=rope_dim, q_lora_rank=r.get("q_lora_rank", int),
@@ -214,6 +217,7 @@ class DeepseekV4Config:
             swiglu_limit=limit if limit and limit > 0 else None, rms_norm_eps=r.get("rms_norm_eps", float, 1e-6),
             rope_theta=rope_theta, compress_rope_theta=compress_theta, compress_yarn=yarn,
             tie_word_embeddings=r.get("tie_word_embeddings", bool, False), mtp_compress_ratios=tuple(mtp_ratios),
+            dspark=dspark,
         )
 
     def kind(self, layer: int) -> str:
@@ -221,6 +225,28 @@ class DeepseekV4Config:
 
     def kind_of(self, ratio: int) -> str:
         return "sliding" if ratio == 0 else ("csa" if ratio == self.csa_ratio else "hca")
+
+
+def _dspark_config(r: ConfigReader, num_layers: int, vocab: int, path) -> DSparkConfig | None:
+    """The DSpark drafter's keys (ExLlamaV3 ``DeepseekV4Config``); None when the config has none."""
+    if not r.has("dspark_target_layer_ids"):
+        return None
+    targets = [int(t) for t in r.get("dspark_target_layer_ids", list)]
+    if not targets or any(not 0 <= t < num_layers for t in targets) or len(set(targets)) != len(targets):
+        raise ConfigError(f"key 'dspark_target_layer_ids' is {targets}: need distinct trunk layer ids in "
+                          f"[0, {num_layers})", path=path)
+    block = r.get("dspark_block_size", int, 0)
+    if block < 1:
+        raise ConfigError(f"key 'dspark_block_size' is {block}: a DSpark drafter needs a block of at least "
+                          "one token", path=path)
+    noise = r.get("dspark_noise_token_id", int, 0)
+    if not 0 <= noise < vocab:
+        raise ConfigError(f"key 'dspark_noise_token_id' is {noise}, outside the vocabulary [0, {vocab})", path=path)
+    rank = r.get("dspark_markov_rank", int, 256)
+    if rank < 1:
+        raise ConfigError(f"key 'dspark_markov_rank' is {rank}; must be >= 1", path=path)
+    # taps are concatenated in layer order, as ExLlamaV3 collects them while the trunk runs
+    return DSparkConfig(block_size=block, noise_token_id=noise, markov_rank=rank, target_layers=tuple(sorted(targets)))
 
 
 def _yarn(params: ConfigReader) -> YarnConfig | None:
@@ -334,11 +360,13 @@ class DSV4DecoderLayer(nn.Module):
 
             def attend(y):
                 return self.attn(y.view(b, t, -1), positions, None).reshape(b * t, -1)
-            flat = self._sites(flat, attend, input_ids.reshape(-1))
+            flat = self.sites(flat, attend, input_ids.reshape(-1))
             return flat.view(x.shape)
-        return self._sites(x, lambda y: self.attn(y, positions, batch), input_ids)
+        return self.sites(x, lambda y: self.attn(y, positions, batch), input_ids)
 
-    def _sites(self, x, attend, ids):
+    def sites(self, x: torch.Tensor, attend, ids: torch.Tensor) -> torch.Tensor:
+        """Both mHC sites on flat rows ``x [R, N, D]``; ``attend`` maps the normed attention input to its output
+        (the trunk attends causally, the DSpark drafter over its main-kv and block)."""
         x = self.attn_site(x, lambda y: attend(self.input_layernorm(y).to(self.dtype)).float())
         return self.ffn_site(x, lambda y: self.moe(self.ffn_norm(y).to(self.dtype), ids).float())
 
@@ -371,16 +399,21 @@ class DeepseekV4ForCausalLM(CausalLM):
 
     def __init__(self, config: DeepseekV4Config, options: RuntimeOptions, embed: torch.Tensor,
                  layers: list[DSV4DecoderLayer], hc_head: HyperHead, norm: RMSNorm, lm_head: Linear,
-                 mtp: list[DSV4MtpBlock] = ()):
+                 mtp: list[DSV4MtpBlock] = (), dspark: DSparkDrafter | None = None):
         super().__init__(config, options)
         self.register_buffer("embed_tokens", embed)
         self.layers = nn.ModuleList(layers)
         self.hc_head, self.norm, self.lm_head = hc_head, norm, lm_head
         self.mtp = nn.ModuleList(mtp)
+        self.dspark = dspark
 
     @property
     def mtp_depth(self) -> int:
         return len(self.mtp)
+
+    @property
+    def block_drafter(self) -> DSparkDrafter | None:
+        return self.dspark
 
     @classmethod
     def config_from_checkpoint(cls, checkpoint: Checkpoint) -> DeepseekV4Config:
@@ -396,7 +429,7 @@ class DeepseekV4ForCausalLM(CausalLM):
             if progress is not None:
                 progress(i + 1, cfg.num_layers + 1)
         embed, hc_head, norm, lm_head = loader.top()
-        model = cls(cfg, options, embed, layers, hc_head, norm, lm_head, loader.mtp_blocks())
+        model = cls(cfg, options, embed, layers, hc_head, norm, lm_head, loader.mtp_blocks(), loader.dspark())
         if progress is not None:
             progress(cfg.num_layers + 1, cfg.num_layers + 1)
         return model
@@ -425,12 +458,18 @@ class DeepseekV4ForCausalLM(CausalLM):
                       logits_rows: torch.Tensor | None = None, return_hidden: bool = False):
         """Logits of ``logits_rows``; with ``return_hidden`` also every row's final 4-stream state
         ``[T, N, D]`` (before ``hc_head``), which seeds MTP depth 1."""
+        targets = self.dspark.cfg.target_layers if self.dspark is not None else ()
+        taps = []
         with running(batch):
             x = self.embed(input_ids)
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
                 dev = layer.input_layernorm.weight.device
                 on_dev = batch.on(dev)
                 x = layer(x.to(dev), on_dev.positions, on_dev, input_ids.to(dev))
+                if i in targets:  # the DSpark taps: stream means after the layer
+                    taps.append(x.mean(dim=-2).to(self.dspark.device))
+            if taps:
+                self.dspark.write_main_kv(torch.cat(taps, dim=-1), batch)
             logits = self._rows_head(x, logits_rows)
             return (logits, x) if return_hidden else logits
 
@@ -454,13 +493,22 @@ class DeepseekV4ForCausalLM(CausalLM):
             x = block.layer(x, on_dev.positions, on_dev, next_ids.to(dev))
             return self._rows_head(x, logits_rows, block.hc_head, block.norm), x
 
+    def draft_block(self, seeds: torch.Tensor, starts: torch.Tensor, ring_bases: torch.Tensor, cache) -> BlockDraft:
+        if self.dspark is None:
+            raise NotImplementedError(f"{type(self).__name__}: this checkpoint has no DSpark block drafter")
+
+        def embed(ids):
+            return self.embed_tokens[ids.to(self.embed_tokens.device)]
+
+        return self.dspark.draft(seeds, starts, ring_bases, cache, embed, self.lm_head)
+
     def cache_spec(self) -> list[LayerCacheSpec]:
         """One ring per layer (kv rows and compressor rows per position), then the compressed
         pools of the CSA/HCA layers in shared pages, in layer order (``DSV4Attention.pool_idx``);
-        then the same for the MTP depths."""
+        then the same for the MTP depths; then the DSpark drafter's main-kv rings."""
         trunk = self._specs([(layer, self.options.for_layer(i).device) for i, layer in enumerate(self.layers)])
         mtp = self._specs([(b.layer, b.layer.input_layernorm.weight.device) for b in self.mtp])
-        return trunk + mtp
+        return trunk + mtp + (self.dspark.cache_specs() if self.dspark is not None else [])
 
     def _specs(self, layers) -> list[LayerCacheSpec]:
         dt, cfg = self.options.dtype, self.config
@@ -499,16 +547,36 @@ class _Loader:
         self.mtp_keys = self._mtp_depths()
         self.first_mtp = cfg.num_layers + sum(1 for r in cfg.compress_ratios if r)
         self.next_mtp_pool = self.first_mtp + len(self.mtp_keys)
+        self.dspark_blocks = self._dspark_blocks() if not self.mtp_keys else 0
 
     def _mtp_depths(self) -> list[str]:
-        """Prefixes of the classic MTP depths present (``mtp.K.e_proj``); DSpark drafters are refused."""
+        """Prefixes of the classic MTP depths present (``mtp.K.e_proj``)."""
         depths = []
         while self.names(f"mtp.{len(depths)}.e_proj", required=False) is not None:
             depths.append(f"mtp.{len(depths)}")
-        if not depths and self.names("mtp.0.main_proj", required=False) is not None:
-            log.warning("%s: this checkpoint ships a DSpark block drafter (mtp.0.main_proj); it is not supported "
-                        "and is ignored (MTP drafting unavailable)", self.ck.model_dir)
         return depths
+
+    def _dspark_blocks(self) -> int:
+        """How many DSpark drafter blocks (``mtp.K.attn.wkv``) follow ``mtp.0.main_proj``; 0 without a drafter,
+        or (with a warning) when the config lacks the ``dspark_*`` keys that say how to run it."""
+        if self.names("mtp.0.main_proj", required=False) is None:
+            return 0
+        if self.cfg.dspark is None:
+            log.warning("%s: this checkpoint ships a DSpark block drafter (mtp.0.main_proj) but config.json has no "
+                        "'dspark_target_layer_ids'; the drafter is ignored (MTP drafting unavailable)",
+                        self.ck.model_dir)
+            return 0
+        n = 0
+        while self.names(f"mtp.{n}.attn.wkv", required=False) is not None:
+            n += 1
+        if n == 0:
+            raise CheckpointError("a DSpark drafter (mtp.0.main_proj) without blocks", path=self.ck.model_dir,
+                                  tensor="mtp.0.attn.wkv")
+        for k, ratio in enumerate(self.cfg.mtp_compress_ratios[:n]):
+            if ratio:  # ExLlamaV3 asserts the same: the drafter's attention has no compressor
+                raise ConfigError(f"key 'compress_ratios' gives DSpark block {k} ratio {ratio}; DSpark blocks are "
+                                  "sliding-only (ratio 0)", path=self.ck.config_path)
+        return n
 
     def tensor(self, native: str, shape: tuple[int, ...], opts: RuntimeOptions, dtype=None) -> torch.Tensor:
         name = self.names(native)
@@ -651,6 +719,31 @@ class _Loader:
                                        self.norm(f"{p}.enorm.weight", h, opts), self.norm(f"{p}.hnorm.weight", h, opts),
                                        layer, hc_head, self.norm(f"{p}.norm.weight", h, opts)))
         return blocks
+
+    def dspark(self) -> DSparkDrafter | None:
+        n = self.dspark_blocks
+        if n == 0:
+            return None
+        cfg, opts, dc = self.cfg, self.options.for_head(), self.cfg.dspark
+        h, hc, rank = cfg.hidden_size, cfg.hc_mult, dc.markov_rank
+        first = self.first_mtp  # no classic depths alongside: the drafter's rings follow the trunk's entries
+        blocks = [self.block(f"mtp.{k}", 0, False, first + k, None, opts) for k in range(n)]
+        last = f"mtp.{n - 1}"
+        hc_head = HyperHead(self.tensor(f"{last}.hc_head_fn", (hc, hc * h), opts),
+                            self.tensor(f"{last}.hc_head_scale", (1,), opts),
+                            self.tensor(f"{last}.hc_head_base", (hc,), opts), hc, eps=cfg.rms_norm_eps,
+                            pre_eps=cfg.hc_eps)
+        bias = None
+        if self.names(f"{last}.confidence_head.proj.bias", required=False) is not None:
+            bias = self.tensor(f"{last}.confidence_head.proj.bias", (1,), opts)
+        return DSparkDrafter(
+            dc, main_proj=self.linear("mtp.0.main_proj", len(dc.target_layers) * h, h, opts),
+            main_norm=self.norm("mtp.0.main_norm.weight", h, opts), blocks=blocks, hc_head=hc_head,
+            norm=self.norm(f"{last}.norm.weight", h, opts),
+            markov_w1=self.tensor(f"{last}.markov_head.markov_w1.weight", (cfg.vocab_size, rank), opts),
+            markov_w2=self.tensor(f"{last}.markov_head.markov_w2.weight", (cfg.vocab_size, rank), opts),
+            confidence_weight=self.tensor(f"{last}.confidence_head.proj.weight", (1, h + rank), opts),
+            confidence_bias=bias, hc_mult=hc, window=cfg.sliding_window, dtype=self.options.dtype, first_entry=first)
 
     def top(self):
         cfg, head_opts = self.cfg, self.options.for_head()

@@ -204,24 +204,22 @@ def test_missing_tensor_is_named(golden, tmp_path):
 # ------------------------------------------------------------------ MTP (classic ds4 layout)
 
 
-def _with_mtp(golden, directory, *, dspark: bool = False):
+def _with_mtp(golden, directory):
     """The golden native model plus a classic MTP depth ``mtp.0.*`` whose block is a copy of layer 1
-    (sliding attention, bias-routed MoE) with its own projections, norms and hc_head; or a DSpark stub."""
+    (sliding attention, bias-routed MoE) with its own projections, norms and hc_head (DSpark drafters:
+    tests/test_dspark.py)."""
     shutil.copytree(golden / "hf" / "dsv4_native", directory)
     t = load_file(str(directory / "model.safetensors"))
     g = torch.Generator().manual_seed(5)
-    if dspark:
-        t["mtp.0.main_proj.weight"] = torch.randn(256, 512, generator=g).bfloat16()
-    else:
-        for k in [k for k in t if k.startswith("layers.1.")]:
-            t["mtp.0." + k[len("layers.1."):]] = t[k].clone()
-        for n in ("e_proj", "h_proj"):
-            t[f"mtp.0.{n}.weight"] = (0.06 * torch.randn(256, 256, generator=g)).bfloat16()
-        for n in ("enorm", "hnorm", "norm"):
-            t[f"mtp.0.{n}.weight"] = (1 + 0.2 * torch.randn(256, generator=g)).bfloat16()
-        t["mtp.0.hc_head_fn"] = (0.05 * torch.randn(4, 1024, generator=g)).bfloat16()
-        t["mtp.0.hc_head_base"] = (0.05 * torch.randn(4, generator=g)).bfloat16()
-        t["mtp.0.hc_head_scale"] = (1 + 0.2 * torch.randn(1, generator=g)).bfloat16()
+    for k in [k for k in t if k.startswith("layers.1.")]:
+        t["mtp.0." + k[len("layers.1."):]] = t[k].clone()
+    for n in ("e_proj", "h_proj"):
+        t[f"mtp.0.{n}.weight"] = (0.06 * torch.randn(256, 256, generator=g)).bfloat16()
+    for n in ("enorm", "hnorm", "norm"):
+        t[f"mtp.0.{n}.weight"] = (1 + 0.2 * torch.randn(256, generator=g)).bfloat16()
+    t["mtp.0.hc_head_fn"] = (0.05 * torch.randn(4, 1024, generator=g)).bfloat16()
+    t["mtp.0.hc_head_base"] = (0.05 * torch.randn(4, generator=g)).bfloat16()
+    t["mtp.0.hc_head_scale"] = (1 + 0.2 * torch.randn(1, generator=g)).bfloat16()
     save_file(t, str(directory / "model.safetensors"))
     return t
 
@@ -308,14 +306,6 @@ def test_mtp_cached_steps_equal_one_pass(golden, tmp_path):
     _, stepped, stepped_states = _mtp_run(model, ids, chunks=[7])
     assert per_position_rel(stepped, one_pass).max() < 1e-5
     assert states.shape == (29, 4, 256) and per_position_rel(stepped_states.flatten(1), states.flatten(1)).max() < 1e-5
-
-
-def test_dspark_drafter_is_reported_and_ignored(golden, tmp_path, caplog):
-    _with_mtp(golden, tmp_path / "m", dspark=True)
-    with caplog.at_level("WARNING", logger="exl3_triton.arch.deepseek_v4"):
-        model = exl3_triton.load(tmp_path / "m")
-    assert model.network.mtp_depth == 0
-    assert any("DSpark" in r.getMessage() and "not supported" in r.getMessage() for r in caplog.records)
 
 
 # ------------------------------------------------------------------ EXL3 storage (the bench's synthetic model)

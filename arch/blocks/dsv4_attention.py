@@ -116,13 +116,18 @@ class DSV4Attention(nn.Module):
         q_r = self.q_norm(self.wq_a(flat))
         q = self.q_head_norm(self.wq_b(q_r).view(*lead, self.num_heads, self.head_dim))
         q = rotate_tail_interleaved(q, cos, sin)
-        kv = rotate_tail_interleaved(self.kv_norm(self.wkv(flat)).view(*lead, -1), cos, sin)
-        rows = {"kv": kv}
+        rows = {"kv": self.roped_kv(flat, cos, sin).view(*lead, -1)}
         for prefix, comp in (("comp", self.compressor), ("idx", self.indexer.compressor if self.indexer is not None else None)):
             if comp is not None:
                 c, z = comp.project(flat, flat_pos)
                 rows[f"{prefix}_kv"], rows[f"{prefix}_gate"] = c.view(*lead, -1), z.view(*lead, -1)
         return q_r.view(*lead, -1), q, rows, (cos, sin)
+
+    def roped_kv(self, flat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The shared K = V row ``RoPE(RMSNorm(wkv h))`` of rows ``flat [R, hidden]`` (angles ``[R, rope_dim / 2]``);
+        the DSpark drafter also builds its main-kv rows with it, from the trunk's projected taps."""
+        return rotate_tail_interleaved(self.kv_norm(self.wkv(flat)), cos.reshape(flat.shape[0], -1),
+                                       sin.reshape(flat.shape[0], -1))
 
     def _groups(self, h: torch.Tensor, positions: torch.Tensor, n_windows: int,
                 history: dict[str, torch.Tensor] | None, pools) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -336,6 +336,8 @@ class _DeepseekV4Runner(CalibrationRunner):
     def __init__(self, network):
         self.net = network
         self.vocab_size = network.vocab_size
+        self.streams = network.config.hc_mult
+        self.drafter = network.block_drafter  # DSpark: units after the trunk's layers, see run_layer
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         streams = self.net.embed(ids)
@@ -344,16 +346,34 @@ class _DeepseekV4Runner(CalibrationRunner):
         return torch.cat([streams, tag], dim=-2)
 
     def layer(self, index: int) -> nn.Module:
-        return self.net.layers[index]
+        n = len(self.net.layers)
+        if index < n:
+            return self.net.layers[index]
+        # unit 0 holds main_proj too: the whole drafter, so that the quantized main_proj lands in it
+        return self.drafter if index == n else self.drafter.blocks[index - n]
 
     def run_layer(self, index: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        streams, tag = hidden[..., :-1, :].float(), hidden[..., -1:, :]
+        """Hidden rows: the trunk's streams, the token-id tag, then (with a DSpark drafter) the taps of its
+        target layers as they pass, and after the trunk the drafter's own streams (the trunk's stay for
+        the head). Drafter unit ``k`` runs block ``k`` over the sequences cut into draft blocks
+        (``DSparkDrafter.calibration_forward``); unit 0 also feeds ``main_proj`` its taps."""
+        n, ns = len(self.net.layers), self.streams
+        streams, tag, extra = hidden[..., :ns, :].float(), hidden[..., ns:ns + 1, :], hidden[..., ns + 1:, :]
         ids = tag[..., 0, 0].round().long()
-        out = self.net.layers[index](streams, positions, None, ids)
-        return torch.cat([out, tag.to(out.dtype)], dim=-2)
+        if index < n:
+            out = self.net.layers[index](streams, positions, None, ids)
+            if self.drafter is not None and index in self.drafter.cfg.target_layers:
+                extra = torch.cat([extra, out.mean(dim=-2, keepdim=True).to(extra.dtype)], dim=-2)
+            return torch.cat([out, tag.to(out.dtype), extra.to(out.dtype)], dim=-2)
+        d, taps = self.drafter, len(self.drafter.cfg.target_layers)
+        main_x = d.main_norm(d.main_proj(extra[..., :taps, :].flatten(-2).to(d.dtype)))
+        block_ids = d.block_ids(ids)
+        x = self.net.embed(block_ids) if index == n else extra[..., taps:, :].float()
+        out = d.calibration_forward(index - n, x, block_ids, main_x)
+        return torch.cat([streams, tag.float(), extra[..., :taps, :].float(), out], dim=-2)
 
     def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
-        streams = hidden[..., :-1, :].float()
+        streams = hidden[..., :self.streams, :].float()
         flat = self.net.hc_head(streams.reshape(-1, *streams.shape[-2:]))
         return self.net.norm(flat).view(*streams.shape[:-2], -1)
 
@@ -367,6 +387,12 @@ class DeepseekV4Family(ConversionFamily):
     the compressors' and the indexer's ``wkv``/``wgate`` and the indexer's ``wq_b``; routed and shared
     experts; the head. Stay as stored: the indexer's ``weights_proj`` (a router-like scoring head), the
     router and its bias, ``tid2eid``, sinks, ``ape``, norms, mHC tensors, the embedding, MTP depths.
+
+    A DSpark block drafter (``mtp.*`` with ``main_proj``) is quantized as the reference does: ``main_proj``
+    and each block's attention and experts (one unit per block after the trunk's layers, calibrated
+    through the drafter: the trunk's taps and the calibration text cut into draft blocks of a seed and
+    noise tokens); its ``markov_w1/w2`` and ``confidence_head`` stay as stored. The reference quantizes
+    the drafter at its own ``mtp_bits`` (4); here the bit allocator treats it like the trunk's layers.
 
     Sources with DeepSeek's native names or transformers' ``save_pretrained`` layout (per-expert
     ``w1``/``w2``/``w3``) are supported; the converted model keeps the source's spelling."""
@@ -393,45 +419,57 @@ class DeepseekV4Family(ConversionFamily):
                                       "spellings)")
             return found
 
-        layers = []
-        for i in range(cfg.num_layers):
-            a, f = f"layers.{i}.attn", f"layers.{i}.ffn"
-            A = key(f"{a}.wq_a").rsplit(".", 1)[0]  # the layer's attention prefix as the source spells it
-
-            def attn(name: str, group: str, bits: str = "attn") -> LinearSpec:
-                return LinearSpec(key(f"{a}.{name}"), f"{A}.{group}", f"{A}.{bits}", 2, i)
-
-            specs = [attn("wq_a", "input"), attn("wkv", "input")]
-            if cfg.compress_ratios[i]:
-                specs += [attn("compressor.wkv", "input", "compressor"), attn("compressor.wgate", "input", "compressor")]
-            if cfg.kind(i) == "csa":
-                specs += [attn("indexer.compressor.wkv", "input", "indexer"),
-                          attn("indexer.compressor.wgate", "input", "indexer")]
-            specs.append(attn("wq_b", "q_lora"))
-            if cfg.kind(i) == "csa":
-                specs.append(attn("indexer.wq_b", "q_lora", "indexer"))
-            rank = cfg.o_lora_rank
-            wo_a = key(f"{a}.wo_a")
-            specs += [LinearSpec(f"{wo_a}.{g}", f"{wo_a}.{g}.input", f"{A}.o", 2, i,
-                                 FusedSource(f"{wo_a}.weight", None, (g * rank, (g + 1) * rank)))
-                      for g in range(cfg.o_groups)]
-            specs.append(attn("wo_b", "wo_b_input", "o"))
-            experts = key(f"{f}.experts.0.w1")
-            if experts is None or experts.endswith("gate_up_proj"):
-                raise ConversionError("convert DeepSeek-V4 from per-expert w1/w2/w3 tensors")
-            x = experts.rsplit(".", 2)[0]
-            for e in range(cfg.num_experts):  # all experts read the normed residual; calibrated on all tokens
-                specs += [LinearSpec(f"{x}.{e}.w3", f"{x}.input", f"{x}.gu", 0, i),
-                          LinearSpec(f"{x}.{e}.w1", f"{x}.input", f"{x}.gu", 0, i),
-                          LinearSpec(f"{x}.{e}.w2", f"{x}.{e}.down_input", f"{x}.d", 0, i)]
-            if cfg.n_shared_experts:
-                s = key(f"{f}.shared_experts.w1").rsplit(".", 1)[0]
-                specs += [LinearSpec(f"{s}.w3", f"{x}.input", f"{s}.gu", 1, i),
-                          LinearSpec(f"{s}.w1", f"{x}.input", f"{s}.gu", 1, i),
-                          LinearSpec(f"{s}.w2", f"{s}.down_input", f"{s}.d", 1, i)]
-            layers.append(specs)
+        layers = [self._block(cfg, key, f"layers.{i}", i, cfg.compress_ratios[i]) for i in range(cfg.num_layers)]
+        if cfg.dspark is not None and has_tensor("mtp.0.main_proj.weight"):
+            k = 0
+            while has_tensor(f"mtp.{k}.attn.wkv.weight"):
+                layers.append(self._block(cfg, key, f"mtp.{k}", cfg.num_layers + k, 0))
+                k += 1
+            unit = cfg.num_layers
+            main = key("mtp.0.main_proj")
+            layers[unit].insert(0, LinearSpec(main, f"{main}.input", main, 1, unit))
         return ConversionPlan(layers=layers, head_key=key("head"), tied_embeddings=False,
                               embedding_key=key("embed.weight").rsplit(".", 1)[0])
+
+    @staticmethod
+    def _block(cfg, key, p: str, i: int, ratio: int) -> list[LinearSpec]:
+        """A V4 block's linears: trunk layer ``layers.{i}`` or DSpark block ``mtp.{k}`` (unit ``i``)."""
+        a, f = f"{p}.attn", f"{p}.ffn"
+        A = key(f"{a}.wq_a").rsplit(".", 1)[0]  # the layer's attention prefix as the source spells it
+        kind = cfg.kind_of(ratio)
+
+        def attn(name: str, group: str, bits: str = "attn") -> LinearSpec:
+            return LinearSpec(key(f"{a}.{name}"), f"{A}.{group}", f"{A}.{bits}", 2, i)
+
+        specs = [attn("wq_a", "input"), attn("wkv", "input")]
+        if ratio:
+            specs += [attn("compressor.wkv", "input", "compressor"), attn("compressor.wgate", "input", "compressor")]
+        if kind == "csa":
+            specs += [attn("indexer.compressor.wkv", "input", "indexer"),
+                      attn("indexer.compressor.wgate", "input", "indexer")]
+        specs.append(attn("wq_b", "q_lora"))
+        if kind == "csa":
+            specs.append(attn("indexer.wq_b", "q_lora", "indexer"))
+        rank = cfg.o_lora_rank
+        wo_a = key(f"{a}.wo_a")
+        specs += [LinearSpec(f"{wo_a}.{g}", f"{wo_a}.{g}.input", f"{A}.o", 2, i,
+                             FusedSource(f"{wo_a}.weight", None, (g * rank, (g + 1) * rank)))
+                  for g in range(cfg.o_groups)]
+        specs.append(attn("wo_b", "wo_b_input", "o"))
+        experts = key(f"{f}.experts.0.w1")
+        if experts is None or experts.endswith("gate_up_proj"):
+            raise ConversionError("convert DeepSeek-V4 from per-expert w1/w2/w3 tensors")
+        x = experts.rsplit(".", 2)[0]
+        for e in range(cfg.num_experts):  # all experts read the normed residual; calibrated on all tokens
+            specs += [LinearSpec(f"{x}.{e}.w3", f"{x}.input", f"{x}.gu", 0, i),
+                      LinearSpec(f"{x}.{e}.w1", f"{x}.input", f"{x}.gu", 0, i),
+                      LinearSpec(f"{x}.{e}.w2", f"{x}.{e}.down_input", f"{x}.d", 0, i)]
+        if cfg.n_shared_experts:
+            s = key(f"{f}.shared_experts.w1").rsplit(".", 1)[0]
+            specs += [LinearSpec(f"{s}.w3", f"{x}.input", f"{s}.gu", 1, i),
+                      LinearSpec(f"{s}.w1", f"{x}.input", f"{s}.gu", 1, i),
+                      LinearSpec(f"{s}.w2", f"{s}.down_input", f"{s}.d", 1, i)]
+        return specs
 
     def runner(self, model) -> CalibrationRunner:
         return _DeepseekV4Runner(model.network)

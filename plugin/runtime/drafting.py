@@ -187,10 +187,53 @@ class MtpDrafter:
                         del here[p]
 
 
+class BlockDrafter:
+    """Drafts with a block drafter (DeepSeek-V4 DSpark, ``CausalLM.draft_block``): after every step,
+    one drafter forward for all jobs that are ready to decode, each seeded with its last sampled
+    token at its cached length.
+
+    The drafter's state (main-kv rows per position) is written by the trunk's own forward for every
+    row it runs, so this class holds no per-sequence state but the next drafts: rolling back is the
+    cache forgetting positions, and the drafts after a partial acceptance are those of a fresh run
+    over the verified tokens. Each job proposes the prefix of its block whose confidence reaches
+    ``confidence_threshold``.
+    """
+
+    needs_hidden = True  # for ``observe`` after each step; the hidden rows themselves are not needed
+
+    def __init__(self, network, cache: PagedCache, confidence_threshold: float):
+        self.network, self.cache, self.threshold = network, cache, confidence_threshold
+        self.drafts: dict[int, list[int]] = {}
+
+    def propose(self, job, k: int) -> list[int]:
+        return self.drafts.get(job.id, [])[:k]
+
+    def release(self, job) -> None:
+        self.drafts.pop(job.id, None)
+
+    @torch.inference_mode()
+    def observe(self, updates: list[tuple[object, int, torch.Tensor]]) -> None:
+        ready = []
+        for job, _, _ in updates:
+            self.drafts.pop(job.id, None)
+            if len(job.tokens) - job.cache.num_tokens == 1 and job.draft_length:  # decoding, its last token the seed
+                ready.append(job)
+        if not ready:
+            return
+        draft = self.network.draft_block(
+            torch.tensor([job.tokens[-1] for job in ready]), torch.tensor([job.cache.num_tokens for job in ready]),
+            torch.tensor([self.cache.ring_slot(job.cache.slot, 0) for job in ready]), self.cache)
+        for job, tokens, n in zip(ready, draft.tokens.tolist(), draft.lengths(self.threshold)):
+            self.drafts[job.id] = tokens[:n]
+
+
 def teacher_forced_acceptance(model, ids: list[int], *, page_size: int = 16) -> list[float]:
     """For each MTP depth d: how often its greedy draft, fed the true text, equals the target's own
-    greedy prediction for that position (the published per-depth acceptance method)."""
+    greedy prediction for that position (the published per-depth acceptance method). A block drafter
+    (DeepSeek-V4 DSpark): ``teacher_forced_block_acceptance``."""
     net = model.network
+    if net.block_drafter is not None:
+        return teacher_forced_block_acceptance(model, ids, page_size=max(page_size, 128))
     if net.mtp_depth == 0:
         raise InvalidArgumentError(f"{type(net).__name__} has no MTP draft layers")
     n = len(ids)
@@ -215,3 +258,36 @@ def teacher_forced_acceptance(model, ids: list[int], *, page_size: int = 16) -> 
             hits = (m_logits[:valid].argmax(-1) == target[d:d + valid]).float()
             rates.append(float(hits.mean()) if valid > 0 else 0.0)
     return rates
+
+
+def teacher_forced_block_acceptance(model, ids: list[int], *, page_size: int = 128) -> list[float]:
+    """For a block drafter: at every position ``p`` the prefix ``ids[:p]`` is cached and the true token
+    ``ids[p]`` seeds the block; draft ``d`` proposes position ``p + d``. Per draft position ``d``: of the
+    blocks whose drafts ``1 .. d-1`` all equal the target's greedy predictions, the share whose draft ``d``
+    does too (what greedy verification would accept; the confidence gate is not applied)."""
+    net = model.network
+    size = net.block_drafter.block_size
+    n = len(ids)
+    if n < size + 1:
+        raise InvalidArgumentError(f"the text has {n} tokens; need at least {size + 1}")
+    pages = -(-n // page_size)
+    cache = PagedCache(net.cache_spec(), num_pages=pages, page_size=page_size, max_seqs=1)
+    runner = ModelRunner(net, cache, max_pages_per_seq=pages, use_cuda_graphs=False)
+    seq = cache.new_sequence()
+    cache.reserve(seq, n)
+    base = torch.tensor([cache.ring_slot(seq.slot, 0)])
+    predicted, drafts = [], []  # predicted[q]: the target's greedy token for q + 1; drafts[p]: the block at p
+    with torch.inference_mode():
+        for p in range(n):
+            if p + size <= n:
+                block = net.draft_block(torch.tensor([ids[p]]), torch.tensor([p]), base, cache)
+                drafts.append(block.tokens[0].tolist())
+            predicted.append(int(runner.run([StepItem(seq, [ids[p]], want_logits=True)])[0].argmax()))
+    proposed, accepted = [0] * size, [0] * size
+    for p, block in enumerate(drafts):
+        for d in range(size):
+            proposed[d] += 1
+            if block[d] != predicted[p + d]:
+                break
+            accepted[d] += 1
+    return [a / c if c else 0.0 for a, c in zip(accepted, proposed)]

@@ -11,6 +11,10 @@
   checkpoint ships; up to ``MAX_DRAFT_TOKENS`` otherwise).
 * ``dynamic``: let each job shorten or lengthen its draft from its measured
   acceptance (never beyond ``num_tokens``).
+* ``confidence_threshold``: mode ``"mtp"`` with a block drafter (DeepSeek-V4
+  DSpark): propose only the drafts whose positions' confidence head reaches it
+  (ExLlamaV3 reads the same gate from ``EXL3_DSPARK_CONF``, default 0.3); 0 keeps
+  every draft.
 
 ``DraftStats`` counts, per job and for the whole generator, how many drafted
 tokens were proposed and accepted at each depth, and how many tokens each
@@ -26,6 +30,7 @@ from ..errors import InvalidArgumentError
 
 DRAFT_MODES = ("disabled", "mtp", "model", "ngram")
 MAX_DRAFT_TOKENS = 8
+DSPARK_CONFIDENCE_THRESHOLD = 0.3  # ExLlamaV3's default for EXL3_DSPARK_CONF (architecture/deepseek_v4_mtp.py)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class DraftOptions:
     model_dir: str | Path | None = None  # mode "model": the draft model's directory
     ngram_max: int = 4  # mode "ngram": longest suffix looked up
     ngram_min: int = 1  # and the shortest
+    confidence_threshold: float = DSPARK_CONFIDENCE_THRESHOLD  # block drafters: the confidence gate
 
     def __post_init__(self):
         if self.mode not in DRAFT_MODES:
@@ -46,6 +52,9 @@ class DraftOptions:
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise InvalidArgumentError(f"ngram_min={self.ngram_min} and ngram_max={self.ngram_max}: "
                                        "need 1 <= ngram_min <= ngram_max")
+        if not isinstance(self.confidence_threshold, (int, float)) or not 0 <= self.confidence_threshold <= 1:
+            raise InvalidArgumentError(f"draft confidence_threshold must be a number from 0 to 1, got "
+                                       f"{self.confidence_threshold!r}")
 
     @property
     def enabled(self) -> bool:

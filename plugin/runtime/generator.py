@@ -106,6 +106,12 @@ class Generator:
             return
         check_rollback(specs, opts.num_tokens, type(self.network).__name__)
         if opts.mode == "mtp":
+            block = self.network.block_drafter
+            if block is not None:  # one forward drafts a block (DeepSeek-V4 DSpark)
+                if opts.num_tokens > block.block_size:
+                    raise InvalidArgumentError(f"draft num_tokens={opts.num_tokens}: this model's block drafter "
+                                               f"drafts at most {block.block_size} tokens (dspark_block_size)")
+                return
             depth = self.network.mtp_depth
             if depth == 0:
                 raise InvalidArgumentError(
@@ -116,11 +122,13 @@ class Generator:
                                            f"so it drafts at most {depth} tokens")
 
     def _make_drafter(self, page_size: int, draft_model):
-        from .drafting import DraftModelDrafter, MtpDrafter, NgramDrafter
+        from .drafting import BlockDrafter, DraftModelDrafter, MtpDrafter, NgramDrafter
 
         opts = self.draft_options
         if opts.mode == "ngram":
             return NgramDrafter(opts.ngram_min, opts.ngram_max)
+        if opts.mode == "mtp" and self.network.block_drafter is not None:
+            return BlockDrafter(self.network, self.cache, opts.confidence_threshold)
         if opts.mode == "mtp":
             return MtpDrafter(self.network, self.runner)
         if opts.mode == "model":
