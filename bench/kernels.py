@@ -197,6 +197,30 @@ class Bench:
             del ws
             torch.cuda.empty_cache()
 
+    def occupancy(self):
+        """One-row kernel: K slices (programs per SM) against a register cap (programs resident per SM)."""
+        base = GemmConfig(block_m=1, btk=1, num_warps=4, rotate_in_kernel=True)
+        for k, n in [(8192, 8192), (4096, 4096), (4096, 14336), (14336, 4096), (5376, 21504), (4096, 1024)]:
+            ws = self.weights(k, n, 4)
+            xs = [torch.randn(1, k, device="cuda").half() for _ in ws]
+            for regs in (None, 64, 72):
+                for split in (None, 4, 8, 16, 32):
+                    if self.out_of_time():
+                        return
+                    cfg = replace(base, split_k=split, max_registers=regs)
+                    rec = {"shape": f"{k}x{n}", "rows": 1, "split": split, "max_registers": regs,
+                           "config": cfg.describe()}
+                    try:
+                        rec["rel_err"] = self.check_gemm(cfg, k, n, 4, Codebook.MCG, 1)
+                        if rec["rel_err"] < MATMUL_TOL:
+                            fn = lambda i: OPS.gemm.exl3_gemm_triton(xs[i], ws[i], cfg)  # noqa: E731
+                            rec["graph_us"] = time_graph(fn, len(ws))["median_us"]
+                    except Exception as e:
+                        rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    self.r.add("occupancy", rec)
+            del ws
+            torch.cuda.empty_cache()
+
     def _faster(self, a, b, rows) -> bool:
         return self.time_gemm(a, 8192, 8192, 4, rows)["graph_us"] < self.time_gemm(b, 8192, 8192, 4, rows)["graph_us"]
 

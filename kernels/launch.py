@@ -77,15 +77,18 @@ class FastLauncher:
                 raise TypeError(f"{fn.__name__}: FastLauncher needs the constexpr parameters last")
             self.constexpr_names = tuple(p.name for p in params if p.is_constexpr)
 
-    def __call__(self, grid, *args, num_warps: int = 4, num_stages: int = 2, **constexprs):
+    def __call__(self, grid, *args, num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = None,
+                 **constexprs):
+        """``maxnreg``: cap on registers per thread (Triton's NVIDIA option; None: the compiler's choice)."""
+        options = {} if maxnreg is None else {"maxnreg": maxnreg}
         if self.interpret:
             return self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
         device = torch.cuda.current_device()
         cvals = tuple([constexprs[name] for name in self.constexpr_names])
-        key = (cvals, num_warps, num_stages, device, _launch_key(args))
+        key = (cvals, num_warps, num_stages, maxnreg, device, _launch_key(args))
         kernel = self.cache.get(key)
         if kernel is None or _hooks_active():
-            kernel = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+            kernel = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **options, **constexprs)
             if not _hooks_active():
                 self.cache[key] = kernel
             return

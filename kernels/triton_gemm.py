@@ -261,11 +261,13 @@ class GemmConfig:
     num_stages: int = 1  # loops prefetch by hand (decode_matmul)
     rotate_in_kernel: bool = False
     use_ptx: bool | None = None  # None: on CUDA
+    max_registers: int | None = None  # per thread (more programs per SM); None: the compiler's choice
 
     def describe(self) -> str:
         mode = "fma" if self.block_m == 1 else (f"fma bm{self.block_m}" if self.block_m < 16 else f"dot bm{self.block_m}")
         return (f"{mode}{'+rot' if self.rotate_in_kernel else ''} btk{self.btk} sk{self.split_k} "
-                f"w{self.num_warps} s{self.num_stages}{' noptx' if self.use_ptx is False else ''}")
+                f"w{self.num_warps} s{self.num_stages}{' noptx' if self.use_ptx is False else ''}"
+                f"{f' r{self.max_registers}' if self.max_registers else ''}")
 
 
 # Programs per SM the automatic split aims for. Measured on the H100 (splits section of
@@ -344,7 +346,7 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
         USE_PTX=x.is_cuda if cfg.use_ptx is None else cfg.use_ptx,
         BLOCK_M=block_m, BTK=cfg.btk, SPLIT_K=split, ROTATE_IN_KERNEL=rotate_in_kernel,
         NCH=next_power_of_2(chunks), FIN_ROWS=min(block_m, 4), HAS_BIAS=w.bias is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts["fmt"],
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers, **consts["fmt"],
     )
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 

@@ -97,6 +97,14 @@ class RoutedExperts(nn.Module):
 
     def _forward_dense(self, x, expert_ids, weights):
         out = torch.zeros(x.shape[0], self.hidden_size, dtype=torch.float32, device=x.device)
+        if kernels.capturing(x.device):
+            # Inside a CUDA graph nothing may wait for the GPU, so finding each expert's tokens
+            # (nonzero) is out: every expert runs on every row and is weighted 0 where it was not
+            # chosen. The sum is taken in the same expert order as below.
+            for e, mlp in enumerate(self.mlps):
+                chosen = (weights.float() * (expert_ids == e)).sum(dim=1, keepdim=True)
+                out += mlp(x).float() * chosen
+            return out.to(x.dtype)
         every_token = _CALIBRATE_ALL_EXPERTS.get()
         for e, mlp in enumerate(self.mlps):
             tok, slot = torch.nonzero(expert_ids == e, as_tuple=True)
