@@ -33,6 +33,19 @@ def option_int(name: str, value, *, minimum: int | None = None) -> int | None:
     return number
 
 
+def option_fraction(name: str, value) -> float | None:
+    """``value`` as a number from 0 to 1 (None stays None); a wrong value raises an error naming the option."""
+    if value is None:
+        return None
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not 0.0 <= number <= 1.0:
+        raise InvalidArgumentError(f"option {name}: expected a number from 0 to 1, got {value!r}")
+    return number
+
+
 def option_bool(name: str, value) -> bool | None:
     if value is None or isinstance(value, bool):
         return value

@@ -10,7 +10,8 @@ when set to anything but their default, and keys nobody knows (typos) are ignore
 Plugin-only keys, read from the model's ``tabby_config.yml`` (TabbyAPI's ``config.yml`` drops
 unknown keys): under ``model:`` -- ``device`` (cpu, cuda, cuda:N), ``dtype`` (float16, bfloat16,
 float32), ``kernel_backend`` (reference, triton); under ``draft_model:`` -- ``ngram_max`` (longest
-suffix n-gram drafting looks up).
+suffix n-gram drafting looks up) and ``draft_confidence`` (mode mtp with DeepSeek-V4's DSpark block
+drafter: the confidence gate, 0 to 1, that ExLlamaV3 reads from ``EXL3_DSPARK_CONF``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidArgumentError
 from ..runtime.drafting_options import DRAFT_MODES, MAX_DRAFT_TOKENS, DraftOptions
-from .common import HostOptions, log, option_bool, option_choice, option_gb_list, option_int
+from .common import HostOptions, log, option_bool, option_choice, option_fraction, option_gb_list, option_int
 
 # TabbyAPI keys that concern TabbyAPI itself (model lookup, API behaviour): no effect here, no warning.
 HOST_MODEL_KEYS = frozenset({
@@ -43,7 +44,7 @@ UNSUPPORTED_MODEL_KEYS = {
 }
 
 MAPPED_DRAFT_KEYS = frozenset({"draft_mode", "draft_model_dir", "draft_model_name", "draft_num_tokens",
-                               "dynamic_draft", "ngram_match_min", "ngram_max"})
+                               "dynamic_draft", "ngram_match_min", "ngram_max", "draft_confidence"})
 # (draft_rope_scale / draft_rope_alpha: TabbyAPI's own ExLlamaV3 container ignores them too)
 HOST_DRAFT_KEYS = frozenset({"draft_rope_scale", "draft_rope_alpha"})
 UNSUPPORTED_DRAFT_KEYS = {"draft_cache_mode": "FP16", "draft_gpu_split": []}
@@ -100,6 +101,9 @@ def draft_options(draft: dict | None) -> tuple[DraftOptions, str | None]:
             raise InvalidArgumentError(f"options draft_model.ngram_match_min={ngram_min} and "
                                        f"draft_model.ngram_max={ngram_max}: need ngram_match_min <= ngram_max")
         return DraftOptions(mode="ngram", ngram_min=ngram_min, ngram_max=ngram_max, dynamic=dynamic, **kw), None
+    gate = option_fraction("draft_model.draft_confidence", draft.get("draft_confidence"))
+    if gate is not None:
+        kw["confidence_threshold"] = gate
     return DraftOptions(mode=mode, dynamic=dynamic, **kw), None
 
 

@@ -230,6 +230,9 @@ def test_draft_model_block_maps_to_draft_options():
     assert draft_options({"draft_mode": "ngram", "ngram_match_min": 3, "ngram_max": 6})[0] == \
         DraftOptions(mode="ngram", ngram_min=3, ngram_max=6)
     assert draft_options({"draft_mode": "disabled"})[0] == DraftOptions(mode="disabled")
+    # plugin key: the DSpark drafter's confidence gate (ExLlamaV3 reads it from an environment variable)
+    assert draft_options({"draft_mode": "mtp", "draft_confidence": 0.5})[0] == \
+        DraftOptions(mode="mtp", confidence_threshold=0.5)
     # TabbyAPI's default mode is "model", which means nothing without a draft model name
     assert draft_options({})[0] == DraftOptions(mode="disabled")
     opts, path = draft_options({"draft_model_name": "small", "draft_model_dir": "/m", "draft_num_tokens": 4})
@@ -269,6 +272,8 @@ def test_unknown_and_unsupported_options_warn(caplog):
     ({"draft_model": {"draft_mode": "turbo"}}, "draft_mode"),
     ({"draft_model": {"draft_mode": "mtp", "draft_num_tokens": 99}}, "draft_num_tokens"),
     ({"draft_model": {"draft_mode": "ngram", "ngram_match_min": 5, "ngram_max": 2}}, "ngram_max"),
+    ({"draft_model": {"draft_mode": "mtp", "draft_confidence": 1.5}}, "draft_confidence"),
+    ({"draft_model": {"draft_mode": "mtp", "draft_confidence": "high"}}, "draft_confidence"),
 ])
 def test_wrong_values_name_the_option(kwargs, key):
     with pytest.raises(InvalidArgumentError, match=key):
