@@ -235,6 +235,17 @@ class MLAAttention(nn.Module):
         where = pages * page_size + safe % page_size
         return torch.where(exists, hist_pos, torch.full_like(hist_pos, INVALID)), where
 
+    def _decode_conv_rows(self, batch: ForwardBatch) -> tuple[torch.Tensor, tuple]:
+        """Each decode row's MoME window in the conv rings ``[n, K]`` (oldest first, its own entry
+        last) and ``ShortConv.active``: the same for every layer of the step."""
+        width = self.convs[0].width
+        key = ("mla_conv_rows", width)
+        if key not in batch.memo:
+            pos = batch.positions
+            rows = (pos[:, None] + torch.arange(1 - width, 1, device=pos.device)[None, :]) % CONV_RING
+            batch.memo[key] = rows, self.convs[0].active(pos)
+        return batch.memo[key]
+
     def _forward_decode(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """One query per row at its own position, from device tensors only (no host values, fixed
         shapes), so that the step can be captured in a CUDA graph.
@@ -246,25 +257,27 @@ class MLAAttention(nn.Module):
         paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
         pos, seq_slots, n, heads = batch.positions, batch.seq_slots, x.shape[0], self.num_heads
         if self.convs is not None:
-            k = self.convs[0].width - 1
-            ring_rows = (pos[:, None] + torch.arange(-k, 0, device=x.device)[None, :]) % CONV_RING
+            window_rows, active = self._decode_conv_rows(batch)
+            write_rows = window_rows[:, -1]
 
         def conv(which: int, value: torch.Tensor) -> torch.Tensor:
             if self.convs is None:
                 return value
             ring = slots[CONV_INPUTS[which]]
-            ring.index_put_((seq_slots, pos % CONV_RING), value.to(ring.dtype))
-            return self._mome(which, value, ring[seq_slots[:, None], ring_rows], pos)
+            ring.index_put_((seq_slots, write_rows), value.to(ring.dtype))
+            # the window read back whole, the row's own input last: no concatenation
+            return self.convs[which].mix(ring[seq_slots[:, None], window_rows].to(value.dtype), active)
 
         qa_in = self.q_a_proj(x)
         kv_in, k_pe = self.kv_a_proj(x).split([self.kv_rank, self.rope_dim], dim=-1)
         q_lora = self.q_a_norm(conv(0, qa_in))
-        c = self.kv_a_norm(conv(1, kv_in.contiguous())).float()
+        c = self.kv_a_norm(conv(1, kv_in))  # model dtype, as the cache keeps it
         q = self.q_b_proj(q_lora).float().view(n, heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         cos, sin = self._rope_tables(pos)
         q_pe = q_pe * cos[:, None] + rotate_half(q_pe) * sin[:, None]
-        k_pe = k_pe.float() * cos + rotate_half(k_pe.float()) * sin
+        k_pe = k_pe.float()
+        k_pe = k_pe * cos + rotate_half(k_pe) * sin
         new = {"c": c, "kpe": k_pe}
         if self.indexer is not None:
             new["kidx"] = self.indexer.keys(x, cos, sin)

@@ -43,7 +43,18 @@ class ShortConv(nn.Module):
 
     def forward(self, windows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``windows [n, K, C]`` (last entry = the current input), ``positions [n]`` -> ``x + conv(x)``."""
+        return self.mix(windows, self.active(positions))
+
+    def active(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows whose conv term applies (the start-of-sequence rule), ``[n, 1]`` bool, and
+        the 0 that replaces the term elsewhere (a device scalar: no fill per use)."""
+        return (positions >= self.width - 1)[:, None], positions.new_zeros((), dtype=torch.float32)
+
+    def mix(self, windows: torch.Tensor, active: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``forward`` with ``active()`` given (a decode step computes it once for every layer)."""
         x = windows[:, -1]
-        term = (windows.float() * self.weight[None]).sum(1)
-        term = torch.where((positions >= self.width - 1)[:, None], term, torch.zeros_like(term))
-        return (x.float() + term).to(x.dtype)
+        on, zero = active
+        # fp32 weights promote the products and the sum with ``x`` to fp32 inside one kernel each,
+        # the same values as casting first (a decode step's kernel count is its cost)
+        term = torch.where(on, (windows * self.weight).sum(1), zero)
+        return (x + term).to(x.dtype)
