@@ -143,9 +143,10 @@ class MLAAttention(nn.Module):
         keys_pe = torch.cat([self.sink_pe, keys_pe], dim=-2)
         visible = torch.cat([visible.new_ones(n, self.sink_c.shape[0]), visible], dim=1)
         q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
+        masked = ~visible
         # a long prefill chunk: bound the [rows, heads, keys] score tensors
         ctx = torch.cat([self._attend(q_abs[i:i + PREFILL_ROWS], q_pe[i:i + PREFILL_ROWS], keys_c, keys_pe,
-                                      visible[i:i + PREFILL_ROWS], "") for i in range(0, n, PREFILL_ROWS)])
+                                      masked[i:i + PREFILL_ROWS], "") for i in range(0, n, PREFILL_ROWS)])
         o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(h.dtype)
         new["o_in"] = o_in
         return self.o_proj(self._mome(2, o_in, prev[2], positions)), new
@@ -160,11 +161,12 @@ class MLAAttention(nn.Module):
             batch.memo[key] = self.rope(positions)
         return batch.memo[key]
 
-    def _attend(self, q_abs, q_pe, keys_c, keys_pe, visible, per_row: str) -> torch.Tensor:
-        """Absorbed attention -> the latent context ``[n, heads, rank]``; ``per_row`` "n": keys per row."""
+    def _attend(self, q_abs, q_pe, keys_c, keys_pe, masked, per_row: str) -> torch.Tensor:
+        """Absorbed attention -> the latent context ``[n, heads, rank]``; ``masked [n, s]``: the keys
+        a row does not see; ``per_row`` "n": keys per row."""
         k = per_row
         scores = torch.einsum(f"nhr,{k}sr->nhs", q_abs, keys_c) + torch.einsum(f"nhd,{k}sd->nhs", q_pe, keys_pe)
-        probs = torch.softmax((scores * self.scale).masked_fill(~visible[:, None], float("-inf")), dim=-1)
+        probs = torch.softmax((scores * self.scale).masked_fill(masked[:, None], float("-inf")), dim=-1)
         return torch.einsum(f"nhs,{k}sr->nhr", probs, keys_c)
 
     def empty_history(self, like: torch.Tensor) -> dict:
@@ -235,16 +237,22 @@ class MLAAttention(nn.Module):
         where = pages * page_size + safe % page_size
         return torch.where(exists, hist_pos, torch.full_like(hist_pos, INVALID)), where
 
+    @staticmethod
+    def _decode_memo(batch: ForwardBatch, key: tuple, make):
+        """``make()``, computed once per decode step (the model clears ``batch.memo`` per step)."""
+        if key not in batch.memo:
+            batch.memo[key] = make()
+        return batch.memo[key]
+
     def _decode_conv_rows(self, batch: ForwardBatch) -> tuple[torch.Tensor, tuple]:
         """Each decode row's MoME window in the conv rings ``[n, K]`` (oldest first, its own entry
         last) and ``ShortConv.active``: the same for every layer of the step."""
-        width = self.convs[0].width
-        key = ("mla_conv_rows", width)
-        if key not in batch.memo:
-            pos = batch.positions
+        width, pos = self.convs[0].width, batch.positions
+
+        def make():
             rows = (pos[:, None] + torch.arange(1 - width, 1, device=pos.device)[None, :]) % CONV_RING
-            batch.memo[key] = rows, self.convs[0].active(pos)
-        return batch.memo[key]
+            return rows, self.convs[0].active(pos)
+        return self._decode_memo(batch, ("mla_conv_rows", width), make)
 
     def _forward_decode(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """One query per row at its own position, from device tensors only (no host values, fixed
@@ -287,18 +295,24 @@ class MLAAttention(nn.Module):
 
         # the same for every layer of this kind in the step (the model clears the memo per step)
         key = ("mla_decode_history", self.ring, self.window)
-        if key not in batch.memo:
-            batch.memo[key] = self._decode_history_index(batch)
-        hist_pos, where = batch.memo[key]
-        visible = hist_pos <= pos[:, None]  # INVALID entries are never visible
-        keys_c, keys_pe = paged["c"].flatten(0, 1)[where].float(), paged["kpe"].flatten(0, 1)[where].float()
+
+        def history():
+            hist_pos, where = self._decode_history_index(batch)
+            return where, hist_pos <= pos[:, None]  # INVALID entries are never visible
+        where, visible = self._decode_memo(batch, key, history)
+        sinks = self.sink_c.shape[0]
         if self.indexer is not None:
             q_idx, w_idx = self.indexer.queries(q_lora, x, cos, sin)
             visible = self.indexer.select(q_idx, w_idx, paged["kidx"].flatten(0, 1)[where], visible)
-        keys_c = torch.cat([self.sink_c.expand(n, -1, -1), keys_c], dim=1)  # sinks first, always visible
-        keys_pe = torch.cat([self.sink_pe.expand(n, -1, -1), keys_pe], dim=1)
-        visible = torch.cat([visible.new_ones(n, self.sink_c.shape[0]), visible], dim=1)
+            masked = torch.cat([self._decode_memo(batch, ("mla_sink_shown", sinks), lambda: visible.new_zeros(
+                n, sinks)), ~visible], dim=1)
+        else:  # sinks first, always visible
+            masked = self._decode_memo(batch, key + ("masked", sinks), lambda: ~torch.cat(
+                [visible.new_ones(n, sinks), visible], dim=1))
+        # sinks first; cat promotes the cached rows to fp32 in the same kernel
+        keys_c = torch.cat([self.sink_c.expand(n, -1, -1), paged["c"].flatten(0, 1)[where]], dim=1)
+        keys_pe = torch.cat([self.sink_pe.expand(n, -1, -1), paged["kpe"].flatten(0, 1)[where]], dim=1)
         q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
-        ctx = self._attend(q_abs, q_pe, keys_c, keys_pe, visible, "n")
+        ctx = self._attend(q_abs, q_pe, keys_c, keys_pe, masked, "n")
         o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(x.dtype)
         return self.o_proj(conv(2, o_in))
