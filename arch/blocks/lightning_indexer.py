@@ -18,16 +18,16 @@ from torch import nn
 
 from .linear import Linear
 from .norm import RMSNorm
-from .rope import rotate_half
+from .rope import rotate_neox_folded
 
 
-def rope_leading(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NEOX-rotate the first ``cos.shape[-1]`` dims of ``x [n, ..., D]`` (cos/sin ``[n, d]``)."""
+def rope_leading(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
+    """NEOX-rotate the first ``cos.shape[-1]`` dims of ``x [n, ..., D]`` (cos and
+    ``rope.fold_sin(sin)``: ``[n, d]``)."""
     d = cos.shape[-1]
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (d,)
-    cos, sin = cos.reshape(shape).to(x.dtype), sin.reshape(shape).to(x.dtype)
-    head = x[..., :d]
-    return torch.cat([head * cos + rotate_half(head) * sin, x[..., d:]], dim=-1)
+    cos, sin_folded = cos.reshape(shape).to(x.dtype), sin_folded.reshape(shape).to(x.dtype)
+    return torch.cat([rotate_neox_folded(x[..., :d], cos, sin_folded), x[..., d:]], dim=-1)
 
 
 class LightningIndexer(nn.Module):
@@ -38,7 +38,8 @@ class LightningIndexer(nn.Module):
         self.num_heads, self.head_dim, self.top_k = num_heads, head_dim, top_k
 
     def keys(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The per-token key ``[n, D]`` (fp32) that the cache keeps for later queries."""
+        """The per-token key ``[n, D]`` (fp32) that the cache keeps for later queries (``sin``
+        folded: ``rope.fold_sin``, here and in ``queries``)."""
         return rope_leading(self.k_norm(self.wk(h)).float(), cos, sin)
 
     def queries(self, q_lora: torch.Tensor, h: torch.Tensor, cos: torch.Tensor,

@@ -37,7 +37,7 @@ from ..cache_spec import LayerCacheSpec, PagedTensorSpec, SlotTensorSpec
 from .lightning_indexer import LightningIndexer
 from .linear import Linear
 from .norm import RMSNorm
-from .rope import RotaryEmbedding, rotate_half
+from .rope import RotaryEmbedding, fold_sin, rotate_neox_folded
 from .short_conv import ShortConv, sliding_windows
 
 CONV_RING = 32
@@ -118,8 +118,8 @@ class MLAAttention(nn.Module):
         kv_in, k_pe = self.kv_a_proj(h).split([self.kv_rank, self.rope_dim], dim=-1)
         c = self.kv_a_norm(self._mome(1, kv_in.contiguous(), prev[1], positions)).float()
         cos, sin = self._rope_tables(positions)
-        q_pe = q_pe * cos[:, None] + rotate_half(q_pe) * sin[:, None]
-        k_pe = k_pe.float() * cos + rotate_half(k_pe.float()) * sin
+        q_pe = rotate_neox_folded(q_pe, cos[:, None], sin[:, None])
+        k_pe = rotate_neox_folded(k_pe.float(), cos, sin)
         new = {"c": c, "kpe": k_pe, "qa_in": qa_in, "kv_in": kv_in}
 
         def with_new(old: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
@@ -152,14 +152,15 @@ class MLAAttention(nn.Module):
         return self.o_proj(self._mome(2, o_in, prev[2], positions)), new
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for ``positions``; in a cached step shared by every layer with this rotary embedding."""
+        """cos and the folded sin (``rope.fold_sin``) for ``positions``; in a cached step shared by
+        every layer with this rotary embedding."""
+        def tables():
+            cos, sin = self.rope(positions)
+            return cos, fold_sin(sin)
         batch = current_batch()
         if batch is None or batch.positions is not positions:
-            return self.rope(positions)
-        key = ("rope", id(self.rope))
-        if key not in batch.memo:
-            batch.memo[key] = self.rope(positions)
-        return batch.memo[key]
+            return tables()
+        return self._decode_memo(batch, ("rope", id(self.rope)), tables)
 
     def _attend(self, q_abs, q_pe, keys_c, keys_pe, masked, per_row: str) -> torch.Tensor:
         """Absorbed attention -> the latent context ``[n, heads, rank]``; ``masked [n, s]``: the keys
@@ -283,9 +284,8 @@ class MLAAttention(nn.Module):
         q = self.q_b_proj(q_lora).float().view(n, heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         cos, sin = self._rope_tables(pos)
-        q_pe = q_pe * cos[:, None] + rotate_half(q_pe) * sin[:, None]
-        k_pe = k_pe.float()
-        k_pe = k_pe * cos + rotate_half(k_pe) * sin
+        q_pe = rotate_neox_folded(q_pe, cos[:, None], sin[:, None])
+        k_pe = rotate_neox_folded(k_pe.float(), cos, sin)
         new = {"c": c, "kpe": k_pe}
         if self.indexer is not None:
             new["kidx"] = self.indexer.keys(x, cos, sin)
