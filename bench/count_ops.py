@@ -33,13 +33,14 @@ from synthetic import SyntheticCheckpoint  # noqa: E402
 from exl3_triton.model import load_checkpoint  # noqa: E402
 
 # ops that allocate or reinterpret without a kernel of their own
-NO_KERNEL = {"aten.view", "aten._unsafe_view", "aten.detach", "aten.alias", "aten.t", "aten.transpose",
-             "aten.permute", "aten.expand", "aten.unsqueeze", "aten.squeeze", "aten.slice", "aten.select",
-             "aten.split", "aten.split_with_sizes", "aten.unbind", "aten.as_strided", "aten.reshape",
-             "aten.empty", "aten.empty_like", "aten.empty_strided", "aten.unfold", "aten.flatten",
-             "aten.unflatten", "aten.lift_fresh", "aten.narrow", "aten.chunk", "aten.diagonal",
-             "aten.view_as", "aten.expand_as", "aten.squeeze_", "aten.unsqueeze_", "aten._reshape_alias",
-             "aten.sym_size", "aten.sym_stride", "aten.sym_numel", "aten.is_same_size", "aten.real"}
+NO_KERNEL = {"aten._reshape_alias", "aten._unsafe_view", "aten.alias", "aten.as_strided", "aten.chunk",
+             "aten.detach", "aten.diagonal", "aten.empty", "aten.empty_like", "aten.empty_strided",
+             "aten.expand", "aten.expand_as", "aten.flatten", "aten.is_same_size", "aten.lift_fresh",
+             "aten.narrow", "aten.new_empty", "aten.new_empty_strided", "aten.permute", "aten.real",
+             "aten.reshape", "aten.select", "aten.slice", "aten.split", "aten.split_with_sizes",
+             "aten.squeeze", "aten.squeeze_", "aten.sym_numel", "aten.sym_size", "aten.sym_stride", "aten.t",
+             "aten.transpose", "aten.unbind", "aten.unflatten", "aten.unfold", "aten.unsqueeze",
+             "aten.unsqueeze_", "aten.view", "aten.view_as"}
 MATMUL_MODULES = ("Linear", "RoutedExperts")
 
 

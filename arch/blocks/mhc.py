@@ -113,8 +113,9 @@ class HyperSite(nn.Module):
 
     @staticmethod
     def update(x: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        """``X'[j] = post[j] * out + sum_i comb[i, j] * X[i]``."""
-        return post.unsqueeze(-1) * out.float().unsqueeze(-2) + torch.einsum("tij,tid->tjd", comb, x)
+        """``X'[j] = post[j] * out + sum_i comb[i, j] * X[i]`` (the mixing added by the batched
+        matmul itself: one kernel fewer per site)."""
+        return torch.baddbmm(post.unsqueeze(-1) * out.float().unsqueeze(-2), comb.transpose(-1, -2), x)
 
     def forward(self, x: torch.Tensor, block) -> torch.Tensor:
         """Run ``block`` (``[T, D] -> [T, D]``) at this site of the residual streams ``x [T, N, D]``."""
