@@ -303,9 +303,10 @@ class MLAAttention(nn.Module):
         sinks = self.sink_c.shape[0]
         if self.indexer is not None:
             q_idx, w_idx = self.indexer.queries(q_lora, x, cos, sin)
-            visible = self.indexer.select(q_idx, w_idx, paged["kidx"].flatten(0, 1)[where], visible)
-            masked = torch.cat([self._decode_memo(batch, ("mla_sink_shown", sinks), lambda: visible.new_zeros(
-                n, sinks)), ~visible], dim=1)
+            not_candidate = self._decode_memo(batch, key + ("not_candidate",), lambda: ~visible)
+            lead_shown = self._decode_memo(batch, key + ("lead_shown", sinks), lambda: torch.cat(
+                [visible.new_zeros(n, sinks), visible.new_ones(visible.shape)], dim=1))
+            masked = self.indexer.hidden(q_idx, w_idx, paged["kidx"].flatten(0, 1)[where], not_candidate, lead_shown)
         else:  # sinks first, always visible
             masked = self._decode_memo(batch, key + ("masked", sinks), lambda: ~torch.cat(
                 [visible.new_ones(n, sinks), visible], dim=1))
