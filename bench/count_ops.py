@@ -107,18 +107,21 @@ class OpCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def gpu_fused_kernels(counter: OpCounter):
     """Take the CUDA-only fused paths on the CPU, each counted as the one kernel it is there:
-    ``F.rms_norm`` (RMSNorm) and the mHC site-weights Triton kernel (run as its reference)."""
-    from exl3_triton.arch.blocks import mhc, norm
+    ``F.rms_norm`` (RMSNorm), the mHC site-weights and the MoME decode Triton kernels (run as
+    their PyTorch references)."""
+    from exl3_triton.arch.blocks import mhc, mla, norm, short_conv
 
-    saved = norm._fused_rms_norm_for, mhc._fused_weights
+    saved = norm._fused_rms_norm_for, mhc._fused_weights, mla._fused_mome
     rms = counter.opaque("fused.rms_norm", torch.nn.functional.rms_norm)
     site = counter.opaque("triton.mhc_weights", mhc.site_weights_reference)
+    mome = counter.opaque("triton.mome_decode", short_conv.mome_decode_reference)
     norm._fused_rms_norm_for = lambda x: rms
     mhc._fused_weights = lambda x: site
+    mla._fused_mome = lambda x: mome
     try:
         yield
     finally:
-        norm._fused_rms_norm_for, mhc._fused_weights = saved
+        norm._fused_rms_norm_for, mhc._fused_weights, mla._fused_mome = saved
 
 
 def name_modules(network: torch.nn.Module) -> dict[int, str]:

@@ -34,12 +34,9 @@ def _normalised(x: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torc
 def _fused_weights(x: torch.Tensor):
     """The Triton site-weights kernel (kernels/triton_mhc.py) for ``x``'s device, or None where it
     cannot run (then ``site_weights_reference``; bench/count_ops.py stands in for it on a CPU)."""
-    if not x.is_cuda:
-        return None
     from ...kernels import triton_ops
 
-    ops = triton_ops.load()
-    return None if ops is None else ops.mhc.mhc_weights_triton
+    return triton_ops.cuda_kernel(x, "mhc", "mhc_weights_triton")
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float = 1e-6) -> torch.Tensor:

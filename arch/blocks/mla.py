@@ -38,12 +38,20 @@ from .lightning_indexer import LightningIndexer
 from .linear import Linear
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, fold_sin, rotate_neox_folded
-from .short_conv import ShortConv, sliding_windows
+from .short_conv import ShortConv, mome_decode_reference, sliding_windows
 
 CONV_RING = 32
 CONV_INPUTS = ("qa_in", "kv_in", "o_in")  # cache names of the MoME convs' inputs, in (qa, kv, o) order
 PREFILL_ROWS = 1024  # query rows per attention block in a prefill chunk (scores are [rows, heads, keys] fp32)
 INVALID = 1 << 62  # key position of history entries that do not exist (never visible)
+
+
+def _fused_mome(x: torch.Tensor):
+    """The Triton MoME decode kernel (kernels/triton_mome.py) for ``x``'s device, or None where it
+    cannot run (then ``mome_decode_reference``; bench/count_ops.py stands in for it on a CPU)."""
+    from ...kernels import triton_ops
+
+    return triton_ops.cuda_kernel(x, "mome", "mome_decode_triton")
 
 
 class MLAAttention(nn.Module):
@@ -275,7 +283,11 @@ class MLAAttention(nn.Module):
             ring = slots[CONV_INPUTS[which]]
             ring.index_put_((seq_slots, write_rows), value.to(ring.dtype))
             # the window read back whole, the row's own input last: no concatenation
-            return self.convs[which].mix(ring[seq_slots[:, None], window_rows].to(value.dtype), active)
+            weight = self.convs[which].weight
+            fused = _fused_mome(value)
+            if fused is not None:  # one kernel instead of five
+                return fused(ring, weight, seq_slots, pos, value.dtype)
+            return mome_decode_reference(ring, weight, seq_slots, pos, value.dtype, window_rows, active)
 
         qa_in = self.q_a_proj(x)
         kv_in, k_pe = self.kv_a_proj(x).split([self.kv_rank, self.rope_dim], dim=-1)
