@@ -111,17 +111,19 @@ def gpu_fused_kernels(counter: OpCounter):
     their PyTorch references)."""
     from exl3_triton.arch.blocks import mhc, mla, norm, short_conv
 
-    saved = norm._fused_rms_norm_for, mhc._fused_weights, mla._fused_mome
-    rms = counter.opaque("fused.rms_norm", torch.nn.functional.rms_norm)
-    site = counter.opaque("triton.mhc_weights", mhc.site_weights_reference)
-    mome = counter.opaque("triton.mome_decode", short_conv.mome_decode_reference)
-    norm._fused_rms_norm_for = lambda x: rms
-    mhc._fused_weights = lambda x: site
-    mla._fused_mome = lambda x: mome
+    stand_ins = [(norm, "_fused_rms_norm_for", "fused.rms_norm", getattr(torch.nn.functional, "rms_norm", None)),
+                 (mhc, "_fused_weights", "triton.mhc_weights", getattr(mhc, "site_weights_reference", None)),
+                 (mla, "_fused_mome", "triton.mome_decode", getattr(short_conv, "mome_decode_reference", None))]
+    saved = []
+    for module, attr, name, reference in stand_ins:
+        if hasattr(module, attr) and reference is not None:  # older trees lack some (counting a baseline)
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, lambda x, fn=counter.opaque(name, reference): fn)
     try:
         yield
     finally:
-        norm._fused_rms_norm_for, mhc._fused_weights, mla._fused_mome = saved
+        for module, attr, value in saved:
+            setattr(module, attr, value)
 
 
 def name_modules(network: torch.nn.Module) -> dict[int, str]:
