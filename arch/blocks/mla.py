@@ -297,7 +297,7 @@ class MLAAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         cos, sin = self._rope_tables(pos)
         q_pe = rotate_neox_folded(q_pe, cos[:, None], sin[:, None])
-        k_pe = rotate_neox_folded(k_pe.float(), cos, sin)
+        k_pe = rotate_neox_folded(k_pe.float(), cos, sin, paged["kpe"].dtype)  # only the cache reads it
         new = {"c": c, "kpe": k_pe}
         if self.indexer is not None:
             new["kidx"] = self.indexer.keys(x, cos, sin)
