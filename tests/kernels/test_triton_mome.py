@@ -72,3 +72,20 @@ def test_openpangu_decode_with_the_fused_mome_kernel_matches_the_golden_logits(t
     want = ref["logits"][:60].double()
     assert ((step.double() - want).norm(dim=-1) / want.norm(dim=-1)).max() < 1e-4
     assert torch.equal(step.argmax(-1), ref["logits"][:60].argmax(-1))
+
+
+def test_short_conv_multiplies_in_fp32_whatever_the_checkpoint_stores():
+    """A half-precision conv weight and half-precision inputs: the products and their sum stay fp32
+    (Huawei's reference casts up), only the output is rounded to the input's dtype."""
+    from exl3_triton.arch.blocks.short_conv import ShortConv
+
+    g = torch.Generator().manual_seed(3)
+    weight = (0.3 * torch.randn(64, 1, 3, generator=g)).half()
+    windows = (10 * torch.randn(5, 3, 64, generator=g)).half()
+    got = ShortConv(weight)(windows, torch.arange(5))
+    # the reference's own order of operations, transcribed: cast up, multiply, sum, add, round
+    term = (windows.float() * weight[:, 0, :].t().float()).sum(1)
+    term[:2] = 0  # positions 0 and 1: the start-of-sequence rule
+    want = (windows[:, -1].float() + term).half()
+    assert got.dtype == torch.float16
+    assert torch.equal(got, want)
