@@ -38,11 +38,21 @@ def load() -> types.SimpleNamespace | None:
             hadamard=importlib.import_module(f"{pkg}.triton_hadamard"),
             mhc=importlib.import_module(f"{pkg}.triton_mhc"),
             moe=importlib.import_module(f"{pkg}.triton_moe"),
+            mome=importlib.import_module(f"{pkg}.triton_mome"),
             rope=importlib.import_module(f"{pkg}.triton_rope"),
         )
     except Exception as e:  # ImportError, or a Triton that does not work on this platform
         _ERROR = f"{type(e).__name__}: {e}"
     return _MODULES
+
+
+def cuda_kernel(x, module: str, name: str):
+    """The kernel function ``module.name`` where ``x`` lives on CUDA and Triton runs, else None
+    (the caller takes its PyTorch path: on a CPU, the interpreter would be far slower)."""
+    if not x.is_cuda:
+        return None
+    ops = load()
+    return None if ops is None else getattr(getattr(ops, module), name)
 
 
 def unavailable_reason() -> str | None:

@@ -18,16 +18,16 @@ from torch import nn
 
 from .linear import Linear
 from .norm import RMSNorm
-from .rope import rotate_half
+from .rope import rotate_neox_folded
 
 
-def rope_leading(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NEOX-rotate the first ``cos.shape[-1]`` dims of ``x [n, ..., D]`` (cos/sin ``[n, d]``)."""
+def rope_leading(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
+    """NEOX-rotate the first ``cos.shape[-1]`` dims of ``x [n, ..., D]`` (cos and
+    ``rope.fold_sin(sin)``: ``[n, d]``)."""
     d = cos.shape[-1]
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (d,)
-    cos, sin = cos.reshape(shape).to(x.dtype), sin.reshape(shape).to(x.dtype)
-    head = x[..., :d]
-    return torch.cat([head * cos + rotate_half(head) * sin, x[..., d:]], dim=-1)
+    cos, sin_folded = cos.reshape(shape).to(x.dtype), sin_folded.reshape(shape).to(x.dtype)
+    return torch.cat([rotate_neox_folded(x[..., :d], cos, sin_folded), x[..., d:]], dim=-1)
 
 
 class LightningIndexer(nn.Module):
@@ -38,7 +38,8 @@ class LightningIndexer(nn.Module):
         self.num_heads, self.head_dim, self.top_k = num_heads, head_dim, top_k
 
     def keys(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The per-token key ``[n, D]`` (fp32) that the cache keeps for later queries."""
+        """The per-token key ``[n, D]`` (fp32) that the cache keeps for later queries (``sin``
+        folded: ``rope.fold_sin``, here and in ``queries``)."""
         return rope_leading(self.k_norm(self.wk(h)).float(), cos, sin)
 
     def queries(self, q_lora: torch.Tensor, h: torch.Tensor, cos: torch.Tensor,
@@ -51,12 +52,23 @@ class LightningIndexer(nn.Module):
         """``candidates [n, m]`` (bool, the causal tokens) -> the kept ones ``[n, m]`` (bool).
 
         ``keys``: ``[m, D]`` shared by all rows, or ``[n, m, D]``, one set per row."""
-        per_row = "n" if keys.dim() == 3 else ""
-        dots = torch.einsum(f"ngd,{per_row}md->ngm", q, keys.float())
-        scores = torch.einsum("ng,ngm->nm", w, torch.relu(dots))
-        scores = scores.masked_fill(~candidates, float("-inf"))
-        k = min(self.top_k, keys.shape[-2])
-        best = torch.topk(scores, k, dim=-1)
+        best = self._best(q, w, keys, ~candidates)
         keep = torch.zeros_like(candidates)
         # rows with fewer than k candidates pick some -inf entries: those stay out
         return keep.scatter(-1, best.indices, best.values > float("-inf"))
+
+    def hidden(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, not_candidate: torch.Tensor,
+               lead_shown: torch.Tensor) -> torch.Tensor:
+        """``select`` as a decode step needs it, in fewer kernels: ``not_candidate [n, m]`` -> the
+        keys each row does not see ``[n, L + m]``, after ``L`` leading always-visible entries (the
+        sinks). ``lead_shown [n, L + m]``: False in the ``L`` leading columns, True elsewhere."""
+        best = self._best(q, w, keys, not_candidate)
+        lead = lead_shown.shape[-1] - not_candidate.shape[-1]
+        return lead_shown.scatter(-1, best.indices + lead, best.values == float("-inf"))
+
+    def _best(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, not_candidate: torch.Tensor):
+        """The top-k of the index scores over the candidates (``topk``'s values and indices)."""
+        per_row = "n" if keys.dim() == 3 else ""
+        dots = torch.einsum(f"ngd,{per_row}md->ngm", q, keys.float())
+        scores = torch.einsum("ng,ngm->nm", w, torch.relu(dots)).masked_fill(not_candidate, float("-inf"))
+        return torch.topk(scores, min(self.top_k, keys.shape[-2]), dim=-1)

@@ -22,20 +22,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .norm import rms_norm
+
 
 def _normalised(x: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Unweighted RMS over all ``N * D`` values of a token, then Pangu's optional gamma."""
-    flat = x.flatten(-2).float()
-    r = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + eps)
-    return r if gamma is None else r * gamma
+    """Unweighted RMS over all ``N * D`` values of a token, then Pangu's optional gamma (one
+    fused kernel on CUDA: it runs twice per layer in a decode step)."""
+    return rms_norm(x.flatten(-2).float(), gamma, eps)
 
 
-def _fused_weights():
-    """The Triton site-weights kernel (kernels/triton_mhc.py), or None where Triton cannot run."""
+def _fused_weights(x: torch.Tensor):
+    """The Triton site-weights kernel (kernels/triton_mhc.py) for ``x``'s device, or None where it
+    cannot run (then ``site_weights_reference``; bench/count_ops.py stands in for it on a CPU)."""
     from ...kernels import triton_ops
 
-    ops = triton_ops.load()
-    return None if ops is None else ops.mhc.mhc_weights_triton
+    return triton_ops.cuda_kernel(x, "mhc", "mhc_weights_triton")
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float = 1e-6) -> torch.Tensor:
@@ -47,6 +48,18 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float = 1e-6) -> torch.Tenso
         c = c / (c.sum(-1, keepdim=True) + eps)
         c = c / (c.sum(-2, keepdim=True) + eps)
     return c
+
+
+def site_weights_reference(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, streams: int, iters: int,
+                           pre_eps: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mix [..., (2+N)*N]`` (the projected, normalised streams) -> ``pre``, ``post``, ``comb``."""
+    n = streams
+    pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
+    b_pre, b_post, b_comb = base.split([n, n, n * n])
+    pre = torch.sigmoid(pre_w * scale[0] + b_pre) + pre_eps
+    post = 2 * torch.sigmoid(post_w * scale[1] + b_post)
+    comb = sinkhorn((comb_w * scale[2] + b_comb).unflatten(-1, (n, n)), iters, eps)
+    return pre, post, comb
 
 
 def expand(x: torch.Tensor, streams: int) -> torch.Tensor:
@@ -82,18 +95,13 @@ class HyperSite(nn.Module):
         """``x [T, N, D]`` -> ``pre [T, N]``, ``post [T, N]``, ``comb [T, N, N]`` (fp32)."""
         n = self.streams
         mix = _normalised(x, self.gamma, self.eps) @ self.phi.T
-        fused = _fused_weights() if x.is_cuda else None
+        fused = _fused_weights(x)
         if fused is not None:  # one launch instead of ~130 small ones (decode speed)
             lead = mix.shape[:-1]
             pre, post, comb = fused(mix.reshape(-1, mix.shape[-1]), self.scale, self.base, n, self.iters,
                                     self.pre_eps, self.sinkhorn_eps)
             return pre.view(*lead, n), post.view(*lead, n), comb.view(*lead, n, n)
-        pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
-        b_pre, b_post, b_comb = self.base.split([n, n, n * n])
-        pre = torch.sigmoid(pre_w * self.scale[0] + b_pre) + self.pre_eps
-        post = 2 * torch.sigmoid(post_w * self.scale[1] + b_post)
-        comb = sinkhorn((comb_w * self.scale[2] + b_comb).unflatten(-1, (n, n)), self.iters, self.sinkhorn_eps)
-        return pre, post, comb
+        return site_weights_reference(mix, self.scale, self.base, n, self.iters, self.pre_eps, self.sinkhorn_eps)
 
     @staticmethod
     def collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
@@ -102,8 +110,9 @@ class HyperSite(nn.Module):
 
     @staticmethod
     def update(x: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        """``X'[j] = post[j] * out + sum_i comb[i, j] * X[i]``."""
-        return post.unsqueeze(-1) * out.float().unsqueeze(-2) + torch.einsum("tij,tid->tjd", comb, x)
+        """``X'[j] = post[j] * out + sum_i comb[i, j] * X[i]`` (the mixing added by the batched
+        matmul itself: one kernel fewer per site)."""
+        return torch.baddbmm(post.unsqueeze(-1) * out.float().unsqueeze(-2), comb.transpose(-1, -2), x)
 
     def forward(self, x: torch.Tensor, block) -> torch.Tensor:
         """Run ``block`` (``[T, D] -> [T, D]``) at this site of the residual streams ``x [T, N, D]``."""

@@ -37,13 +37,21 @@ from ..cache_spec import LayerCacheSpec, PagedTensorSpec, SlotTensorSpec
 from .lightning_indexer import LightningIndexer
 from .linear import Linear
 from .norm import RMSNorm
-from .rope import RotaryEmbedding, rotate_half
-from .short_conv import ShortConv, sliding_windows
+from .rope import RotaryEmbedding, fold_sin, rotate_neox_folded
+from .short_conv import ShortConv, mome_decode_reference, sliding_windows
 
 CONV_RING = 32
 CONV_INPUTS = ("qa_in", "kv_in", "o_in")  # cache names of the MoME convs' inputs, in (qa, kv, o) order
 PREFILL_ROWS = 1024  # query rows per attention block in a prefill chunk (scores are [rows, heads, keys] fp32)
 INVALID = 1 << 62  # key position of history entries that do not exist (never visible)
+
+
+def _fused_mome(x: torch.Tensor):
+    """The Triton MoME decode kernel (kernels/triton_mome.py) for ``x``'s device, or None where it
+    cannot run (then ``mome_decode_reference``; bench/count_ops.py stands in for it on a CPU)."""
+    from ...kernels import triton_ops
+
+    return triton_ops.cuda_kernel(x, "mome", "mome_decode_triton")
 
 
 class MLAAttention(nn.Module):
@@ -118,8 +126,8 @@ class MLAAttention(nn.Module):
         kv_in, k_pe = self.kv_a_proj(h).split([self.kv_rank, self.rope_dim], dim=-1)
         c = self.kv_a_norm(self._mome(1, kv_in.contiguous(), prev[1], positions)).float()
         cos, sin = self._rope_tables(positions)
-        q_pe = q_pe * cos[:, None] + rotate_half(q_pe) * sin[:, None]
-        k_pe = k_pe.float() * cos + rotate_half(k_pe.float()) * sin
+        q_pe = rotate_neox_folded(q_pe, cos[:, None], sin[:, None])
+        k_pe = rotate_neox_folded(k_pe.float(), cos, sin)
         new = {"c": c, "kpe": k_pe, "qa_in": qa_in, "kv_in": kv_in}
 
         def with_new(old: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
@@ -143,28 +151,31 @@ class MLAAttention(nn.Module):
         keys_pe = torch.cat([self.sink_pe, keys_pe], dim=-2)
         visible = torch.cat([visible.new_ones(n, self.sink_c.shape[0]), visible], dim=1)
         q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
+        masked = ~visible
         # a long prefill chunk: bound the [rows, heads, keys] score tensors
         ctx = torch.cat([self._attend(q_abs[i:i + PREFILL_ROWS], q_pe[i:i + PREFILL_ROWS], keys_c, keys_pe,
-                                      visible[i:i + PREFILL_ROWS], "") for i in range(0, n, PREFILL_ROWS)])
+                                      masked[i:i + PREFILL_ROWS], "") for i in range(0, n, PREFILL_ROWS)])
         o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(h.dtype)
         new["o_in"] = o_in
         return self.o_proj(self._mome(2, o_in, prev[2], positions)), new
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for ``positions``; in a cached step shared by every layer with this rotary embedding."""
+        """cos and the folded sin (``rope.fold_sin``) for ``positions``; in a cached step shared by
+        every layer with this rotary embedding."""
+        def tables():
+            cos, sin = self.rope(positions)
+            return cos, fold_sin(sin)
         batch = current_batch()
         if batch is None or batch.positions is not positions:
-            return self.rope(positions)
-        key = ("rope", id(self.rope))
-        if key not in batch.memo:
-            batch.memo[key] = self.rope(positions)
-        return batch.memo[key]
+            return tables()
+        return self._decode_memo(batch, ("rope", id(self.rope)), tables)
 
-    def _attend(self, q_abs, q_pe, keys_c, keys_pe, visible, per_row: str) -> torch.Tensor:
-        """Absorbed attention -> the latent context ``[n, heads, rank]``; ``per_row`` "n": keys per row."""
+    def _attend(self, q_abs, q_pe, keys_c, keys_pe, masked, per_row: str) -> torch.Tensor:
+        """Absorbed attention -> the latent context ``[n, heads, rank]``; ``masked [n, s]``: the keys
+        a row does not see; ``per_row`` "n": keys per row."""
         k = per_row
         scores = torch.einsum(f"nhr,{k}sr->nhs", q_abs, keys_c) + torch.einsum(f"nhd,{k}sd->nhs", q_pe, keys_pe)
-        probs = torch.softmax((scores * self.scale).masked_fill(~visible[:, None], float("-inf")), dim=-1)
+        probs = torch.softmax((scores * self.scale).masked_fill(masked[:, None], float("-inf")), dim=-1)
         return torch.einsum(f"nhs,{k}sr->nhr", probs, keys_c)
 
     def empty_history(self, like: torch.Tensor) -> dict:
@@ -235,6 +246,23 @@ class MLAAttention(nn.Module):
         where = pages * page_size + safe % page_size
         return torch.where(exists, hist_pos, torch.full_like(hist_pos, INVALID)), where
 
+    @staticmethod
+    def _decode_memo(batch: ForwardBatch, key: tuple, make):
+        """``make()``, computed once per decode step (the model clears ``batch.memo`` per step)."""
+        if key not in batch.memo:
+            batch.memo[key] = make()
+        return batch.memo[key]
+
+    def _decode_conv_rows(self, batch: ForwardBatch) -> tuple[torch.Tensor, tuple]:
+        """Each decode row's MoME window in the conv rings ``[n, K]`` (oldest first, its own entry
+        last) and ``ShortConv.active``: the same for every layer of the step."""
+        width, pos = self.convs[0].width, batch.positions
+
+        def make():
+            rows = (pos[:, None] + torch.arange(1 - width, 1, device=pos.device)[None, :]) % CONV_RING
+            return rows, self.convs[0].active(pos)
+        return self._decode_memo(batch, ("mla_conv_rows", width), make)
+
     def _forward_decode(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """One query per row at its own position, from device tensors only (no host values, fixed
         shapes), so that the step can be captured in a CUDA graph.
@@ -246,25 +274,30 @@ class MLAAttention(nn.Module):
         paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
         pos, seq_slots, n, heads = batch.positions, batch.seq_slots, x.shape[0], self.num_heads
         if self.convs is not None:
-            k = self.convs[0].width - 1
-            ring_rows = (pos[:, None] + torch.arange(-k, 0, device=x.device)[None, :]) % CONV_RING
+            window_rows, active = self._decode_conv_rows(batch)
+            write_rows = window_rows[:, -1]
 
         def conv(which: int, value: torch.Tensor) -> torch.Tensor:
             if self.convs is None:
                 return value
             ring = slots[CONV_INPUTS[which]]
-            ring.index_put_((seq_slots, pos % CONV_RING), value.to(ring.dtype))
-            return self._mome(which, value, ring[seq_slots[:, None], ring_rows], pos)
+            ring.index_put_((seq_slots, write_rows), value.to(ring.dtype))
+            # the window read back whole, the row's own input last: no concatenation
+            weight = self.convs[which].weight
+            fused = _fused_mome(value)
+            if fused is not None:  # one kernel instead of five
+                return fused(ring, weight, seq_slots, pos, value.dtype)
+            return mome_decode_reference(ring, weight, seq_slots, pos, value.dtype, window_rows, active)
 
         qa_in = self.q_a_proj(x)
         kv_in, k_pe = self.kv_a_proj(x).split([self.kv_rank, self.rope_dim], dim=-1)
         q_lora = self.q_a_norm(conv(0, qa_in))
-        c = self.kv_a_norm(conv(1, kv_in.contiguous())).float()
+        c = self.kv_a_norm(conv(1, kv_in))  # model dtype, as the cache keeps it
         q = self.q_b_proj(q_lora).float().view(n, heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         cos, sin = self._rope_tables(pos)
-        q_pe = q_pe * cos[:, None] + rotate_half(q_pe) * sin[:, None]
-        k_pe = k_pe.float() * cos + rotate_half(k_pe.float()) * sin
+        q_pe = rotate_neox_folded(q_pe, cos[:, None], sin[:, None])
+        k_pe = rotate_neox_folded(k_pe.float(), cos, sin, paged["kpe"].dtype)  # only the cache reads it
         new = {"c": c, "kpe": k_pe}
         if self.indexer is not None:
             new["kidx"] = self.indexer.keys(x, cos, sin)
@@ -274,18 +307,25 @@ class MLAAttention(nn.Module):
 
         # the same for every layer of this kind in the step (the model clears the memo per step)
         key = ("mla_decode_history", self.ring, self.window)
-        if key not in batch.memo:
-            batch.memo[key] = self._decode_history_index(batch)
-        hist_pos, where = batch.memo[key]
-        visible = hist_pos <= pos[:, None]  # INVALID entries are never visible
-        keys_c, keys_pe = paged["c"].flatten(0, 1)[where].float(), paged["kpe"].flatten(0, 1)[where].float()
+
+        def history():
+            hist_pos, where = self._decode_history_index(batch)
+            return where, hist_pos <= pos[:, None]  # INVALID entries are never visible
+        where, visible = self._decode_memo(batch, key, history)
+        sinks = self.sink_c.shape[0]
         if self.indexer is not None:
             q_idx, w_idx = self.indexer.queries(q_lora, x, cos, sin)
-            visible = self.indexer.select(q_idx, w_idx, paged["kidx"].flatten(0, 1)[where], visible)
-        keys_c = torch.cat([self.sink_c.expand(n, -1, -1), keys_c], dim=1)  # sinks first, always visible
-        keys_pe = torch.cat([self.sink_pe.expand(n, -1, -1), keys_pe], dim=1)
-        visible = torch.cat([visible.new_ones(n, self.sink_c.shape[0]), visible], dim=1)
+            not_candidate = self._decode_memo(batch, key + ("not_candidate",), lambda: ~visible)
+            lead_shown = self._decode_memo(batch, key + ("lead_shown", sinks), lambda: torch.cat(
+                [visible.new_zeros(n, sinks), visible.new_ones(visible.shape)], dim=1))
+            masked = self.indexer.hidden(q_idx, w_idx, paged["kidx"].flatten(0, 1)[where], not_candidate, lead_shown)
+        else:  # sinks first, always visible
+            masked = self._decode_memo(batch, key + ("masked", sinks), lambda: ~torch.cat(
+                [visible.new_ones(n, sinks), visible], dim=1))
+        # sinks first; cat promotes the cached rows to fp32 in the same kernel
+        keys_c = torch.cat([self.sink_c.expand(n, -1, -1), paged["c"].flatten(0, 1)[where]], dim=1)
+        keys_pe = torch.cat([self.sink_pe.expand(n, -1, -1), paged["kpe"].flatten(0, 1)[where]], dim=1)
         q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
-        ctx = self._attend(q_abs, q_pe, keys_c, keys_pe, visible, "n")
+        ctx = self._attend(q_abs, q_pe, keys_c, keys_pe, masked, "n")
         o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(x.dtype)
         return self.o_proj(conv(2, o_in))

@@ -106,6 +106,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def fold_sin(sin: torch.Tensor) -> torch.Tensor:
+    """NEOX ``sin [..., D]`` with the sign of ``rotate_half`` folded in: ``[-sin_lo, sin_hi]``."""
+    lo, hi = sin.chunk(2, dim=-1)
+    return torch.cat([-lo, hi], dim=-1)
+
+
+def rotate_neox_folded(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` with ``sin_folded = fold_sin(sin)``: the same values
+    (negating is exact either side of the product) in four kernels instead of five.
+    ``out_dtype``: the sum rounded to it as it is stored (a cast without its own kernel)."""
+    a, b = x * cos, x.roll(x.shape[-1] // 2, dims=-1) * sin_folded
+    if out_dtype is None:
+        return a + b
+    return torch.add(a, b, out=a.new_empty(torch.broadcast_shapes(a.shape, b.shape), dtype=out_dtype))
+
+
 def apply_rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [B, H, T, D]`` with ``cos``/``sin [B, T, D]`` (pairs (i, i + D/2))."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)

@@ -17,6 +17,21 @@ import torch
 from torch import nn
 
 
+def mome_decode_reference(ring: torch.Tensor, weight: torch.Tensor, seq_slots: torch.Tensor,
+                          positions: torch.Tensor, dtype: torch.dtype, width_rows: torch.Tensor | None = None,
+                          active=None) -> torch.Tensor:
+    """One decode row per sequence position: its window read back from ``ring [slots, R, C]``
+    (the row's own input already stored at ``pos % R``), then ``ShortConv.mix`` with ``weight
+    [K, C]``. ``width_rows [n, K]`` / ``active``: the ring rows and ``ShortConv.active`` if
+    already computed (once per decode step). kernels/triton_mome.py does this in one kernel."""
+    k = weight.shape[0]
+    if width_rows is None:
+        width_rows = (positions[:, None] + torch.arange(1 - k, 1, device=positions.device)[None, :]) % ring.shape[1]
+    if active is None:
+        active = ShortConv.active_rows(positions, k)
+    return ShortConv.mix_windows(ring[seq_slots[:, None], width_rows].to(dtype), weight, active)
+
+
 def sliding_windows(x: torch.Tensor, previous: torch.Tensor, width: int) -> torch.Tensor:
     """Consecutive rows ``x [n, C]`` of one sequence, preceded by ``previous [width-1, C]`` (the
     inputs just before them) -> each row's window ``[n, width, C]`` (oldest first)."""
@@ -31,7 +46,8 @@ class ShortConv(nn.Module):
         super().__init__()
         if weight.dim() != 3 or weight.shape[1] != 1:
             raise ValueError(f"a depthwise conv weight is [C, 1, K], got {list(weight.shape)}")
-        self.register_buffer("weight", weight[:, 0, :].t().contiguous())  # [K, C]
+        # [K, C] fp32: the products are fp32 whatever the checkpoint stores (the reference casts up)
+        self.register_buffer("weight", weight[:, 0, :].t().float().contiguous())
 
     @property
     def width(self) -> int:
@@ -43,7 +59,27 @@ class ShortConv(nn.Module):
 
     def forward(self, windows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``windows [n, K, C]`` (last entry = the current input), ``positions [n]`` -> ``x + conv(x)``."""
+        return self.mix(windows, self.active(positions))
+
+    def active(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.active_rows(positions, self.width)
+
+    def mix(self, windows: torch.Tensor, active: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``forward`` with ``active()`` given (a decode step computes it once for every layer)."""
+        return self.mix_windows(windows, self.weight, active)
+
+    @staticmethod
+    def active_rows(positions: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows whose conv term applies (the start-of-sequence rule), ``[n, 1]`` bool, and
+        the 0 that replaces the term elsewhere (a device scalar: no fill per use)."""
+        return (positions >= width - 1)[:, None], positions.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def mix_windows(windows: torch.Tensor, weight: torch.Tensor, active: tuple[torch.Tensor, torch.Tensor]):
         x = windows[:, -1]
-        term = (windows.float() * self.weight[None]).sum(1)
-        term = torch.where((positions >= self.width - 1)[:, None], term, torch.zeros_like(term))
-        return (x.float() + term).to(x.dtype)
+        on, zero = active
+        # fp32 weights promote the products and the sum with ``x`` to fp32 inside one kernel each,
+        # the same values as casting first (a decode step's kernel count is its cost)
+        term = torch.where(on, (windows * weight).sum(1), zero)
+        # the fp32 sum rounded to x's dtype as it is stored: ``(x + term).to(x.dtype)`` in one kernel
+        return torch.add(x, term, out=x.new_empty(x.shape))

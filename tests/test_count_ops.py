@@ -1,0 +1,64 @@
+"""bench/count_ops.py counts the kernels a decode step launches (issue 8): checked on ops whose
+kernel count is known by hand, then on the tiny synthetic OpenPanguV2's decode step."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import count_ops  # noqa: E402
+
+from exl3_triton.arch.blocks.norm import RMSNorm  # noqa: E402
+
+
+def _count(fn, gpu_like=True):
+    modules = count_ops._ModuleStack()
+    counter = count_ops.OpCounter(modules)
+    fused = count_ops.gpu_fused_kernels(counter) if gpu_like else contextlib.nullcontext()
+    with torch.inference_mode(), modules, fused, counter:
+        fn()
+    return [op for _, op in counter.ops]
+
+
+def test_casts_that_change_nothing_and_views_launch_nothing_and_composites_decompose():
+    x, w = torch.randn(2, 3, 4), torch.randn(3, 4, 5)
+    assert _count(lambda: x.float().view(6, 4).t()) == []
+    assert _count(lambda: x.half()) == ["aten._to_copy"]
+    assert _count(lambda: torch.einsum("nhd,hdr->nhr", x, w)) == ["aten.bmm"]
+
+
+def test_rms_norm_counts_as_the_cuda_fused_kernel_or_its_cpu_reference():
+    norm = RMSNorm(torch.ones(8), 1e-5)
+    x = torch.randn(2, 8, dtype=torch.float16)
+    assert _count(lambda: norm(x)) == ["aten._to_copy", "fused.rms_norm", "aten._to_copy"]
+    assert _count(lambda: norm(x), gpu_like=False) == ["aten._to_copy", "aten.pow", "aten.mean", "aten.add",
+                                                       "aten.rsqrt", "aten.mul", "aten.mul", "aten._to_copy"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pangu():
+    from synthetic import SyntheticCheckpoint
+
+    from exl3_triton.model import load_checkpoint
+
+    ckpt = SyntheticCheckpoint("openpangu-tiny", bits=4, head_bits=4, device="cpu", dtype=torch.float16)
+    return load_checkpoint(ckpt, device="cpu", dtype=torch.float16)
+
+
+def test_decode_step_counts_every_layer_and_the_fused_kernels(tiny_pangu):
+    res = count_ops.count_decode_step(tiny_pangu, batch=1, prefill_len=20)
+    layers = [k for k in res["per_layer"] if k.startswith("layer")]
+    assert layers == ["layer0:dsa-dense-postnorm", "layer1:swa-moe", "layer2:swa-moe", "layer3:dsa-moe"]
+    ops = res["per_op_outside_matmuls"]
+    # per trunk layer: two mHC sites; three MoME convolutions in MLA
+    assert ops["triton.mhc_weights"] == 2 * len(layers)
+    assert ops["triton.mome_decode"] == 3 * len(layers)
+    # the indexer's top-k on the DSA layers, the router's on the MoE layers
+    assert ops["aten.topk"] == 2 + 3
+    assert res["ops_in_matmuls"] > 0
+    assert res["ops_total"] == res["ops_outside_matmuls"] + res["ops_in_matmuls"]
