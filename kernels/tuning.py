@@ -23,7 +23,9 @@ GRAPH_ROTATE_IN_KERNEL = True
 # 3-4 rows (a step verifying 2-3 drafted tokens) of a small weight: blocks of 4 rows instead of 16.
 # Measured in CUDA graphs (bench/verify_rows.py, H100, bench/results/verify-rows-2026-11-22-H100.json):
 # 2560x2560 4 rows 20.2 vs 26.7 us, 2560x7680 32.0 vs 34.8 us; but 8192x8192 73.1 vs 69.6 us and
-# 5376x21504 116.7 vs 105.5 us, so large weights keep the 16-row blocks.
+# 5376x21504 116.7 vs 105.5 us, so large weights keep the 16-row blocks. These 4-row blocks rotate x
+# in the kernel (one launch instead of two): openPangu-2.0-Flash's MTP step (4 rows) 36.2 -> 35.4 ms
+# (bench/decode.py --mtp 3, bench/results/decode-openpangu-flash-2026-11-22-H100-mtp160-rot4.json).
 SMALL_WEIGHT = 2560 * 7680
 
 
@@ -50,7 +52,7 @@ def gemm_config(rows: int, in_features: int, out_features: int, capturing: bool 
     if rows == 2:
         return GemmConfig(block_m=2, btk=1, num_warps=4)
     if rows <= 4 and in_features * out_features <= SMALL_WEIGHT:
-        return GemmConfig(block_m=4, btk=2, num_warps=4)
+        return GemmConfig(block_m=4, btk=2, num_warps=4, rotate_in_kernel=True)
     if rows <= 16:
         return GemmConfig(block_m=16, btk=2, num_warps=4)
     return GemmConfig(block_m=32, btk=1, num_warps=8)

@@ -82,7 +82,8 @@ GEMM_CASES = [  # (rows, bits, codebook, config kwargs)
     (5, 6, Codebook.MCG, dict(block_m=16, btk=2, rotate_in_kernel=True)),
     (17, 8, Codebook.MCG, dict(block_m=16, btk=2, split_k=2)),
     (33, 1.5, Codebook.MUL1, dict(block_m=32, btk=2, rotate_in_kernel=True, split_k=2)),
-    (18, 4, Codebook.MCG, dict(block_m=16, btk=1, split_k=16)),  # partials summed in two load groups
+    (18, 4, Codebook.MCG, dict(block_m=16, btk=1, split_k=16)),
+    (4, 4, Codebook.MCG, dict(block_m=4, btk=2, rotate_in_kernel=True, split_k=2)),  # verification rows
 ]
 
 
