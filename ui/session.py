@@ -267,6 +267,7 @@ class ModelSession:
         prompt = tok.apply_chat_template(messages) if tok.chat_template else message
         if not self.lock.acquire(blocking=False):
             raise InvalidArgumentError("a reply is still being written; press Stop first")
+        last = None
         try:
             job = self.generator.enqueue(Job(prompt, max_new_tokens=max_new, sampling=chat.sampling()))
             self._job = job
@@ -276,11 +277,17 @@ class ModelSession:
                     if ev.job is not job:
                         continue
                     text += ev.text
-                    if ev.text or ev.finished:
+                    if ev.finished:
+                        last = self._update(job, text, ev)
+                    elif ev.text:
                         yield self._update(job, text, ev)
         finally:
             self._job = None
             self.lock.release()
+        # The finished update goes out only once the session is free again: a page that shows
+        # "finished" must accept the next message at once (the browser test raced this).
+        if last is not None:
+            yield last
 
     def _update(self, job, text: str, ev) -> ReplyUpdate:
         stats = job.stats
