@@ -142,13 +142,13 @@ def _exl3_moe_grouped_kernel(
 
 
 _decode = FastLauncher(_exl3_moe_decode_kernel)
+_grouped = FastLauncher(_exl3_moe_grouped_kernel)
 
 
 def reduction_group(split: int, top_k: int) -> int:
     """Split-K partials per slot that the reducing program loads at once: all of a token's slots
     times up to 32 // top_k splits (registers), a power of two."""
     return min(next_power_of_2(split), max(1, 32 // next_power_of_2(top_k)))
-_grouped = FastLauncher(_exl3_moe_grouped_kernel)
 
 
 # ------------------------------------------------------------------ launch

@@ -38,10 +38,10 @@ def option_fraction(name: str, value) -> float | None:
     if value is None:
         return None
     try:
-        number = float(value) if not isinstance(value, bool) else None
+        number = float(value)
     except (TypeError, ValueError):
         number = None
-    if number is None or not 0.0 <= number <= 1.0:
+    if isinstance(value, bool) or number is None or not 0.0 <= number <= 1.0:
         raise InvalidArgumentError(f"option {name}: expected a number from 0 to 1, got {value!r}")
     return number
 
