@@ -28,3 +28,16 @@ def cached_logits(model, ids: list[int], chunks: list[int], *, page_size: int = 
         seq.num_tokens += n
         pos += n
     return torch.cat(out)
+
+
+def record_hidden_requests(gen) -> list[bool]:
+    """Spy on a ``Generator``'s runner: the list fills with each step's ``return_hidden``, i.e. whether
+    the step was asked to return the trunk's hidden rows."""
+    asked, run = [], gen.runner.run
+
+    def recording(items, **kw):
+        asked.append(kw.get("return_hidden", False))
+        return run(items, **kw)
+
+    gen.runner.run = recording
+    return asked

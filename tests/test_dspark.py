@@ -21,6 +21,8 @@ from exl3_triton.runtime.cache import PagedCache
 from exl3_triton.runtime.drafting_options import DraftOptions
 from exl3_triton.runtime.runner import ModelRunner, StepItem
 
+from .runtime_helpers import record_hidden_requests
+
 HIDDEN, VOCAB, RANK, BLOCK, WINDOW, NOISE = 256, 512, 128, 3, 16, 511
 TARGETS = [1, 3]
 
@@ -304,9 +306,14 @@ def test_speculative_greedy_equals_plain_and_rollback_equals_fresh_run(golden, t
         return out
 
     gen.drafter.propose, model.network.draft_block = recording, recording_block
+    # the block drafter observes every step but reads no hidden rows: the runner must not be asked for them
+    hidden_asked, observed, observe = record_hidden_requests(gen), [], gen.drafter.observe
+    gen.drafter.observe = lambda updates: observed.append([u[2] for u in updates]) or observe(updates)
     jobs = [gen.enqueue(Job(p, max_new_tokens=24, stop_tokens=[])) for p in prompts]
     list(gen.iterate())
     assert [j.output_ids for j in jobs] == outputs
+    assert hidden_asked and not any(hidden_asked)
+    assert observed and all(h is None for rows in observed for h in rows)
     stats = gen.draft_stats
     assert stats.total_accepted > 0 and stats.total_rejected > 0 and stats.mean_tokens_per_step > 1
     assert sum(j.stats.draft.total_accepted for j in jobs) == stats.total_accepted

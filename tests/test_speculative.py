@@ -17,6 +17,7 @@ from exl3_triton.runtime.drafting_options import DraftOptions
 from exl3_triton.runtime.sampling import RowState, verify_drafts
 
 from .mtp_toy import ToyMtpLM
+from .runtime_helpers import record_hidden_requests
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +98,11 @@ def test_mtp_greedy_equals_plain_and_drafts_equal_uncached_recomputation(model, 
     gen = Generator(toy, max_batch_size=4, max_seq_len=128, chunk_size=8,  # prompts span several chunks
                     draft=DraftOptions(mode="mtp", num_tokens=3))
     proposals = _record_proposals(gen)
+    hidden_asked = record_hidden_requests(gen)  # the MTP layers read the trunk's hidden rows of every step
     jobs = [gen.enqueue(Job(p, max_new_tokens=16, stop_tokens=[])) for p in prompts[:batch]]
     list(gen.iterate())
     assert [j.output_ids for j in jobs] == plain_outputs[:batch]
+    assert hidden_asked and all(hidden_asked)
     stats = gen.draft_stats
     assert stats.total_accepted > 0 and stats.total_rejected > 0
     # the cached MTP layers, caught up after every partial acceptance, draft exactly what a

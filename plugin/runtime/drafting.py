@@ -7,8 +7,10 @@ How a step goes (``Generator`` drives it):
    ``sampling.verify_drafts`` keeps the longest acceptable prefix plus one token of the
    target's own, and the job's cache forgets the positions of rejected drafts (all decode
    state is indexed by position, so that is just lowering ``num_tokens``).
-3. ``observe(...)``: the drafter learns what was verified (the MTP drafter runs its layers
-   over the new positions here, which also yields the next step's drafts).
+3. ``observe(updates)``, for drafters that set ``observes``: the drafter learns what was
+   verified (the MTP drafter runs its layers over the new positions here, which also yields
+   the next step's drafts; the block drafter drafts its next blocks). ``Drafter`` describes
+   the update rows and ``needs_hidden``.
 
 Every drafter drafts deterministically (lookup, greedy draft model, greedy MTP), which keeps
 verification exact for sampled output too (see ``verify_drafts``).
@@ -24,11 +26,33 @@ from .drafting_options import check_rollback
 from .runner import ModelRunner, StepItem
 
 
-class NgramDrafter:
+class Drafter:
+    """What the generator asks of a drafter. Two class attributes say what it needs after each step:
+
+    * ``observes``: call ``observe(updates)`` after every target step, with one ``(job, first, hidden)``
+      per job still running: the step verified its positions ``first, first + 1, ...`` up to the job's
+      cached length.
+    * ``needs_hidden`` (only with ``observes``): ``hidden`` holds the trunk's hidden rows of those
+      positions ``[n, ...]``, and the generator asks the runner to return them; otherwise ``hidden`` is
+      None and the step returns no hidden rows (returning them costs a copy of every fed row).
+    """
+
+    observes = False
+    needs_hidden = False
+
+    def propose(self, job, k: int) -> list[int]:
+        raise NotImplementedError
+
+    def observe(self, updates: list[tuple[object, int, torch.Tensor | None]]) -> None:
+        pass
+
+    def release(self, job) -> None:
+        pass
+
+
+class NgramDrafter(Drafter):
     """Drafts by lookup: find the most recent earlier occurrence of the last n tokens (longest n
     first, from ``ngram_max`` down to ``ngram_min``) and propose the tokens that followed it."""
-
-    needs_hidden = False
 
     def __init__(self, ngram_min: int = 1, ngram_max: int = 4):
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
@@ -42,22 +66,14 @@ class NgramDrafter:
                     return tokens[i + n:i + n + k]
         return []
 
-    def observe(self, *args, **kwargs) -> None:
-        pass
 
-    def release(self, job) -> None:
-        pass
-
-
-class DraftModelDrafter:
+class DraftModelDrafter(Drafter):
     """Drafts with a separate, smaller model of the same vocabulary, run greedily in its own cache.
 
     Each job has a sequence in the draft model's cache holding the tokens fed so far; before
     drafting, the cache forgets everything after the part that still agrees with the job's
     verified tokens and catches up on the rest.
     """
-
-    needs_hidden = False
 
     def __init__(self, draft_model, target_vocab: int, *, max_batch_size: int, max_seq_len: int,
                  max_draft: int, page_size: int, chunk_size: int):
@@ -110,16 +126,13 @@ class DraftModelDrafter:
             pending = [token]
         return drafts
 
-    def observe(self, *args, **kwargs) -> None:
-        pass
-
     def release(self, job) -> None:
         entry = self.seqs.pop(job.id, None)
         if entry is not None:
             self.cache.release(entry[0])
 
 
-class MtpDrafter:
+class MtpDrafter(Drafter):
     """Drafts with the checkpoint's MTP layers (``CausalLM.mtp_forward``), greedily.
 
     Depth d at position p reads the previous depth's hidden state at p (depth 1: the trunk's)
@@ -130,7 +143,7 @@ class MtpDrafter:
     at the last cached position, chained through the depths, give the next drafts.
     """
 
-    needs_hidden = True
+    observes = needs_hidden = True  # depth 1 reads the trunk's hidden rows
 
     def __init__(self, network, runner: ModelRunner):
         self.network, self.runner, self.depth = network, runner, network.mtp_depth
@@ -187,7 +200,7 @@ class MtpDrafter:
                         del here[p]
 
 
-class BlockDrafter:
+class BlockDrafter(Drafter):
     """Drafts with a block drafter (DeepSeek-V4 DSpark, ``CausalLM.draft_block``): after every step,
     one drafter forward for all jobs that are ready to decode, each seeded with its last sampled
     token at its cached length.
@@ -199,7 +212,8 @@ class BlockDrafter:
     ``confidence_threshold``.
     """
 
-    needs_hidden = True  # for ``observe`` after each step; the hidden rows themselves are not needed
+    observes = True  # drafts the next blocks after each step; the trunk's forward already wrote the
+    # drafter's state (main-kv rows), so it needs no hidden rows (``needs_hidden`` stays False)
 
     def __init__(self, network, cache: PagedCache, confidence_threshold: float):
         self.network, self.cache, self.threshold = network, cache, confidence_threshold
@@ -212,7 +226,7 @@ class BlockDrafter:
         self.drafts.pop(job.id, None)
 
     @torch.inference_mode()
-    def observe(self, updates: list[tuple[object, int, torch.Tensor]]) -> None:
+    def observe(self, updates: list[tuple[object, int, torch.Tensor | None]]) -> None:
         ready = []
         for job, _, _ in updates:
             self.drafts.pop(job.id, None)

@@ -242,7 +242,8 @@ class Generator:
         items = self._plan(events)
         if not items:
             return events
-        needs_hidden = self.drafter is not None and self.drafter.needs_hidden
+        observes = self.drafter is not None and self.drafter.observes
+        needs_hidden = observes and self.drafter.needs_hidden  # hidden rows only for a drafter that reads them
         try:
             out = self.runner.run(items, return_hidden=needs_hidden)
         except torch.cuda.OutOfMemoryError as e:  # lose the step's jobs, not the generator
@@ -252,22 +253,23 @@ class Generator:
         logits, hidden = out if needs_hidden else (out, None)
         planned = list(zip(self._planned_jobs, items))
         # where each job's fed rows start, read before verification forgets rejected positions
-        firsts = {job.id: it.seq.num_tokens - len(it.tokens) for job, it in planned} if needs_hidden else None
+        firsts = {job.id: it.seq.num_tokens - len(it.tokens) for job, it in planned} if observes else None
         self._postprocess([(job, it.num_logits) for job, it in planned if it.want_logits], logits, events)
         self._register_prefixes()
-        if needs_hidden:
+        if observes:
             self._observe_drafts(planned, firsts, hidden)
         return events
 
     def _observe_drafts(self, planned, firsts, hidden) -> None:
-        """Hand the drafter the trunk's hidden rows of every position this step verified."""
+        """Tell the drafter which positions this step verified, with the trunk's hidden rows of them
+        if it asked for those (``hidden`` is None otherwise)."""
         updates, row = [], 0
         for job, it in planned:
             first_row, row = row, row + len(it.tokens)  # rows are packed in plan order
             if job.status != JobStatus.RUNNING or job.cache is None:
                 continue
             kept = job.cache.num_tokens - firsts[job.id]  # rows whose tokens stayed in the cache
-            updates.append((job, firsts[job.id], hidden[first_row:first_row + kept]))
+            updates.append((job, firsts[job.id], None if hidden is None else hidden[first_row:first_row + kept]))
         if updates:
             self.drafter.observe(updates)
 
