@@ -179,8 +179,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--draft-model", default=None, help="draft model directory (same tokenizer) for --draft-mode model")
     d.add_argument("--dynamic-draft", action="store_true", help="adapt the draft length to measured acceptance")
     d.add_argument("--draft-confidence", type=float, default=None,
-                   help="block drafters (DeepSeek-V4 DSpark): propose drafts while the confidence head reaches this "
-                        "(0 to 1; default 0.3)")
+                   help="block drafters (DeepSeek-V4 DSpark, --draft-mode mtp): propose drafts while the confidence "
+                        "head reaches this (0 to 1; default 0.3); an error for models and modes without one")
 
 
 def _job_kwargs(args: argparse.Namespace) -> dict:
@@ -197,16 +197,15 @@ def _job_kwargs(args: argparse.Namespace) -> dict:
 def _load_for_generation(args: argparse.Namespace):
     from .model import load
     from .runtime import Generator
+    from .runtime.drafting_options import DraftOptions, check_confidence_mode
 
+    check_confidence_mode("--draft-confidence", args.draft_confidence, args.draft_mode)  # before the slow load
     model = load(args.model_dir, device=args.device, dtype=args.dtype,
                  backend=None if args.backend == "auto" else args.backend)
     if model.tokenizer is None:
         raise InvalidArgumentError(f"{args.model_dir} has no tokenizer.json, so text cannot be generated")
-    from .runtime.drafting_options import DraftOptions
-
-    gate = {} if args.draft_confidence is None else {"confidence_threshold": args.draft_confidence}
     draft = DraftOptions(mode=args.draft_mode, num_tokens=args.draft_tokens, dynamic=args.dynamic_draft,
-                         model_dir=args.draft_model, **gate)
+                         model_dir=args.draft_model, confidence_threshold=args.draft_confidence)
     gen = Generator(model, max_batch_size=1, max_seq_len=args.max_seq_len, cache_tokens=args.cache_tokens,
                     draft=draft)
     return model, gen

@@ -410,11 +410,42 @@ def test_cli_maps_the_confidence_gate(golden, tmp_path, monkeypatch):
     _dspark_checkpoint(golden, tmp_path / "m")
     made = []
     monkeypatch.setattr(exl3_triton.runtime, "Generator", lambda model, **kw: made.append(kw) or kw)
-    for extra, gate in (([], 0.3), (["--draft-confidence", "0.7"], 0.7)):
+    for extra, gate in (([], None), (["--draft-confidence", "0.7"], 0.7)):  # None: the drafter's default
         args = build_parser().parse_args(["generate", str(tmp_path / "m"), "--prompt", "x", "--device", "cpu",
                                           "--draft-mode", "mtp", "--draft-tokens", "2", *extra])
         _load_for_generation(args)
         assert made[-1]["draft"] == DraftOptions(mode="mtp", num_tokens=2, confidence_threshold=gate)
+
+
+@pytest.mark.parametrize("mode", ["ngram", "model", "disabled"])
+def test_cli_refuses_the_confidence_gate_where_nothing_reads_it(golden, tmp_path, capsys, mode):
+    from exl3_triton.cli import main
+
+    _dspark_checkpoint(golden, tmp_path / "m")
+    extra = ["--draft-model", str(tmp_path / "m")] if mode == "model" else []
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "x", "--device", "cpu", "--draft-mode", mode,
+                 "--draft-confidence", "0.5", *extra]) == 2
+    assert f"--draft-confidence=0.5 has no effect with draft mode '{mode}'" in capsys.readouterr().err
+
+
+def test_host_loads_apply_the_confidence_gate(golden, tmp_path, monkeypatch):
+    """TabbyAPI's ``draft_model`` block through the hosts' generator factory: mode mtp drafts with the
+    block drafter (a checkpoint with no classic MTP layers), at the gate set or ExLlamaV3's default 0.3."""
+    import functools
+
+    import exl3_triton.runtime.generator as generator
+    from exl3_triton.integrations.common import HostOptions, make_generator
+    from exl3_triton.integrations.tabby_options import draft_options
+
+    # the CPU's default 16-token pages do not fit the model's 128-token compression (CUDA's 256 do)
+    monkeypatch.setattr(generator, "Generator", functools.partial(generator.Generator, page_size=128))
+    _dspark_checkpoint(golden, tmp_path / "m")
+    model = exl3_triton.load(tmp_path / "m")
+    assert model.network.mtp_depth == 0
+    for block, gate in (({"draft_confidence": 0.5}, 0.5), ({}, 0.3)):
+        opts, _ = draft_options({"draft_mode": "mtp", "draft_num_tokens": BLOCK, **block})
+        gen = make_generator(model, HostOptions(max_seq_len=64, draft=opts))
+        assert type(gen.drafter).__name__ == "BlockDrafter" and gen.drafter.threshold == gate
 
 
 def test_teacher_forced_acceptance_per_draft_position(golden, tmp_path):

@@ -199,6 +199,17 @@ def test_bad_draft_options(model):
     toy = _toy(model, depth=2)
     with pytest.raises(InvalidArgumentError, match="at most 2"):
         Generator(toy, draft=DraftOptions(mode="mtp", num_tokens=3))
+    # a confidence gate only a block drafter reads is refused where nothing would read it, not ignored
+    for mode in ("ngram", "model", "disabled"):
+        with pytest.raises(InvalidArgumentError, match=f"threshold=0.5 has no effect with draft mode '{mode}'"):
+            DraftOptions(mode=mode, confidence_threshold=0.5)
+    gated = DraftOptions(mode="mtp", num_tokens=2, confidence_threshold=0.5)
+    with pytest.raises(InvalidArgumentError, match="confidence_threshold=0.5.*drafts with its 2 MTP layers"):
+        Generator(toy, draft=gated)
+    from exl3_triton.integrations.common import HostOptions, make_generator
+
+    with pytest.raises(InvalidArgumentError, match="draft_model.draft_confidence"):  # what a TabbyAPI load reports
+        make_generator(toy, HostOptions(max_seq_len=64, draft=gated))
     gen = Generator(model, draft=DraftOptions(mode="ngram", num_tokens=2))
     with pytest.raises(InvalidArgumentError, match="draft_tokens"):
         gen.enqueue(Job([1, 2, 3], draft_tokens=5))

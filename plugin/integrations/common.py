@@ -133,7 +133,8 @@ def make_generator(model, options: HostOptions):
     from ..runtime.generator import Generator
 
     kwargs = options.generator_kwargs()
-    if options.draft.mode == "mtp" and not getattr(model.network, "mtp_depth", 0):
+    net = model.network  # mode "mtp" drafts with MTP layers or a block drafter (DeepSeek-V4 DSpark)
+    if options.draft.mode == "mtp" and not getattr(net, "mtp_depth", 0) and getattr(net, "block_drafter", None) is None:
         raise InvalidArgumentError(f"draft mode 'mtp': {model.checkpoint.model_dir} has no MTP draft layers; "
                                    "choose draft mode ngram, model or disabled")
     return Generator(model, draft=options.draft, **kwargs)

@@ -11,7 +11,9 @@ Plugin-only keys, read from the model's ``tabby_config.yml`` (TabbyAPI's ``confi
 unknown keys): under ``model:`` -- ``device`` (cpu, cuda, cuda:N), ``dtype`` (float16, bfloat16,
 float32), ``kernel_backend`` (reference, triton); under ``draft_model:`` -- ``ngram_max`` (longest
 suffix n-gram drafting looks up) and ``draft_confidence`` (mode mtp with DeepSeek-V4's DSpark block
-drafter: the confidence gate, 0 to 1, that ExLlamaV3 reads from ``EXL3_DSPARK_CONF``).
+drafter: the confidence gate, 0 to 1, that ExLlamaV3 reads from ``EXL3_DSPARK_CONF``; an error in
+the other modes, and at load for a model whose MTP layers are not a block drafter, since nothing
+would read it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import InvalidArgumentError
-from ..runtime.drafting_options import DRAFT_MODES, MAX_DRAFT_TOKENS, DraftOptions
+from ..runtime.drafting_options import DRAFT_MODES, MAX_DRAFT_TOKENS, DraftOptions, check_confidence_mode
 from .common import HostOptions, log, option_bool, option_choice, option_fraction, option_gb_list, option_int
 
 # TabbyAPI keys that concern TabbyAPI itself (model lookup, API behaviour): no effect here, no warning.
@@ -84,6 +86,8 @@ def draft_options(draft: dict | None) -> tuple[DraftOptions, str | None]:
     if num is not None and num > MAX_DRAFT_TOKENS:
         raise InvalidArgumentError(f"option draft_model.draft_num_tokens: at most {MAX_DRAFT_TOKENS}, got {num}")
     dynamic = option_bool("draft_model.dynamic_draft", draft.get("dynamic_draft")) or False
+    gate = option_fraction("draft_model.draft_confidence", draft.get("draft_confidence"))
+    check_confidence_mode("option draft_model.draft_confidence", gate, mode)
     kw = {"num_tokens": num} if num is not None else {}
     model_dir = None
     if mode == "model":
@@ -101,10 +105,7 @@ def draft_options(draft: dict | None) -> tuple[DraftOptions, str | None]:
             raise InvalidArgumentError(f"options draft_model.ngram_match_min={ngram_min} and "
                                        f"draft_model.ngram_max={ngram_max}: need ngram_match_min <= ngram_max")
         return DraftOptions(mode="ngram", ngram_min=ngram_min, ngram_max=ngram_max, dynamic=dynamic, **kw), None
-    gate = option_fraction("draft_model.draft_confidence", draft.get("draft_confidence"))
-    if gate is not None:
-        kw["confidence_threshold"] = gate
-    return DraftOptions(mode=mode, dynamic=dynamic, **kw), None
+    return DraftOptions(mode=mode, dynamic=dynamic, confidence_threshold=gate, **kw), None
 
 
 def tabby_options(kwargs: dict, *, model_max_seq_len: int | None, gpu_count: int = 0) -> TabbyOptions:

@@ -14,7 +14,9 @@
 * ``confidence_threshold``: mode ``"mtp"`` with a block drafter (DeepSeek-V4
   DSpark): propose only the drafts whose positions' confidence head reaches it
   (ExLlamaV3 reads the same gate from ``EXL3_DSPARK_CONF``, default 0.3); 0 keeps
-  every draft.
+  every draft. None (unset) means that default. Setting it where no drafter reads it
+  (another mode, or MTP layers that are not a block drafter) is an error, not a
+  silently ignored option.
 
 ``DraftStats`` counts, per job and for the whole generator, how many drafted
 tokens were proposed and accepted at each depth, and how many tokens each
@@ -41,7 +43,7 @@ class DraftOptions:
     model_dir: str | Path | None = None  # mode "model": the draft model's directory
     ngram_max: int = 4  # mode "ngram": longest suffix looked up
     ngram_min: int = 1  # and the shortest
-    confidence_threshold: float = DSPARK_CONFIDENCE_THRESHOLD  # block drafters: the confidence gate
+    confidence_threshold: float | None = None  # block drafters: the confidence gate (None: the default)
 
     def __post_init__(self):
         if self.mode not in DRAFT_MODES:
@@ -52,13 +54,28 @@ class DraftOptions:
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise InvalidArgumentError(f"ngram_min={self.ngram_min} and ngram_max={self.ngram_max}: "
                                        "need 1 <= ngram_min <= ngram_max")
-        if not isinstance(self.confidence_threshold, (int, float)) or not 0 <= self.confidence_threshold <= 1:
-            raise InvalidArgumentError(f"draft confidence_threshold must be a number from 0 to 1, got "
-                                       f"{self.confidence_threshold!r}")
+        gate = self.confidence_threshold
+        if gate is not None:
+            if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 <= gate <= 1:
+                raise InvalidArgumentError(f"draft confidence_threshold must be a number from 0 to 1, got {gate!r}")
+            check_confidence_mode("draft confidence_threshold", gate, self.mode)
 
     @property
     def enabled(self) -> bool:
         return self.mode != "disabled"
+
+    @property
+    def block_confidence(self) -> float:
+        """The confidence gate a block drafter applies: the one set, else ExLlamaV3's default."""
+        return DSPARK_CONFIDENCE_THRESHOLD if self.confidence_threshold is None else self.confidence_threshold
+
+
+def check_confidence_mode(option: str, value, mode: str) -> None:
+    """Refuse a confidence gate (``option``, as the user spelled it) in a draft mode that has none,
+    rather than ignoring it: only mode "mtp" drafts with a block drafter."""
+    if value is not None and mode != "mtp":
+        raise InvalidArgumentError(f"{option}={value!r} has no effect with draft mode {mode!r}: only mode 'mtp' "
+                                   "with a block drafter (DeepSeek-V4 DSpark) has a confidence gate")
 
 
 def check_rollback(specs, num_tokens: int, model_name: str) -> None:

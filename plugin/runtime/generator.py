@@ -120,6 +120,12 @@ class Generator:
             if opts.num_tokens > depth:
                 raise InvalidArgumentError(f"draft num_tokens={opts.num_tokens}: this model has {depth} MTP layers, "
                                            f"so it drafts at most {depth} tokens")
+            if opts.confidence_threshold is not None:  # would be ignored: MTP layers propose every draft
+                raise InvalidArgumentError(
+                    f"draft confidence_threshold={opts.confidence_threshold!r} (--draft-confidence, TabbyAPI's "
+                    f"draft_model.draft_confidence): this model ({type(self.network).__name__}) drafts with its "
+                    f"{depth} MTP layers, which have no confidence gate; only a block drafter (DeepSeek-V4 DSpark) "
+                    "has one. Leave it unset")
 
     def _make_drafter(self, page_size: int, draft_model):
         from .drafting import BlockDrafter, DraftModelDrafter, MtpDrafter, NgramDrafter
@@ -128,7 +134,7 @@ class Generator:
         if opts.mode == "ngram":
             return NgramDrafter(opts.ngram_min, opts.ngram_max)
         if opts.mode == "mtp" and self.network.block_drafter is not None:
-            return BlockDrafter(self.network, self.cache, opts.confidence_threshold)
+            return BlockDrafter(self.network, self.cache, opts.block_confidence)
         if opts.mode == "mtp":
             return MtpDrafter(self.network, self.runner)
         if opts.mode == "model":

@@ -280,6 +280,20 @@ def test_wrong_values_name_the_option(kwargs, key):
         tabby_options(kwargs, model_max_seq_len=512)
 
 
+@pytest.mark.parametrize("block, mode", [
+    ({"draft_mode": "ngram"}, "ngram"),
+    ({"draft_mode": "model", "draft_model_name": "small"}, "model"),
+    ({}, "model"),  # TabbyAPI's default mode: no drafting without a draft model name
+    ({"draft_mode": "disabled"}, "disabled"),
+])
+def test_draft_confidence_outside_block_drafting_is_an_error(block, mode):
+    """Only mode mtp's block drafter reads ``draft_confidence``: elsewhere the load fails naming the
+    option and the mode instead of ignoring what the user asked for."""
+    with pytest.raises(InvalidArgumentError, match=rf"draft_model\.draft_confidence=0\.5 .*draft mode '{mode}'"):
+        tabby_options({"draft_model": {**block, "draft_confidence": 0.5}}, model_max_seq_len=512)
+    tabby_options({"draft_model": block}, model_max_seq_len=512)  # the same block without it loads
+
+
 def test_unsupported_models_are_reported_not_crashed(tmp_path, golden, tabby_host):
     gptq = tmp_path / "gptq"
     gptq.mkdir()
