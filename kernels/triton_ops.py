@@ -18,7 +18,7 @@ _ERROR: str | None = None
 
 
 def load() -> types.SimpleNamespace | None:
-    """The kernel modules (``attention``, ``dequant``, ``gemm``, ``hadamard``, ``moe``), or None if Triton cannot run here."""
+    """The kernel modules (``attention``, ``dequant``, ``gemm``, ``hadamard``, ``moe``, ...), or None if Triton cannot run here."""
     global _MODULES, _ERROR
     if _MODULES is not None or _ERROR is not None:
         return _MODULES
@@ -40,6 +40,7 @@ def load() -> types.SimpleNamespace | None:
             moe=importlib.import_module(f"{pkg}.triton_moe"),
             mome=importlib.import_module(f"{pkg}.triton_mome"),
             rope=importlib.import_module(f"{pkg}.triton_rope"),
+            viterbi=importlib.import_module(f"{pkg}.triton_viterbi"),
         )
     except Exception as e:  # ImportError, or a Triton that does not work on this platform
         _ERROR = f"{type(e).__name__}: {e}"

@@ -44,6 +44,7 @@ class QuantizeOptions:
     out_scales: str = "auto"
     scale_search: str = "full"  # "full", "fast" or "none", see scale_search.py
     memory_budget: int = 1 << 30  # bytes of Viterbi work buffers per batch of tiles
+    encoder_backend: str = "auto"  # tile encoder: "auto" (Triton on CUDA), "torch" or "triton"
 
 
 @dataclass
@@ -133,6 +134,7 @@ def ldlq(
     *,
     memory_budget: int = 1 << 30,
     progress=None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``w_reg [k, n]`` one 16-row block at a time, last block first (section 6.6).
 
@@ -146,7 +148,8 @@ def ldlq(
     tiles_k = k // LDL_BLOCK
     if ldl is None:
         # No feedback: every tile is independent, so encode them all in one batch.
-        encoded = encode_tiles(matrix_to_tiles(w_reg).reshape(-1, 256), bits, codebook, memory_budget=memory_budget)
+        encoded = encode_tiles(matrix_to_tiles(w_reg).reshape(-1, 256), bits, codebook, memory_budget=memory_budget,
+                               backend=backend)
         if progress is not None:
             progress(tiles_k, tiles_k)
         states = encoded.states.view(tiles_k, n // 16, 256)
@@ -157,7 +160,8 @@ def ldlq(
     for r in reversed(range(tiles_k)):
         rows = slice(r * LDL_BLOCK, (r + 1) * LDL_BLOCK)
         target = w_reg[rows] if feedback is None else w_reg[rows] + feedback[rows]
-        encoded = encode_tiles(matrix_to_tiles(target)[0], bits, codebook, memory_budget=memory_budget)
+        encoded = encode_tiles(matrix_to_tiles(target)[0], bits, codebook, memory_budget=memory_budget,
+                               backend=backend)
         values[rows] = tiles_to_matrix(encoded.values[None])
         states[r] = encoded.states
         if feedback is not None and r > 0:
@@ -226,14 +230,14 @@ def quantize_linears(
         reg = regularize(w, su0, sv0, options.codebook, options.out_scales,
                          hessian.diag if hessian is not None else None)
         scale = search_global_scale(reg.weight, options.bits, options.codebook, options.scale_search,
-                                    memory_budget=options.memory_budget)
+                                    memory_budget=options.memory_budget, backend=options.encoder_backend)
         reg.weight *= scale
         reg.su /= scale
         prepared.append((lin, w, reg, scale))
 
     w_cat = torch.cat([reg.weight for _, _, reg, _ in prepared], dim=1)
     values, states = ldlq(w_cat, hessian.ldl if hessian is not None else None, options.bits, options.codebook,
-                          memory_budget=options.memory_budget, progress=progress)
+                          memory_budget=options.memory_budget, progress=progress, backend=options.encoder_backend)
 
     results = []
     col = 0
@@ -250,14 +254,16 @@ def quantize_linears(
         if lin.bias is not None:
             bias = lin.bias.to(torch.float16).cpu()
             tensors["bias"] = torch.nn.functional.pad(bias, (0, n - bias.shape[0]))
+        # Rebuilt from the stored suh/svh (fp16, as written) on the working device: on a GPU this
+        # takes milliseconds where the CPU took ~3 s for an 8192 x 8192 weight (bench/convert.py).
         rebuilt = exl3_weight_ref(
-            Exl3Weight(tensors["trellis"], tensors["suh"], tensors["svh"], options.bits, options.codebook),
-            inner=q_values.cpu(),
+            Exl3Weight(tensors["trellis"], tensors["suh"].to(q_values.device), tensors["svh"].to(q_values.device),
+                       options.bits, options.codebook),
+            inner=q_values,
         )
-        w_cpu = w.cpu()
         out_features, in_f = lin.weight.shape
-        diff = rebuilt[:in_f, :out_features].double() - w_cpu[:in_f, :out_features].double()
-        predicted = (diff.norm() / w_cpu.double().norm().clamp(min=1e-30)).item()
+        diff = rebuilt[:in_f, :out_features].double() - w[:in_f, :out_features].double()
+        predicted = (diff.norm() / w.double().norm().clamp(min=1e-30)).item()
         proxy = None
         if hessian is not None:
             err = reg.weight - q_values

@@ -56,10 +56,11 @@ def sample_tiles(w_reg: torch.Tensor, width: int = 3) -> torch.Tensor:
     return grid[picked][:, TC_PERM.to(w_reg.device)]
 
 
-def _mse_at(tiles: torch.Tensor, scales: list[float], bits: float, codebook: Codebook, memory_budget: int) -> list[float]:
+def _mse_at(tiles: torch.Tensor, scales: list[float], bits: float, codebook: Codebook, memory_budget: int,
+            backend: str) -> list[float]:
     """Encode ``tiles * s`` for every scale in one batch; the per-scale mse of the rescaled result."""
     batch = torch.cat([tiles * s for s in scales])
-    values = encode_tiles(batch, bits, codebook, memory_budget=memory_budget).values
+    values = encode_tiles(batch, bits, codebook, memory_budget=memory_budget, backend=backend).values
     values = values.view(len(scales), *tiles.shape)
     return [((values[i] / s - tiles).square().mean()).item() for i, s in enumerate(scales)]
 
@@ -82,6 +83,7 @@ def search_global_scale(
     mode: str = "full",
     *,
     memory_budget: int = 1 << 30,
+    backend: str = "auto",
 ) -> float:
     """The global scale ``g`` for ``w_reg`` (see the module docstring for the modes)."""
     if mode not in SCALE_SEARCH_MODES:
@@ -92,9 +94,9 @@ def search_global_scale(
     if mode == "fast":
         tiles = tiles[torch.linspace(0, tiles.shape[0] - 1, min(FAST_MAX_TILES, tiles.shape[0])).round().long()]
         points = [FAST_CENTER - FAST_STEP, FAST_CENTER, FAST_CENTER + FAST_STEP]
-        return _refine(points, _mse_at(tiles, points, bits, codebook, memory_budget), FAST_STEP)
+        return _refine(points, _mse_at(tiles, points, bits, codebook, memory_budget, backend), FAST_STEP)
     coarse = list(COARSE_GRID)
-    mse = _mse_at(tiles[::3], coarse, bits, codebook, memory_budget)
+    mse = _mse_at(tiles[::3], coarse, bits, codebook, memory_budget, backend)
     center = coarse[min(range(len(coarse)), key=lambda i: mse[i])]
     fine = [center + FINE_STEP * (i - 2) for i in range(5)]
-    return _refine(fine, _mse_at(tiles, fine, bits, codebook, memory_budget), FINE_STEP)
+    return _refine(fine, _mse_at(tiles, fine, bits, codebook, memory_budget, backend), FINE_STEP)

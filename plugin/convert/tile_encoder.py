@@ -23,7 +23,8 @@ Viterbi in two passes (QTIP / ExLlamaV3's scheme):
 
 The work per position is one call of ``viterbi_step`` on a whole batch of
 tiles: 65536 candidate states x tiles. That function is kept separate (and
-free of Python loops) so that a Triton/CUDA kernel can replace it later.
+free of Python loops). On CUDA the Triton kernel in ``kernels/triton_viterbi.py``
+runs the same two passes without materialising the per-state costs (``backend``).
 """
 
 from __future__ import annotations
@@ -252,26 +253,57 @@ class EncodedTiles:
     sq_error: torch.Tensor  # fp32 [T], sum of squared errors per tile
 
 
+ENCODER_BACKENDS = ("auto", "torch", "triton")
+
+
+def _use_triton(targets: torch.Tensor, backend: str) -> bool:
+    if backend not in ENCODER_BACKENDS:
+        raise ValueError(f"tile encoder backend {backend!r}; choose one of {ENCODER_BACKENDS}")
+    if backend == "torch":
+        return False
+    from ..kernels import triton_ops
+
+    if backend == "triton":
+        if triton_ops.load() is None:
+            raise RuntimeError(f"tile encoder backend 'triton': Triton cannot run here ({triton_ops.unavailable_reason()})")
+        return True
+    return triton_ops.cuda_kernel(targets, "viterbi", "viterbi_encode_triton") is not None  # auto: on CUDA
+
+
 def encode_tiles(
     targets: torch.Tensor,
     bits: float,
     codebook: Codebook,
     *,
     memory_budget: int = 1 << 30,
+    backend: str = "auto",
 ) -> EncodedTiles:
     """Encode tiles ``[T, 256]`` (fp32, sequence order) at ``bits`` per weight with ``codebook``.
 
     Runs on the tensors' device; batches tiles to stay within ``memory_budget``.
+    ``backend``: "torch" (this module's Viterbi, the reference and the CPU path),
+    "triton" (``kernels/triton_viterbi.py``: the same search, one program per tile;
+    under the interpreter on a CPU) or "auto" (Triton on CUDA, else torch).
     """
     if targets.dim() != 2 or targets.shape[1] != TILE_SIZE:
         raise ValueError(f"targets must be [tiles, 256], got {list(targets.shape)}")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bits per weight {bits}; supported: {SUPPORTED_BITS}")
     targets = targets.float()
     table = codebook_table(codebook, targets.device).float()
-    batch = tiles_per_batch(bits, memory_budget)
-    if targets.device.type == "cpu":
-        batch = min(batch, CPU_MAX_BATCH)
-    with _single_cpu_thread(targets.device):
-        chunks = [_encode_batch(targets[i : i + batch], table, bits) for i in range(0, targets.shape[0], batch)]
+    if _use_triton(targets, backend):
+        from ..kernels import triton_ops
+
+        viterbi = triton_ops.load().viterbi
+        batch = max(1, memory_budget // viterbi.scratch_bytes_per_tile(bits))
+        chunks = [viterbi.viterbi_encode_triton(targets[i : i + batch], bits, int(codebook))
+                  for i in range(0, targets.shape[0], batch)]
+    else:
+        batch = tiles_per_batch(bits, memory_budget)
+        if targets.device.type == "cpu":
+            batch = min(batch, CPU_MAX_BATCH)
+        with _single_cpu_thread(targets.device):
+            chunks = [_encode_batch(targets[i : i + batch], table, bits) for i in range(0, targets.shape[0], batch)]
     states = torch.cat(chunks) if chunks else torch.zeros(0, TILE_SIZE, dtype=torch.int64, device=targets.device)
     values = table[states]
     return EncodedTiles(states=states, values=values, sq_error=(values - targets).square().sum(1))
