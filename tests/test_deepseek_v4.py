@@ -414,3 +414,35 @@ def test_mtp_speculative_greedy_equals_plain_and_drafts_equal_recomputation(gold
     for tokens, drafts in proposals[::3]:
         _, logits, _ = _mtp_run(model, tokens, chunks=[len(tokens) - 1])
         assert drafts == [int(logits[-1].argmax())], len(tokens)
+
+
+# ------------------------------------------------------------------ default page size
+
+
+def test_generator_defaults_to_pages_the_compressors_fit_on_cpu(golden):
+    """The CPU default of 16-token pages cannot hold the ratio-128 compressor's entries: with no page_size
+    the generator takes 128 (the largest ``tokens_per_entry`` the model declares) and decodes like the
+    full forward, across the position where the ratio-128 compressor fires; an explicit 16 is refused."""
+    from exl3_triton.errors import InvalidArgumentError
+
+    model = exl3_triton.load(golden / "hf" / "dsv4_native")
+    cfg = json.loads((golden / "hf" / "dsv4_native" / "config.json").read_text())
+    assert model.options.device.type == "cpu" and cfg["compress_rate_hca"] == 128
+    gen = Generator(model)
+    assert gen.cache.page_size == 128
+    prompt = _golden_ids(golden)[:125]
+    job = gen.enqueue(Job(prompt, max_new_tokens=6, stop_tokens=[]))
+    list(gen.iterate())
+    assert len(job.output_ids) == 6
+    full = model.forward(torch.tensor(prompt + job.output_ids))
+    assert full[len(prompt) - 1:-1].argmax(-1).tolist() == job.output_ids  # greedy, token by token
+    with pytest.raises(InvalidArgumentError, match="page_size 16 is not a multiple of 128: cache tensor"):
+        Generator(model, page_size=16)
+
+
+def test_cli_generates_with_default_pages_on_cpu(golden, capsys):
+    from exl3_triton.cli import main
+
+    assert main(["generate", str(golden / "hf" / "dsv4_native"), "--prompt", "In the beginning",
+                 "--device", "cpu", "--max-new-tokens", "3", "--max-seq-len", "64"]) == 0
+    assert "page_size" not in capsys.readouterr().err
