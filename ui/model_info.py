@@ -94,6 +94,7 @@ def model_card(model, cache_bytes: int | None = None) -> dict[str, str]:
         "vocabulary": str(model.vocab_size),
         "experts": f"{experts} (top-{top_k} routed)" if experts else "none (dense)",
         "MTP heads": str(getattr(model.network, "mtp_depth", 0) or "none"),
+        **_block_drafter_row(model.network),
         "format": "EXL3" if model.checkpoint.is_exl3 else "unquantized",
         "bits per tensor class": ", ".join(f"{c} {b:g}" for c, b in bits.items()) or "unquantized",
         "device": str(model.options.device),
@@ -102,6 +103,12 @@ def model_card(model, cache_bytes: int | None = None) -> dict[str, str]:
     if cache_bytes is not None:
         card["cache in memory"] = _gib(cache_bytes)
     return card
+
+
+def _block_drafter_row(network) -> dict[str, str]:
+    """A row for a DeepSeek-V4 DSpark block drafter (not MTP heads: it drafts a whole block per forward)."""
+    block = getattr(network, "block_drafter", None)
+    return {"block drafter": f"DSpark, {block.block_size} tokens per block"} if block is not None else {}
 
 
 def card_markdown(card: dict[str, str]) -> str:
