@@ -85,7 +85,8 @@ def model_card(model, cache_bytes: int | None = None) -> dict[str, str]:
     """The facts the panel shows after a load, as label -> text (ordered)."""
     cfg = model.config
     experts = int(getattr(cfg, "num_experts", 0) or getattr(cfg, "n_routed_experts", 0) or 0)
-    top_k = getattr(cfg, "top_k_experts", None) or getattr(cfg, "num_experts_per_tok", None)
+    top_k = (getattr(cfg, "top_k_experts", None) or getattr(cfg, "num_experts_per_tok", None)
+             or getattr(cfg, "top_k", None))  # the last: DeepSeek-V4's config
     bits = bits_by_tensor_class(model.checkpoint)
     card = {
         "architecture": model.architecture,

@@ -45,6 +45,7 @@ def test_block_drafter_is_offered_for_dspark_and_not_for_llama(golden, dspark_di
     assert "DSpark block drafter" in own.describe() and "MTP head" not in own.describe()
     assert dspark.card["block drafter"] == f"DSpark, {config['dspark_block_size']} tokens per block"
     assert dspark.card["MTP heads"] == "none"
+    assert dspark.card["experts"] == f"{config['n_routed_experts']} (top-{config['num_experts_per_tok']} routed)"
 
     llama = _session(tmp_path, golden / "hf" / "llama")
     own = llama.own_drafter
