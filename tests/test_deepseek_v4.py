@@ -320,6 +320,22 @@ def test_mtp_cached_steps_equal_one_pass(golden, tmp_path):
     assert states.shape == (29, 4, 256) and per_position_rel(stepped_states.flatten(1), states.flatten(1)).max() < 1e-5
 
 
+def test_teacher_forced_mtp_acceptance_with_default_pages(golden, tmp_path):
+    """``mtp-eval``'s computation on CPU with no page size (16 does not fit the ratio-128 compressor):
+    against the MTP logits of ``_mtp_run`` (checked against transformers above) and the full forward's
+    greedy predictions, by hand: depth 1 at row p predicts position p + 2, as the target does from row p + 1."""
+    from exl3_triton.runtime.drafting import teacher_forced_acceptance
+
+    _with_mtp(golden, tmp_path / "m")
+    model = exl3_triton.load(tmp_path / "m")
+    ids = _golden_ids(golden)[:30]
+    _, mtp_logits, _ = _mtp_run(model, ids, chunks=[len(ids) - 1])
+    target = model.forward(torch.tensor(ids)).argmax(-1)
+    n = len(ids)
+    want = (mtp_logits[:n - 2].argmax(-1) == target[1:n - 1]).float().mean().item()
+    assert teacher_forced_acceptance(model, ids) == [pytest.approx(want)]
+
+
 # ------------------------------------------------------------------ EXL3 storage (the bench's synthetic model)
 
 
