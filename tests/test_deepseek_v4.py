@@ -456,6 +456,25 @@ def test_generator_defaults_to_pages_the_compressors_fit_on_cpu(golden):
         Generator(model, page_size=16)
 
 
+def test_as_draft_model_of_a_target_with_smaller_pages(golden):
+    """The golden Llama (same 512-token vocabulary) drafted by the golden DeepSeek-V4: the draft model's
+    cache takes the pages it needs (128) while the target keeps the CPU's 16; greedy output equals the
+    target's own greedy decoding (full forward, token by token)."""
+    from exl3_triton.runtime.drafting_options import DraftOptions
+
+    target = exl3_triton.load(golden / "hf" / "llama")
+    draft = exl3_triton.load(golden / "hf" / "dsv4_native")
+    gen = Generator(target, max_batch_size=1, max_seq_len=64, draft=DraftOptions(mode="model", num_tokens=2),
+                    draft_model=draft)
+    assert gen.cache.page_size == 16 and gen.drafter.cache.page_size == 128
+    prompt = _golden_ids(golden)[:20]
+    job = gen.enqueue(Job(prompt, max_new_tokens=8, stop_tokens=[]))
+    list(gen.iterate())
+    assert gen.draft_stats.steps > 0
+    full = target.forward(torch.tensor(prompt + job.output_ids))
+    assert full[len(prompt) - 1:-1].argmax(-1).tolist() == job.output_ids
+
+
 def test_cli_generates_with_default_pages_on_cpu(golden, capsys):
     from exl3_triton.cli import main
 

@@ -86,6 +86,7 @@ class DraftModelDrafter(Drafter):
         self.model, self.network, self.chunk_size = draft_model, net, chunk_size
         specs = net.cache_spec()
         check_rollback(specs, max_draft, f"the draft model ({type(net).__name__})")
+        page_size = fitting_page_size(specs, page_size)  # the target's, grown where the draft's cache needs more
         pages_per_seq = -(-(max_seq_len + max_draft + 1) // page_size)
         graphs = net.options.device.type == "cuda"  # one more page: where graph padding rows write
         self.cache = PagedCache(specs, num_pages=max_batch_size * pages_per_seq + graphs, page_size=page_size,
