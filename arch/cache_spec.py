@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class PagedTensorSpec:
@@ -92,3 +94,18 @@ def ring_pages(specs: list[LayerCacheSpec], page_size: int, margin: int = 0) -> 
     entries still inside the window."""
     windows = [s.window for s in specs if s.ring]
     return -(-(max(windows) + margin) // page_size) if windows else 0
+
+
+def fitting_page_size(specs: list[LayerCacheSpec], preferred: int) -> int:
+    """The page size to use when none is given: ``preferred`` (a power of two), doubled until every
+    paged tensor's ``tokens_per_entry`` divides it, since a page must hold whole entries (DeepSeek-V4's
+    heavily compressed layers keep one entry per 128 tokens, so its pages hold at least 128 tokens)."""
+    size = preferred
+    for spec in specs:
+        for t in spec.paged:
+            per = t.tokens_per_entry
+            if per & (per - 1):  # pages hold a power of two of tokens: no page size would fit
+                raise ConfigError(f"cache tensor {t.name!r} stores one entry per {per} tokens (a compression "
+                                  "ratio in config.json); pages hold a power of two of tokens, so none fits")
+            size = max(size, per)
+    return size

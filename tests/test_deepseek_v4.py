@@ -320,6 +320,22 @@ def test_mtp_cached_steps_equal_one_pass(golden, tmp_path):
     assert states.shape == (29, 4, 256) and per_position_rel(stepped_states.flatten(1), states.flatten(1)).max() < 1e-5
 
 
+def test_teacher_forced_mtp_acceptance_with_default_pages(golden, tmp_path):
+    """``mtp-eval``'s computation on CPU with no page size (16 does not fit the ratio-128 compressor):
+    against the MTP logits of ``_mtp_run`` (checked against transformers above) and the full forward's
+    greedy predictions, by hand: depth 1 at row p predicts position p + 2, as the target does from row p + 1."""
+    from exl3_triton.runtime.drafting import teacher_forced_acceptance
+
+    _with_mtp(golden, tmp_path / "m")
+    model = exl3_triton.load(tmp_path / "m")
+    ids = _golden_ids(golden)[:30]
+    _, mtp_logits, _ = _mtp_run(model, ids, chunks=[len(ids) - 1])
+    target = model.forward(torch.tensor(ids)).argmax(-1)
+    n = len(ids)
+    want = (mtp_logits[:n - 2].argmax(-1) == target[1:n - 1]).float().mean().item()
+    assert teacher_forced_acceptance(model, ids) == [pytest.approx(want)]
+
+
 # ------------------------------------------------------------------ EXL3 storage (the bench's synthetic model)
 
 
@@ -414,3 +430,54 @@ def test_mtp_speculative_greedy_equals_plain_and_drafts_equal_recomputation(gold
     for tokens, drafts in proposals[::3]:
         _, logits, _ = _mtp_run(model, tokens, chunks=[len(tokens) - 1])
         assert drafts == [int(logits[-1].argmax())], len(tokens)
+
+
+# ------------------------------------------------------------------ default page size
+
+
+def test_generator_defaults_to_pages_the_compressors_fit_on_cpu(golden):
+    """The CPU default of 16-token pages cannot hold the ratio-128 compressor's entries: with no page_size
+    the generator takes 128 (the largest ``tokens_per_entry`` the model declares) and decodes like the
+    full forward, across the position where the ratio-128 compressor fires; an explicit 16 is refused."""
+    from exl3_triton.errors import InvalidArgumentError
+
+    model = exl3_triton.load(golden / "hf" / "dsv4_native")
+    cfg = json.loads((golden / "hf" / "dsv4_native" / "config.json").read_text())
+    assert model.options.device.type == "cpu" and cfg["compress_rate_hca"] == 128
+    gen = Generator(model)
+    assert gen.cache.page_size == 128
+    prompt = _golden_ids(golden)[:125]
+    job = gen.enqueue(Job(prompt, max_new_tokens=6, stop_tokens=[]))
+    list(gen.iterate())
+    assert len(job.output_ids) == 6
+    full = model.forward(torch.tensor(prompt + job.output_ids))
+    assert full[len(prompt) - 1:-1].argmax(-1).tolist() == job.output_ids  # greedy, token by token
+    with pytest.raises(InvalidArgumentError, match="page_size 16 is not a multiple of 128: cache tensor"):
+        Generator(model, page_size=16)
+
+
+def test_as_draft_model_of_a_target_with_smaller_pages(golden):
+    """The golden Llama (same 512-token vocabulary) drafted by the golden DeepSeek-V4: the draft model's
+    cache takes the pages it needs (128) while the target keeps the CPU's 16; greedy output equals the
+    target's own greedy decoding (full forward, token by token)."""
+    from exl3_triton.runtime.drafting_options import DraftOptions
+
+    target = exl3_triton.load(golden / "hf" / "llama")
+    draft = exl3_triton.load(golden / "hf" / "dsv4_native")
+    gen = Generator(target, max_batch_size=1, max_seq_len=64, draft=DraftOptions(mode="model", num_tokens=2),
+                    draft_model=draft)
+    assert gen.cache.page_size == 16 and gen.drafter.cache.page_size == 128
+    prompt = _golden_ids(golden)[:20]
+    job = gen.enqueue(Job(prompt, max_new_tokens=8, stop_tokens=[]))
+    list(gen.iterate())
+    assert gen.draft_stats.steps > 0
+    full = target.forward(torch.tensor(prompt + job.output_ids))
+    assert full[len(prompt) - 1:-1].argmax(-1).tolist() == job.output_ids
+
+
+def test_cli_generates_with_default_pages_on_cpu(golden, capsys):
+    from exl3_triton.cli import main
+
+    assert main(["generate", str(golden / "hf" / "dsv4_native"), "--prompt", "In the beginning",
+                 "--device", "cpu", "--max-new-tokens", "3", "--max-seq-len", "64"]) == 0
+    assert "page_size" not in capsys.readouterr().err

@@ -428,17 +428,12 @@ def test_cli_refuses_the_confidence_gate_where_nothing_reads_it(golden, tmp_path
     assert f"--draft-confidence=0.5 has no effect with draft mode '{mode}'" in capsys.readouterr().err
 
 
-def test_host_loads_apply_the_confidence_gate(golden, tmp_path, monkeypatch):
+def test_host_loads_apply_the_confidence_gate(golden, tmp_path):
     """TabbyAPI's ``draft_model`` block through the hosts' generator factory: mode mtp drafts with the
     block drafter (a checkpoint with no classic MTP layers), at the gate set or ExLlamaV3's default 0.3."""
-    import functools
-
-    import exl3_triton.runtime.generator as generator
     from exl3_triton.integrations.common import HostOptions, make_generator
     from exl3_triton.integrations.tabby_options import draft_options
 
-    # the CPU's default 16-token pages do not fit the model's 128-token compression (CUDA's 256 do)
-    monkeypatch.setattr(generator, "Generator", functools.partial(generator.Generator, page_size=128))
     _dspark_checkpoint(golden, tmp_path / "m")
     model = exl3_triton.load(tmp_path / "m")
     assert model.network.mtp_depth == 0
@@ -446,6 +441,7 @@ def test_host_loads_apply_the_confidence_gate(golden, tmp_path, monkeypatch):
         opts, _ = draft_options({"draft_mode": "mtp", "draft_num_tokens": BLOCK, **block})
         gen = make_generator(model, HostOptions(max_seq_len=64, draft=opts))
         assert type(gen.drafter).__name__ == "BlockDrafter" and gen.drafter.threshold == gate
+        assert gen.cache.page_size == 128  # the CPU default, grown to fit the ratio-128 compressor
 
 
 def test_teacher_forced_acceptance_per_draft_position(golden, tmp_path):

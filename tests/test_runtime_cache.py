@@ -40,6 +40,27 @@ def test_cache_shapes_follow_the_spec():
         _cache(page_size=6)
 
 
+def test_default_page_size_fits_every_compressed_entry():
+    """Hand-checked: pages must hold whole entries, so the preferred size grows to the largest
+    ``tokens_per_entry``; a non-power-of-two ratio fits no page size and is named."""
+    from exl3_triton.arch.cache_spec import LayerCacheSpec, PagedTensorSpec, fitting_page_size
+    from exl3_triton.errors import ConfigError
+
+    def pool(ratio):
+        return LayerCacheSpec(paged=(PagedTensorSpec("pool", (8,), torch.float32, tokens_per_entry=ratio),))
+
+    plain = kv_spec(2, 8, torch.float32, torch.device("cpu"))
+    assert fitting_page_size([plain], 16) == 16
+    assert fitting_page_size([plain, pool(4), pool(128)], 16) == 128
+    assert fitting_page_size([pool(4), pool(128)], 256) == 256
+    size = fitting_page_size([plain, pool(128)], 16)
+    PagedCache([plain, pool(128)], num_pages=1, page_size=size)  # accepted as it stands
+    with pytest.raises(InvalidArgumentError, match="page_size 16 is not a multiple of 128: cache tensor 'pool'"):
+        PagedCache([plain, pool(128)], num_pages=1, page_size=16)
+    with pytest.raises(ConfigError, match="'pool' stores one entry per 12 tokens"):
+        fitting_page_size([pool(12)], 16)
+
+
 def test_prefix_pages_are_shared_and_refcounted():
     cache = _cache(num_pages=8, page_size=4)
     tokens = list(range(11))

@@ -85,7 +85,8 @@ def model_card(model, cache_bytes: int | None = None) -> dict[str, str]:
     """The facts the panel shows after a load, as label -> text (ordered)."""
     cfg = model.config
     experts = int(getattr(cfg, "num_experts", 0) or getattr(cfg, "n_routed_experts", 0) or 0)
-    top_k = getattr(cfg, "top_k_experts", None) or getattr(cfg, "num_experts_per_tok", None)
+    top_k = (getattr(cfg, "top_k_experts", None) or getattr(cfg, "num_experts_per_tok", None)
+             or getattr(cfg, "top_k", None))  # the last: DeepSeek-V4's config
     bits = bits_by_tensor_class(model.checkpoint)
     card = {
         "architecture": model.architecture,
@@ -94,6 +95,7 @@ def model_card(model, cache_bytes: int | None = None) -> dict[str, str]:
         "vocabulary": str(model.vocab_size),
         "experts": f"{experts} (top-{top_k} routed)" if experts else "none (dense)",
         "MTP heads": str(getattr(model.network, "mtp_depth", 0) or "none"),
+        **_block_drafter_row(model.network),
         "format": "EXL3" if model.checkpoint.is_exl3 else "unquantized",
         "bits per tensor class": ", ".join(f"{c} {b:g}" for c, b in bits.items()) or "unquantized",
         "device": str(model.options.device),
@@ -102,6 +104,12 @@ def model_card(model, cache_bytes: int | None = None) -> dict[str, str]:
     if cache_bytes is not None:
         card["cache in memory"] = _gib(cache_bytes)
     return card
+
+
+def _block_drafter_row(network) -> dict[str, str]:
+    """A row for a DeepSeek-V4 DSpark block drafter (not MTP heads: it drafts a whole block per forward)."""
+    block = getattr(network, "block_drafter", None)
+    return {"block drafter": f"DSpark, {block.block_size} tokens per block"} if block is not None else {}
 
 
 def card_markdown(card: dict[str, str]) -> str:

@@ -1,4 +1,5 @@
-"""The Gradio panel: Loading, speculative decoding (MTP) and Chat, built on the public API only.
+"""The Gradio panel: Loading, speculative decoding (the checkpoint's MTP heads or DSpark block drafter,
+a draft model, n-gram) and Chat, built on the public API only.
 
 ``build_panel()`` adds its components to the Blocks (or tab) it is called in, so the same panel
 mounts in the standalone demo (``ui/demo.py``) and in text-generation-webui's extension tab.
@@ -15,8 +16,9 @@ import time
 
 import gradio as gr
 
+from ..runtime.drafting_options import DSPARK_CONFIDENCE_THRESHOLD
 from .chat_view import transcript_html
-from .drafting import DRAFT_SOURCES, available_sources, draft_options, stats_html
+from .drafting import DRAFT_SOURCES, OwnDrafter, available_sources, draft_options, stats_html
 from .model_info import card_markdown
 from .session import DEVICES, ChatSettings, LoadSettings, ModelSession, error_message, generator_accepts_draft
 
@@ -31,12 +33,23 @@ def _error(text: str) -> str:
 def _mtp_note(session: ModelSession) -> str:
     if not session.loaded:
         return "Load a model to see which draft sources it supports."
-    depth = session.mtp_depth
-    heads = (f"This model has {depth} MTP head(s)." if depth else
-             "MTP heads: unavailable (this model has none); use n-gram or a draft model.")
+    heads = session.own_drafter.describe()
     if not generator_accepts_draft():
         heads += " Speculative decoding is not in this build's generator yet: settings are checked but not used."
     return heads
+
+
+def _own(session: ModelSession) -> OwnDrafter:
+    """The loaded model's own drafter; before a load, none."""
+    return session.own_drafter or OwnDrafter()
+
+
+def draft_control_updates(session: ModelSession, depth) -> tuple:
+    """After a load or unload: the depth slider's range and the confidence gate's visibility
+    (shown only for a model with a block drafter), as updates for those two sliders."""
+    own = _own(session)
+    return (gr.Slider(maximum=own.max_panel_depth, value=min(int(depth or 1), own.max_panel_depth)),
+            gr.Slider(visible=own.has_confidence_gate))
 
 
 def build_panel(session: ModelSession | None = None, *, default_model_dir: str = "") -> ModelSession:
@@ -74,8 +87,14 @@ def build_panel(session: ModelSession | None = None, *, default_model_dir: str =
         draft_on = gr.Checkbox(label="Enable drafting", value=False, elem_id="exl3-draft-enable")
         draft_source = gr.Radio(label="Draft source", choices=list(DRAFT_SOURCES), value="n-gram",
                                 elem_id="exl3-draft-source")
-        draft_depth = gr.Slider(label="Depth", minimum=1, maximum=3, step=1, value=2, elem_id="exl3-draft-depth")
+        draft_depth = gr.Slider(label="Depth", minimum=1, maximum=_own(session).max_panel_depth, step=1, value=2,
+                                elem_id="exl3-draft-depth")
         draft_dynamic = gr.Checkbox(label="Dynamic depth", value=False, elem_id="exl3-draft-dynamic")
+    # only a block drafter has a confidence gate: shown while a model with one is loaded
+    draft_gate = gr.Slider(label="Confidence gate (block drafter: drafts only while its confidence head "
+                           f"reaches this; 0 keeps every draft; default {DSPARK_CONFIDENCE_THRESHOLD})",
+                           minimum=0, maximum=1, step=0.05, value=DSPARK_CONFIDENCE_THRESHOLD,
+                           visible=_own(session).has_confidence_gate, elem_id="exl3-draft-confidence")
     draft_model_dir = gr.Textbox(label="Draft model directory (draft source: draft model)",
                                  elem_id="exl3-draft-model-dir")
     draft_status = gr.Markdown(_mtp_note(session), elem_id="exl3-draft-status")
@@ -123,19 +142,23 @@ def build_panel(session: ModelSession | None = None, *, default_model_dir: str =
         status = f"Loaded **{session.settings.model_dir}** in {time.perf_counter() - t0:.1f} s."
         return status, card_markdown(session.card), gr.Dropdown(choices=session.recent.list()), _mtp_note(session)
 
-    load_btn.click(on_load, inputs=load_inputs, outputs=[load_status, card, recent, draft_status])
+    def on_model_changed(depth):
+        return draft_control_updates(session, depth)
+
+    load_btn.click(on_load, inputs=load_inputs, outputs=[load_status, card, recent, draft_status]) \
+        .then(on_model_changed, inputs=[draft_depth], outputs=[draft_depth, draft_gate])
 
     def on_unload():
         session.unload()
         return "No model loaded.", "", _mtp_note(session)
 
-    unload_btn.click(on_unload, outputs=[load_status, card, draft_status])
+    unload_btn.click(on_unload, outputs=[load_status, card, draft_status]) \
+        .then(on_model_changed, inputs=[draft_depth], outputs=[draft_depth, draft_gate])
     recent.change(lambda choice, current: choice or current, inputs=[recent, model_dir], outputs=[model_dir])
 
-    def on_draft(enabled, source, depth, dynamic, dmodel):
+    def on_draft(enabled, source, depth, dynamic, dmodel, gate):
         try:
-            opts = draft_options(enabled, source, depth, dynamic, dmodel,
-                                 model_mtp_depth=session.mtp_depth if session.loaded else None)
+            opts = draft_options(enabled, source, depth, dynamic, dmodel, own=session.own_drafter, confidence=gate)
             if not session.loaded:
                 return "Load a model first; the drafting settings apply after loading."
             if opts.enabled and not generator_accepts_draft():
@@ -146,11 +169,12 @@ def build_panel(session: ModelSession | None = None, *, default_model_dir: str =
             return _error(error_message(e))
         if not opts.enabled:
             return _mtp_note(session) + " Drafting off."
+        gate = "" if opts.confidence_threshold is None else f", confidence gate {opts.confidence_threshold:g}"
         return (f"{_mtp_note(session)} Drafting: {opts.mode}, depth {opts.num_tokens}"
-                f"{', dynamic' if opts.dynamic else ''}. "
-                f"Sources for this model: {', '.join(available_sources(session.mtp_depth))}.")
+                f"{', dynamic' if opts.dynamic else ''}{gate}. "
+                f"Sources for this model: {', '.join(available_sources(session.own_drafter))}.")
 
-    draft_inputs = [draft_on, draft_source, draft_depth, draft_dynamic, draft_model_dir]
+    draft_inputs = [draft_on, draft_source, draft_depth, draft_dynamic, draft_model_dir, draft_gate]
     for control in draft_inputs:
         control.change(on_draft, inputs=draft_inputs, outputs=[draft_status])
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 from ..errors import Exl3TritonError, InvalidArgumentError
 from ..runtime.drafting_options import DraftOptions, DraftStats
+from .drafting import OwnDrafter
 from .model_info import model_card, validate_model_dir
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -182,8 +183,9 @@ class ModelSession:
         return self.model is not None
 
     @property
-    def mtp_depth(self) -> int:
-        return int(getattr(self.model.network, "mtp_depth", 0) or 0) if self.loaded else 0
+    def own_drafter(self) -> OwnDrafter | None:
+        """The loaded model's own drafter (MTP heads, a DSpark block drafter or none); None: no model."""
+        return OwnDrafter.of(self.model.network) if self.loaded else None
 
     # ------------------------------------------------------------------ load
 
@@ -317,11 +319,14 @@ def _cache_bytes(cache) -> int | None:
 def check_cpu_cache_fits(network, settings: LoadSettings) -> None:
     """Refuse a CPU cache larger than half the machine's memory (on CUDA the generator sizes the cache
     to free memory itself); an absurd length would otherwise die in an allocation."""
+    from ..arch.cache_spec import fitting_page_size
     from ..runtime.cache import PagedCache
 
     specs = network.cache_spec()
     tokens = settings.cache_tokens or settings.max_batch_size * settings.max_seq_len
-    need = PagedCache.bytes_per_token(specs) * tokens + PagedCache.fixed_bytes(specs, 16, settings.max_batch_size)
+    page_size = fitting_page_size(specs, 16)  # what the generator picks on CPU
+    need = PagedCache.bytes_per_token(specs) * tokens + PagedCache.fixed_bytes(specs, page_size,
+                                                                               settings.max_batch_size)
     try:
         have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

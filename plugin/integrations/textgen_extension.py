@@ -18,7 +18,8 @@ params.update({"display_name": "EXL3 Triton", "is_tab": True})
 
 MODE_HELP = {
     "disabled": "no drafting",
-    "mtp": "the checkpoint's own MTP draft layers (models that ship them)",
+    "mtp": ("the checkpoint's own drafter: its MTP draft layers, or DeepSeek-V4's DSpark block drafter "
+            "(models that ship one)"),
     "ngram": "copy continuations from the prompt and reply (no extra weights)",
     "model": "the draft model chosen in the Model tab (speculative decoding section)",
 }

@@ -70,7 +70,9 @@ class PagedCache:
             pages = (max_seqs + 1) * self.ring_pages if spec.ring else num_pages
             for t in spec.paged:
                 if page_size % t.tokens_per_entry:
-                    raise InvalidArgumentError(f"page_size {page_size} is not a multiple of {t.tokens_per_entry}")
+                    raise InvalidArgumentError(f"page_size {page_size} is not a multiple of {t.tokens_per_entry}: "
+                                               f"cache tensor {t.name!r} stores one entry per {t.tokens_per_entry} "
+                                               "tokens; leave page_size unset to get one that fits")
                 if spec.ring and t.tokens_per_entry != 1:
                     raise InvalidArgumentError(f"ring layers store one entry per token ({t.name})")
                 layer_paged[t.name] = torch.zeros((pages, page_size // t.tokens_per_entry, *t.entry_shape),

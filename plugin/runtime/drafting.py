@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..arch.cache_spec import fitting_page_size
 from ..errors import InvalidArgumentError
 from .cache import PagedCache, SequenceCache
 from .drafting_options import check_rollback
@@ -85,6 +86,7 @@ class DraftModelDrafter(Drafter):
         self.model, self.network, self.chunk_size = draft_model, net, chunk_size
         specs = net.cache_spec()
         check_rollback(specs, max_draft, f"the draft model ({type(net).__name__})")
+        page_size = fitting_page_size(specs, page_size)  # the target's, grown where the draft's cache needs more
         pages_per_seq = -(-(max_seq_len + max_draft + 1) // page_size)
         graphs = net.options.device.type == "cuda"  # one more page: where graph padding rows write
         self.cache = PagedCache(specs, num_pages=max_batch_size * pages_per_seq + graphs, page_size=page_size,
@@ -241,13 +243,15 @@ class BlockDrafter(Drafter):
             self.drafts[job.id] = tokens[:n]
 
 
-def teacher_forced_acceptance(model, ids: list[int], *, page_size: int = 16) -> list[float]:
+def teacher_forced_acceptance(model, ids: list[int], *, page_size: int | None = None) -> list[float]:
     """For each MTP depth d: how often its greedy draft, fed the true text, equals the target's own
     greedy prediction for that position (the published per-depth acceptance method). A block drafter
-    (DeepSeek-V4 DSpark): ``teacher_forced_block_acceptance``."""
+    (DeepSeek-V4 DSpark): ``teacher_forced_block_acceptance``. ``page_size``: default 16, or the
+    smallest the model's cache accepts where that is larger (DeepSeek-V4: 128)."""
     net = model.network
+    page_size = page_size or fitting_page_size(net.cache_spec(), 16)
     if net.block_drafter is not None:
-        return teacher_forced_block_acceptance(model, ids, page_size=max(page_size, 128))
+        return teacher_forced_block_acceptance(model, ids, page_size=page_size)
     if net.mtp_depth == 0:
         raise InvalidArgumentError(f"{type(net).__name__} has no MTP draft layers")
     n = len(ids)

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import torch
 
+from ..arch.cache_spec import fitting_page_size
 from ..errors import InvalidArgumentError
 from .cache import OutOfPagesError, PagedCache
 from .drafting_options import DraftOptions, DraftStats, check_rollback
@@ -60,7 +61,9 @@ class Generator:
         ``max_position_embeddings``, capped at 8192). cache_tokens: tokens the
         paged cache holds in all (default: ``max_batch_size * max_seq_len`` on
         CPU; on CUDA as much as fits in 90% of free memory, capped at that).
-        draft: speculative decoding (``DraftOptions``; off by default). draft_model: an
+        page_size: tokens per cache page (default: 256 on CUDA, 16 on CPU, or the smallest
+        size the model's cache accepts where that is larger). draft: speculative
+        decoding (``DraftOptions``; off by default). draft_model: an
         already loaded ``Model`` to draft with in mode "model" (instead of loading
         ``draft.model_dir``).
         """
@@ -79,8 +82,10 @@ class Generator:
         self.max_seq_len = int(max_seq_len or min(int(config_len), 8192))
         if self.max_seq_len < 2:
             raise InvalidArgumentError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
-        page_size = page_size or (256 if self.device.type == "cuda" else 16)
         specs = self.network.cache_spec()
+        # unset: the device's usual size, grown where the model's cache needs bigger pages (DeepSeek-V4: 128);
+        # a size given explicitly is used as given (PagedCache names the tensor it does not fit)
+        page_size = page_size or fitting_page_size(specs, 256 if self.device.type == "cuda" else 16)
         self.draft_options = draft or DraftOptions()
         self._check_draft_options(specs)
         # a verification step writes its drafts before knowing whether they stay: rings keep room for them

@@ -10,7 +10,7 @@ import exl3_triton
 from exl3_triton.errors import InvalidArgumentError
 from exl3_triton.runtime.drafting_options import DraftOptions, DraftStats
 from exl3_triton.ui.demo import BUNDLED_MODEL_DIR
-from exl3_triton.ui.drafting import available_sources, draft_options, stats_html
+from exl3_triton.ui.drafting import MTP_HEADS, OwnDrafter, available_sources, draft_options, stats_html
 from exl3_triton.ui.model_info import bits_by_tensor_class, model_card, tensor_class, validate_model_dir
 from exl3_triton.ui.session import ChatSettings, LoadSettings, ModelSession, RecentModels
 
@@ -72,17 +72,18 @@ def test_draft_options_map_the_panel_controls():
     assert draft_options(True, "n-gram", 2, True) == DraftOptions(mode="ngram", num_tokens=2, dynamic=True)
     assert draft_options(True, "draft model", "3", False, " /m/draft ") == \
         DraftOptions(mode="model", num_tokens=3, model_dir="/m/draft")
-    assert draft_options(True, "MTP heads", 1, False, model_mtp_depth=2) == DraftOptions(mode="mtp", num_tokens=1)
+    heads = OwnDrafter(MTP_HEADS, 2)
+    assert draft_options(True, "MTP heads", 1, False, own=heads) == DraftOptions(mode="mtp", num_tokens=1)
     with pytest.raises(InvalidArgumentError, match="no MTP heads"):
-        draft_options(True, "MTP heads", 1, False, model_mtp_depth=0)
+        draft_options(True, "MTP heads", 1, False, own=OwnDrafter())
     with pytest.raises(InvalidArgumentError, match="has 2 MTP head"):
-        draft_options(True, "MTP heads", 3, False, model_mtp_depth=2)
+        draft_options(True, "MTP heads", 3, False, own=heads)
     with pytest.raises(InvalidArgumentError, match="depth 4"):
         draft_options(True, "n-gram", 4, False)
     with pytest.raises(InvalidArgumentError, match="draft model's directory"):
         draft_options(True, "draft model", 2, False, "")
-    assert available_sources(0) == ["draft model", "n-gram"]
-    assert available_sources(1) == ["MTP heads", "draft model", "n-gram"]
+    assert available_sources(OwnDrafter()) == ["draft model", "n-gram"]
+    assert available_sources(OwnDrafter(MTP_HEADS, 1)) == ["MTP heads", "draft model", "n-gram"]
 
 
 def test_draft_stats_view_shows_acceptance_and_tokens_per_step():
