@@ -88,7 +88,16 @@ def gemm_variants():
                                 (16, 2, 8, True), (32, 2, 8, False), (64, 2, 8, False), (128, 1, 8, False)]:
         yield (f"gemm {'fma' if bm < 16 else 'dot'}{'+rot' if rot else ''} bm{bm} btk{btk} w{warps}",
                triton_gemm._exl3_gemm_kernel, dict(BLOCK_M=bm, BTK=btk, SPLIT_K=4, ROTATE_IN_KERNEL=rot, NCH=8, FIN_ROWS=min(bm, 4),
-                                                   HAS_BIAS=False), warps)
+                                                   HAS_BIAS=False, PREFETCH=0, LANE_MAJOR=False, EARLY_LOAD=False), warps)
+    # the one-row ring loop (kernels/triton_gemv.py): steps in flight x load shape x early first load
+    for btk, warps, prefetch, lanes, early in [(1, 4, 1, False, False), (1, 4, 2, False, False), (1, 4, 3, False, False),
+                                               (1, 4, 1, True, False), (1, 4, 2, True, False), (1, 4, 3, True, False),
+                                               (1, 4, 2, True, True), (2, 4, 2, True, False), (2, 8, 2, True, False),
+                                               (4, 8, 1, True, False)]:
+        yield (f"gemm fma+rot bm1 btk{btk} w{warps} ring{prefetch}{' lanes' if lanes else ''}{' early' if early else ''}",
+               triton_gemm._exl3_gemm_kernel, dict(BLOCK_M=1, BTK=btk, SPLIT_K=4, ROTATE_IN_KERNEL=True, NCH=8, FIN_ROWS=1,
+                                                   HAS_BIAS=False, PREFETCH=prefetch, LANE_MAJOR=lanes,
+                                                   EARLY_LOAD=early), warps)
 
 
 def moe_variants():
