@@ -95,6 +95,9 @@ GEMM_CASES = [  # (rows, bits, codebook, config kwargs)
                               early_load=True, split_k=2)),
     (1, 6, Codebook.MUL1, dict(block_m=1, btk=4, prefetch_steps=1, lane_major=True, rotate_in_kernel=True,
                                early_load=True, num_warps=8)),
+    # one-row loop pipelined by Triton (cp.async stages on a GPU; the interpreter runs the plain loop)
+    (1, 4, Codebook.MCG, dict(block_m=1, btk=1, async_stages=3, rotate_in_kernel=True)),
+    (1, 2.5, Codebook.MUL1, dict(block_m=1, btk=2, async_stages=4, lane_major=True, split_k=2)),
 ]
 
 
@@ -205,7 +208,23 @@ def test_expert_stack_rejects_mismatch(device):
     (dict(block_m=1, prefetch_steps=4), "got 4"),
     (dict(block_m=1, lane_major=True), "prefetch_steps"),
     (dict(block_m=1, prefetch_steps=1, early_load=True), "rotate_in_kernel"),
+    (dict(block_m=1, async_stages=1), "got 1"),
+    (dict(block_m=1, async_stages=3, prefetch_steps=2), "replaces"),
 ])
 def test_one_row_variant_options_are_checked(triton_kernels, cfg, option):
     with pytest.raises(InvalidArgumentError, match=option):
         triton_kernels.gemm.GemmConfig(**cfg)
+
+
+@pytest.mark.parametrize("arrangement", [1, 2])
+@pytest.mark.parametrize("cfg", [dict(prefetch_steps=2), dict(async_stages=3)], ids=["ring", "async"])
+def test_one_row_lane_arrangements(triton_kernels, device, monkeypatch, arrangement, cfg):
+    """Both lane-major axis orders (Triton 3.7+ and Triton 3.6 pick different ones) give the reference result."""
+    monkeypatch.setattr(triton_kernels.gemm, "lanes_arrangement", lambda: arrangement)
+    w = random_exl3_weight(256, 256, 3, Codebook.MCG, bias=True, seed=arrangement, device=device)
+    x = torch.randn(1, 256, device=device).half()
+    out = _poisoned((1, 256), torch.float16, device)
+    config = triton_kernels.gemm.GemmConfig(block_m=1, btk=2, lane_major=True, split_k=2, **cfg)
+    y = triton_kernels.gemm.exl3_gemm_triton(x, w, config, out=out)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, exl3_matmul_ref(x.float(), w)) < MATMUL_TOL
