@@ -151,15 +151,15 @@ def gemm_variants():
                triton_gemm._exl3_gemm_kernel, dict(BLOCK_M=bm, BTK=btk, SPLIT_K=4, ROTATE_IN_KERNEL=rot, NCH=8, FIN_ROWS=min(bm, 4),
                                                    HAS_BIAS=False, **ONE_ROW_DEFAULTS), warps)
     # the one-row loops of kernels/triton_gemv.py: ring (steps in flight) or cp.async stages, x load shape
+    lanes = dict(LANES=LANE_MAJOR)
     for btk, warps, variant in [(1, 4, dict(PREFETCH=1)), (1, 4, dict(PREFETCH=2)), (1, 4, dict(PREFETCH=3)),
-                                (1, 4, dict(PREFETCH=1, LANES=LANE_MAJOR)), (1, 4, dict(PREFETCH=2, LANES=LANE_MAJOR)),
-                                (1, 4, dict(PREFETCH=3, LANES=LANE_MAJOR)),
-                                (1, 4, dict(PREFETCH=2, LANES=LANE_MAJOR, EARLY_LOAD=True)),
-                                (2, 4, dict(PREFETCH=2, LANES=LANE_MAJOR)), (2, 8, dict(PREFETCH=2, LANES=LANE_MAJOR)),
-                                (4, 8, dict(PREFETCH=1, LANES=LANE_MAJOR)), (1, 4, dict(ASYNC_STAGES=2)),
+                                (1, 4, dict(PREFETCH=1, **lanes)), (1, 4, dict(PREFETCH=2, **lanes)),
+                                (1, 4, dict(PREFETCH=3, **lanes)), (1, 4, dict(PREFETCH=2, EARLY_LOAD=True, **lanes)),
+                                (2, 4, dict(PREFETCH=2, **lanes)), (2, 8, dict(PREFETCH=2, **lanes)),
+                                (4, 8, dict(PREFETCH=1, **lanes)), (1, 4, dict(ASYNC_STAGES=2)),
                                 (1, 4, dict(ASYNC_STAGES=3)), (1, 4, dict(ASYNC_STAGES=4)),
-                                (1, 4, dict(ASYNC_STAGES=3, LANES=LANE_MAJOR)), (1, 4, dict(ASYNC_STAGES=4, LANES=LANE_MAJOR)),
-                                (2, 4, dict(ASYNC_STAGES=3, LANES=LANE_MAJOR)), (2, 8, dict(ASYNC_STAGES=3, LANES=LANE_MAJOR))]:
+                                (1, 4, dict(ASYNC_STAGES=3, **lanes)), (1, 4, dict(ASYNC_STAGES=4, **lanes)),
+                                (2, 4, dict(ASYNC_STAGES=3, **lanes)), (2, 8, dict(ASYNC_STAGES=3, **lanes))]:
         tags = (f"{' ring%d' % variant['PREFETCH'] if 'PREFETCH' in variant else ''}"
                 f"{' async%d' % variant['ASYNC_STAGES'] if 'ASYNC_STAGES' in variant else ''}"
                 f"{' lanes' if variant.get('LANES') else ''}{' early' if variant.get('EARLY_LOAD') else ''}")

@@ -1,5 +1,5 @@
-"""The ``gemv_variants`` section of bench/kernels.py, run on the CPU (Triton's interpreter) at a tiny
-shape: every one-row variant it will time on the GPU must pass its reference check there first."""
+"""The ``gemv_variants`` section of bench/kernels.py at a tiny shape: every one-row variant it will time
+must pass its reference check (on the CPU through Triton's interpreter, untimed; on a GPU also timed)."""
 
 import importlib.util
 import json
@@ -18,9 +18,9 @@ def bench_kernels(triton_kernels):
     return module
 
 
-def test_gemv_variants_section_checks_every_variant(bench_kernels, tmp_path):
-    results = bench_kernels.Results(tmp_path / "r.json", {"gpu": "cpu"})
-    bench = bench_kernels.Bench(results, budget=600, device="cpu")
+def test_gemv_variants_section_checks_every_variant(bench_kernels, device, tmp_path):
+    results = bench_kernels.Results(tmp_path / "r.json", {"gpu": device})
+    bench = bench_kernels.Bench(results, budget=600, device=device)
     bench.gemv_variants(shapes=[(128, 256, 4)])
     records = json.loads((tmp_path / "r.json").read_text())["sections"]["gemv_variants"]
     names = bench_kernels.gemv_variant_configs()
