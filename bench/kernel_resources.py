@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -175,6 +176,23 @@ def moe_variants():
            dict(HAS_WEIGHTS=False, BLOCK_M=16, BTK=2), 8)
 
 
+@triton.jit
+def _gather_probe(t32_ptr, lock_ptr):  # parameter names typed by POINTERS
+    a = tl.arange(0, 4)[:, None, None]
+    b = tl.arange(0, 8)[None, :, None]
+    c = tl.arange(0, 8)[None, None, :]
+    v = tl.load(t32_ptr + (a * 97 + b * 13 + c * 41) % 251)  # no axis provably contiguous
+    tl.store(lock_ptr + a * 64 + b * 8 + c, v)
+
+
+def coalesce_order(arch: int) -> str:
+    """The layout Triton's coalescing pass gives a gather load with no contiguous axis: which axes the
+    threads of a warp spread over first (kernels/triton_gemv.py, ``lanes_arrangement``)."""
+    kernel = compile_variant(_gather_probe, {}, arch, 4, 1)
+    load = re.search(r"tt\.load[^\n]*#(blocked\d*)", kernel.asm["ttgir"]).group(1)
+    return re.search(r"#%s = (#ttg\.blocked<[^\n]*>)" % load, kernel.asm["ttgir"]).group(1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90)
@@ -185,7 +203,12 @@ def main() -> int:
     parser.add_argument("--filter", default="", help="only variants whose name contains this")
     parser.add_argument("--loop", action="store_true", help="also report the main loop: LDGs and first reads")
     parser.add_argument("--sass", default=None, help="directory to write each variant's SASS to")
+    parser.add_argument("--coalesce-order", action="store_true",
+                        help="print the thread order Triton gives a gather load, then stop")
     args = parser.parse_args()
+    if args.coalesce_order:
+        print(f"Triton {triton.__version__}: {coalesce_order(args.arch)}")
+        return 0
     layout = lane_layout(args.bits)
     fmt = dict(W32=layout.w32, KA=layout.ka, HALF=layout.half, NLOAD=layout.nload, CB=args.codebook,
                USE_PTX=bool(args.ptx))

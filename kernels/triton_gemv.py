@@ -1,19 +1,23 @@
-"""One-row fused decode + GEMV: the "ring" main loop, a switchable alternative to
-``triton_gemm.decode_matmul``'s one-row path (``GemmConfig.prefetch_steps``).
+"""One-row fused decode + GEMV loops that keep more trellis bytes in flight than
+``triton_gemm.decode_matmul``'s one-row path; switchable (``GemmConfig.async_stages``,
+``prefetch_steps``, ``lane_major``, ``early_load``), off by default.
 
-Why it exists (docs/performance.md, "One-row kernel: load layout and bytes in
-flight"): today's loop loads the next step's trellis words, decodes the current
-step, then copies the new words into the loop-carried registers. In SASS those
-copies are ``MOV``s at the top of the next iteration that wait for the loads, so
-exactly one step (1 KB at 4 bits and ``BTK = 1``) per program is ever in flight.
-Carrying more steps the same way only moves the wait: a register rotation
-``a, b = b, new`` stalls on ``new`` at the end of the very iteration that loaded it.
+Why (docs/performance.md, "One-row kernel: load layout and bytes in flight"): the
+default loop loads the next step's trellis words while decoding the current one,
+so one step (1 KB at 4 bits and ``BTK = 1``) per program is in flight; in SASS
+every loaded register is first read less than one step's instructions later.
+Carrying more steps in loop registers the plain way (``a, b = b, new``) makes the
+copy at the end of the iteration wait for the load just issued.
 
-The ring loop keeps ``PREFETCH + 1`` register sets and unrolls the loop over
-them: sub-step ``j`` decodes set ``j`` and then reloads set ``j`` in place with the
-step ``PREFETCH + 1`` ahead. No set is ever copied, so while a set is decoded the
-other ``PREFETCH`` sets' loads are in flight. The words stay int32 until the
-decode (half the registers of the uint64 the default loop holds).
+``async_gemv`` leaves the prefetching to Triton's software pipeliner: the loop loads
+the step it decodes and ``tl.range(num_stages=S)`` turns the loads into ``cp.async``
+copies into a shared-memory ring ``S - 1`` steps ahead (Triton 3.6 and 3.9 both do).
+
+``ring_gemv`` keeps ``PREFETCH + 1`` register sets and unrolls the loop over them:
+sub-step ``j`` decodes set ``j``, then reloads it in place with the step
+``PREFETCH + 1`` ahead, so no set is copied. ptxas, however, moves those loads
+down towards the end of the loop body, which leaves about one step of cover again
+(measured in the compiled code); the ring is kept as the register-only contender.
 
 ``LANES`` (``GemmConfig.lane_major``) orders the rank-7 block so that the 32
 threads of a warp hold the 32 lanes of one tile: each word-load instruction then
@@ -24,11 +28,11 @@ from the last axis in 3.7-3.9 but from the first in 3.6 (``lanes_arrangement``).
 The one-row product does not care how the block's axes are ordered: the columns
 are put back in order once, after the loop.
 
-Steps past the end of the K slice (the last group of an unrolled loop) re-read
-the slice's last step (in bounds; a clamp, not a modulo, which costs an integer
-division per step) and count its activations as zeros. Activations stay packed
-int32 pairs until their step is decoded, so no instruction waits on a load
-earlier than the decode that needs it.
+In the ring, steps past the end of the K slice (the last group of the unrolled
+loop) re-read the slice's last step (in bounds; a clamp, not a modulo, which
+would cost an integer division per step) and count its activations as zeros.
+Words and activations stay packed int32 until their step is decoded, so no
+instruction waits on a load earlier than the decode that needs it.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from .triton_decode import codebook_decode, lane_geometry, unpack_pairs, window_
 def lanes_arrangement() -> int:
     """The ``LANES`` arrangement that puts a tile's lanes in one warp with the installed Triton.
 
-    Measured by compiling a gather load for sm_90 (bench/kernel_resources.py, docs/performance.md):
+    Measured by compiling a gather load for sm_90 (``bench/kernel_resources.py --coalesce-order``):
     Triton 3.6 gives it ``order = [0, 1, ...]`` (threads over the first axes), 3.7, 3.8 and 3.9
     ``order = [..., 1, 0]`` (threads over the last axes).
     """
