@@ -15,9 +15,10 @@ copies into a shared-memory ring ``S - 1`` steps ahead (Triton 3.6 and 3.9 both 
 
 ``ring_gemv`` keeps ``PREFETCH + 1`` register sets and unrolls the loop over them:
 sub-step ``j`` decodes set ``j``, then reloads it in place with the step
-``PREFETCH + 1`` ahead, so no set is copied. ptxas, however, moves those loads
-down towards the end of the loop body, which leaves about one step of cover again
-(measured in the compiled code); the ring is kept as the register-only contender.
+``PREFETCH + 1`` ahead, so no set is copied. How much of that survives is up to
+ptxas: with Triton 3.6 three sets ahead keep ~2 steps of cover, with 3.9 the loads
+are moved down to the end of the loop body and keep about one (measured in the
+compiled code); the ring is kept as the register-only contender.
 
 ``LANES`` (``GemmConfig.lane_major``) orders the rank-7 block so that the 32
 threads of a warp hold the 32 lanes of one tile: each word-load instruction then
