@@ -58,14 +58,42 @@ def _empty_kernel(x_ptr):
     pass
 
 
+# gemv_variants: the one-row shapes of the issue and of an 8B / 27B model (in x out, bits)
+GEMV_VARIANT_SHAPES = [(8192, 8192, 4), (5376, 21504, 4), (21504, 5376, 4), (4096, 4096, 4), (4096, 14336, 4),
+                       (4096, 1024, 4), (8192, 8192, 2)]
+
+
+def gemv_variant_configs() -> dict:
+    """Named one-row schedules: today's (kernels/tuning.py) and the variants (GemmConfig.prefetch_steps,
+    lane_major, early_load, async_stages; kernels/triton_gemv.py), one change at a time, then combined."""
+    today = GemmConfig(block_m=1, btk=1, num_warps=4, rotate_in_kernel=True)
+    return {
+        "today": today,
+        "lanes ring1": replace(today, prefetch_steps=1, lane_major=True),  # load shape alone
+        "ring2": replace(today, prefetch_steps=2),  # steps in flight alone (register ring)
+        "ring3": replace(today, prefetch_steps=3),
+        "lanes ring3": replace(today, prefetch_steps=3, lane_major=True),
+        "lanes ring3 early": replace(today, prefetch_steps=3, lane_major=True, early_load=True),
+        "async2": replace(today, async_stages=2),  # cp.async: 1 step ahead in shared memory
+        "async3": replace(today, async_stages=3),
+        "async4": replace(today, async_stages=4),
+        "lanes async3": replace(today, async_stages=3, lane_major=True),
+        "lanes async4": replace(today, async_stages=4, lane_major=True),
+        "lanes async3 btk2 w4": replace(today, async_stages=3, lane_major=True, btk=2),  # larger steps
+        "lanes async3 btk2 w8": replace(today, async_stages=3, lane_major=True, btk=2, num_warps=8),
+        "lanes async4 w2": replace(today, async_stages=4, lane_major=True, num_warps=2),  # fewer warps
+    }
+
+
 def rel_err(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 class Bench:
-    def __init__(self, results: Results, budget: float):
+    def __init__(self, results: Results, budget: float, device: str = "cuda"):
         self.r = results
         self.budget = budget
+        self.device = device  # "cpu" only for the logic test of the sections (Triton's interpreter)
         self.best: dict[str, GemmConfig] = {}
 
     def out_of_time(self) -> bool:
@@ -78,11 +106,12 @@ class Bench:
         return [synthetic_exl3(k, n, bits, cb, seed=i) for i in range(rotation_count(int(nbytes)))]
 
     def check_gemm(self, cfg, k, n, bits, cb, rows) -> float:
-        w = synthetic_exl3(k, n, bits, cb, seed=1234, bias=True)
-        x = torch.randn(rows, k, device="cuda").half()
-        out = torch.full((rows, n), float("nan"), dtype=torch.float16, device="cuda")
+        w = synthetic_exl3(k, n, bits, cb, device=self.device, seed=1234, bias=True)
+        x = torch.randn(rows, k, device=self.device).half()
+        out = torch.full((rows, n), float("nan"), dtype=torch.float16, device=self.device)
         y = OPS.gemm.exl3_gemm_triton(x, w, cfg, out=out)
-        torch.cuda.synchronize()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
         if not torch.isfinite(y).all():
             return float("inf")
         return rel_err(y, exl3_matmul_ref(x.float(), w))
@@ -196,6 +225,53 @@ class Bench:
                 self.r.add("gemv_shapes", rec)
             del ws
             torch.cuda.empty_cache()
+
+    def gemv_variants(self, shapes=GEMV_VARIANT_SHAPES):
+        """One-row kernel: today's schedule against the variants of kernels/triton_gemv.py (issue 3;
+        docs/performance.md, "One-row kernel: load layout and bytes in flight"), in CUDA graphs, with
+        fp16 torch.matmul in the same run; then the K-split count for the fastest variant, since
+        deeper prefetching changes how many programs per SM are worth having."""
+        configs = gemv_variant_configs()
+        for k, n, bits in shapes:
+            if self.out_of_time():
+                return
+            times = self._time_gemv_configs("gemv_variants", k, n, bits, configs)
+            fp16 = self.time_fp16(k, n, 1) if self.device == "cuda" else {}
+            base = times.get("today")
+            for name, us in sorted(times.items(), key=lambda kv: kv[1]):
+                self.r.add("gemv_variants_summary", {
+                    "shape": f"{k}x{n}", "K": bits, "variant": name, "graph_us": us,
+                    "vs_today": base / us if base else None, "fp16_graph_us": fp16.get("fp16_graph_us"),
+                    "vs_fp16": fp16["fp16_graph_us"] / us if fp16.get("fp16_graph_us") else None})
+            if len(times) > 1:  # the fastest variant at other K splits
+                best = min((v for v in times if v != "today"), key=times.get)
+                splits = {f"{best} sk{sk}": replace(configs[best], split_k=sk) for sk in (4, 8, 16, 32)}
+                self._time_gemv_configs("gemv_variants_splits", k, n, bits, splits)
+
+    def _time_gemv_configs(self, section, k, n, bits, configs: dict) -> dict:
+        """Check each named one-row config (poisoned output vs the reference), time the good ones in a
+        graph; returns {name: graph us}."""
+        ws = self.weights(k, n, bits) if self.device == "cuda" else []
+        xs = [torch.randn(1, k, device=self.device).half() for _ in ws]
+        times = {}
+        for name, cfg in configs.items():
+            if self.out_of_time():
+                break
+            rec = {"shape": f"{k}x{n}", "K": bits, "rows": 1, "variant": name, "config": cfg.describe()}
+            try:
+                rec["rel_err"] = self.check_gemm(cfg, k, n, bits, Codebook.MCG, 1)
+                if rec["rel_err"] < MATMUL_TOL and ws:
+                    fn = lambda i: OPS.gemm.exl3_gemm_triton(xs[i], ws[i], cfg)  # noqa: E731
+                    rec["graph_us"] = time_graph(fn, len(ws))["median_us"]
+                    rec["weight_GBps_graph"] = k * n * bits / 8 / rec["graph_us"] / 1e3
+                    times[name] = rec["graph_us"]
+            except Exception as e:  # a variant that does not compile is reported, not fatal
+                rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            self.r.add(section, rec)
+        del ws, xs
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        return times
 
     def occupancy(self):
         """One-row kernel: K slices (programs per SM) against a register cap (programs resident per SM)."""
@@ -362,7 +438,8 @@ class Bench:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="results directory (default bench/results)")
-    parser.add_argument("--sections", default="env,exact,gemv,m16,splits,table,crossover,moe,formats")
+    parser.add_argument("--sections", default="env,exact,gemv,m16,splits,table,crossover,moe,formats",
+                        help="also: gemv_shapes, occupancy, gemv_variants (one-row variants, issue 3)")
     parser.add_argument("--budget", type=float, default=500, help="seconds after which remaining sections are skipped")
     args = parser.parse_args()
     if not torch.cuda.is_available():

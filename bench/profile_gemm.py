@@ -31,9 +31,17 @@ def main() -> int:
     p.add_argument("--warps", type=int, default=8)
     p.add_argument("--split", type=int, default=None)
     p.add_argument("--calls", type=int, default=4)
+    p.add_argument("--rotate-in-kernel", action="store_true")
+    # one-row variants (GemmConfig fields, kernels/triton_gemv.py), e.g. --rotate-in-kernel --async-stages 3 --lane-major
+    p.add_argument("--prefetch-steps", type=int, default=None)
+    p.add_argument("--async-stages", type=int, default=None)
+    p.add_argument("--lane-major", action="store_true")
+    p.add_argument("--early-load", action="store_true")
     a = p.parse_args()
     ops = triton_ops.load()
-    cfg = ops.gemm.GemmConfig(block_m=a.block_m, btk=a.btk, num_warps=a.warps, split_k=a.split)
+    cfg = ops.gemm.GemmConfig(block_m=a.block_m, btk=a.btk, num_warps=a.warps, split_k=a.split,
+                              rotate_in_kernel=a.rotate_in_kernel, prefetch_steps=a.prefetch_steps,
+                              async_stages=a.async_stages, lane_major=a.lane_major, early_load=a.early_load)
     w = synthetic_exl3(a.k, a.n, a.bits, Codebook.MCG)
     x = torch.randn(a.rows, a.k, device="cuda").half()
     for _ in range(a.calls):

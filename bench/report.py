@@ -59,7 +59,30 @@ def render(data: dict) -> str:
         for r in sec["splits"]:
             out.append(f"| {r['shape']} | {r['rows']} | {r['split']} | {_f(r['eager_us'])} | {_f(r['graph_us'])} |")
         out.append("")
+    if sec.get("gemv_variants_summary"):
+        out += _gemv_variants(sec)
     return "\n".join(out)
+
+
+def _gemv_variants(sec: dict) -> list[str]:
+    """One-row variants (issue 3): graph us per shape, and the speed-up over today's schedule."""
+    rows = sec["gemv_variants_summary"]
+    shapes = list(dict.fromkeys(f"{r['shape']} K{r['K']:g}" for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in sec.get("gemv_variants", []) if "variant" in r))
+    cell = {(f"{r['shape']} K{r['K']:g}", r["variant"]): r for r in rows}
+    out = ["| variant | " + " | ".join(shapes) + " |", "|---" * (len(shapes) + 1) + "|"]
+    for v in variants:
+        out.append(f"| {v} | " + " | ".join(
+            f"{cell[s, v]['graph_us']:.1f} ({cell[s, v]['vs_today']:.2f}x)" if (s, v) in cell else "-"
+            for s in shapes) + " |")
+    fp16 = {f"{r['shape']} K{r['K']:g}": r.get("fp16_graph_us") for r in rows}
+    out += ["| fp16 torch.matmul | " + " | ".join(_f(fp16[s]) for s in shapes) + " |", ""]
+    if sec.get("gemv_variants_splits"):
+        out += ["| shape | fastest variant at split | graph us |", "|---|---|---|"]
+        for r in sec["gemv_variants_splits"]:
+            out.append(f"| {r['shape']} K{r['K']:g} | {r['variant']} | {_f(r.get('graph_us'))} |")
+        out.append("")
+    return out
 
 
 if __name__ == "__main__":

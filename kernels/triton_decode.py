@@ -132,12 +132,18 @@ def _lane_geometry(W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr):
     Returns ``j0`` (lane's first word, broadcast shape), ``pair_idx`` and ``shift``
     (which word pair holds the window, and the right shift that brings it down).
     """
-    RING: tl.constexpr = W32 * 32
     mh = tl.arange(0, 2)[None, :, None, None, None, None, None]
     t4 = tl.arange(0, 4)[None, None, :, None, None, None, None]
     ml = tl.arange(0, 2)[None, None, None, :, None, None, None]
     h = tl.arange(0, 2)[None, None, None, None, None, :, None]
     c0 = tl.arange(0, 8)[None, None, None, None, None, None, :]
+    return lane_geometry(mh, t4, ml, h, c0, W32, KA, HALF)
+
+
+@triton.jit
+def lane_geometry(mh, t4, ml, h, c0, W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr):
+    """``_lane_geometry`` for index tensors placed on any axes (a kernel may order the rank-7 axes its own way)."""
+    RING: tl.constexpr = W32 * 32
     lane = 4 * c0 + t4
     q = 4 * h + 2 * mh + ml
     if HALF:  # even positions carry KA bits, odd ones KA + 1
@@ -184,11 +190,16 @@ def decode_words_rank7(w0, w1, w2, W32: tl.constexpr, KA: tl.constexpr, HALF: tl
                        NLOAD: tl.constexpr, CB: tl.constexpr, USE_PTX: tl.constexpr):
     """``decode_words`` before the reshape: axes ``(tile_k, mh, t4, ml, tile_n, h, c0)``."""
     j0, pair_idx, shift = _lane_geometry(W32, KA, HALF)
+    return codebook_decode(window_states(w0, w1, w2, pair_idx, shift, NLOAD), CB, USE_PTX)
+
+
+@triton.jit
+def window_states(w0, w1, w2, pair_idx, shift, NLOAD: tl.constexpr):
+    """Each position's 16-bit trellis state, cut from its lane's words (uint64 holding 32-bit values)."""
     pair = (w0 << 32) | w1
     if NLOAD >= 3:
         pair = tl.where(pair_idx >= 1, (w1 << 32) | w2, pair)
-    state = ((pair >> shift) & 0xFFFF).to(tl.uint32)
-    return codebook_decode(state, CB, USE_PTX)
+    return ((pair >> shift) & 0xFFFF).to(tl.uint32)
 
 
 @triton.jit
@@ -203,8 +214,13 @@ def load_rows_rank7(src32_ptr, word0, BTK: tl.constexpr):
     mh = tl.arange(0, 2)[None, :, None, None, None, None, None]
     t4 = tl.arange(0, 4)[None, None, :, None, None, None, None]
     ml = tl.arange(0, 2)[None, None, None, :, None, None, None]
-    pairs = tl.load(src32_ptr + word0 + 8 * tk + 4 * mh + t4).to(tl.uint32)
-    half = (pairs >> (16 * ml).to(tl.uint32)) & 0xFFFF
+    return unpack_pairs(tl.load(src32_ptr + word0 + 8 * tk + 4 * mh + t4), ml)
+
+
+@triton.jit
+def unpack_pairs(pairs, ml):
+    """int32 words holding two fp16 activations -> the fp32 value selected by ``ml`` (0: low half, 1: high)."""
+    half = (pairs.to(tl.uint32) >> (16 * ml).to(tl.uint32)) & 0xFFFF
     return half.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 

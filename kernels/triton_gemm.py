@@ -27,9 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import InvalidArgumentError
 from .launch import FastLauncher
 from .triton_decode import (HAD_SCALE, decode_words, decode_words_rank7, hadamard_rows, lane_layout, load_rows_rank7,
                             load_tile_words)
+from .triton_gemv import async_gemv, lanes_arrangement, ring_gemv, ring_prologue
 from .triton_hadamard import exl3_input_rotate
 from .weights import Exl3Weight
 
@@ -181,6 +183,8 @@ def _exl3_gemm_kernel(
     # schedule
     BLOCK_M: tl.constexpr, BTK: tl.constexpr, SPLIT_K: tl.constexpr,
     ROTATE_IN_KERNEL: tl.constexpr, NCH: tl.constexpr, FIN_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    # one-row variants (GemmConfig.prefetch_steps / lane_major / early_load; 0/False: decode_matmul's loop)
+    PREFETCH: tl.constexpr, LANES: tl.constexpr, EARLY_LOAD: tl.constexpr, ASYNC_STAGES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -190,6 +194,10 @@ def _exl3_gemm_kernel(
     rmask = rows < M
     cols = pid_n * 128 + tl.arange(0, 128)
     kt_begin = pid_s * k_tiles_per_split
+    RING: tl.constexpr = BLOCK_M == 1 and PREFETCH > 0
+    if RING and EARLY_LOAD:  # the first trellis loads fly while the prologue rotates x
+        (wa0, wa1, wa2, wb0, wb1, wb2, wc0, wc1, wc2, wd0, wd1, wd2) = ring_prologue(
+            t32_ptr, kt_begin, k_tiles_per_split // BTK, pid_n * 8, TN, W32, KA, HALF, NLOAD, BTK, PREFETCH + 1, LANES)
 
     if ROTATE_IN_KERNEL:  # this program's private copy of its rows' rotated K-slice
         scratch_row0 = (pid_m * nb + pid_n) * BLOCK_M
@@ -212,8 +220,21 @@ def _exl3_gemm_kernel(
     if BLOCK_M == 1:
         src_rows = tl.sum(src_rows, axis=0)  # the one row, as a scalar
 
-    acc = decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_tiles_per_split, pid_n * 8, TN,
-                        W32, KA, HALF, NLOAD, CB, USE_PTX, BLOCK_M, BTK)
+    if BLOCK_M == 1 and ASYNC_STAGES > 0:
+        acc = async_gemv(src_ptr.to(tl.pointer_type(tl.int32), bitcast=True), (src_rows * stride_src) // 2, t32_ptr,
+                         kt_begin, k_tiles_per_split, pid_n * 8, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK,
+                         ASYNC_STAGES, LANES)
+    elif RING:
+        if not EARLY_LOAD:
+            (wa0, wa1, wa2, wb0, wb1, wb2, wc0, wc1, wc2, wd0, wd1, wd2) = ring_prologue(
+                t32_ptr, kt_begin, k_tiles_per_split // BTK, pid_n * 8, TN, W32, KA, HALF, NLOAD, BTK, PREFETCH + 1,
+                LANES)
+        acc = ring_gemv(src_ptr.to(tl.pointer_type(tl.int32), bitcast=True), (src_rows * stride_src) // 2, t32_ptr,
+                        kt_begin, k_tiles_per_split, pid_n * 8, TN, wa0, wa1, wa2, wb0, wb1, wb2, wc0, wc1, wc2,
+                        wd0, wd1, wd2, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, PREFETCH + 1, LANES)
+    else:
+        acc = decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_tiles_per_split,
+                            pid_n * 8, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, BLOCK_M, BTK)
 
     # Finish: the partial goes to the workspace; the last program of this column block
     # (the only one without a split) reloads the block FIN_ROWS rows at a time and
@@ -262,12 +283,45 @@ class GemmConfig:
     rotate_in_kernel: bool = False
     use_ptx: bool | None = None  # None: on CUDA
     max_registers: int | None = None  # per thread (more programs per SM); None: the compiler's choice
+    # One-row variants (triton_gemv.py; docs/performance.md, "One-row kernel: load layout and bytes in
+    # flight"). prefetch_steps: None keeps decode_matmul's loop (one step ahead through copied registers);
+    # 1-3 selects the ring loop with that many steps' loads in flight while a step is decoded.
+    # lane_major: the ring loop's warps read one tile's 32 contiguous words per load instruction.
+    # early_load: the ring's first loads are issued before the in-kernel rotation of x.
+    # async_stages (2-4, instead of prefetch_steps): Triton's pipeliner copies the words and activations
+    # into shared memory (cp.async) async_stages - 1 steps ahead; lane_major applies to it too.
+    prefetch_steps: int | None = None
+    lane_major: bool = False
+    early_load: bool = False
+    async_stages: int | None = None
+
+    def __post_init__(self):
+        if self.async_stages is not None:
+            if self.block_m != 1 or self.prefetch_steps is not None or self.early_load:
+                raise InvalidArgumentError("GemmConfig.async_stages is a one-row option (block_m=1) and replaces "
+                                           "prefetch_steps and early_load")
+            if self.async_stages not in (2, 3, 4):
+                raise InvalidArgumentError(f"GemmConfig.async_stages must be 2, 3 or 4, got {self.async_stages}")
+        elif self.prefetch_steps is not None:
+            if self.block_m != 1:
+                raise InvalidArgumentError(f"GemmConfig.prefetch_steps is a one-row option (block_m=1), "
+                                           f"got block_m={self.block_m}")
+            if self.prefetch_steps not in (1, 2, 3):
+                raise InvalidArgumentError(f"GemmConfig.prefetch_steps must be 1, 2 or 3, got {self.prefetch_steps}")
+        elif self.lane_major or self.early_load:
+            raise InvalidArgumentError("GemmConfig.lane_major and early_load select variants of the one-row loops: "
+                                       "set prefetch_steps (1-3) or async_stages (2-4, lane_major only) too")
+        if self.early_load and not self.rotate_in_kernel:
+            raise InvalidArgumentError("GemmConfig.early_load overlaps the in-kernel rotation: it needs "
+                                       "rotate_in_kernel=True")
 
     def describe(self) -> str:
         mode = "fma" if self.block_m == 1 else (f"fma bm{self.block_m}" if self.block_m < 16 else f"dot bm{self.block_m}")
         return (f"{mode}{'+rot' if self.rotate_in_kernel else ''} btk{self.btk} sk{self.split_k} "
                 f"w{self.num_warps} s{self.num_stages}{' noptx' if self.use_ptx is False else ''}"
-                f"{f' r{self.max_registers}' if self.max_registers else ''}")
+                f"{f' r{self.max_registers}' if self.max_registers else ''}"
+                f"{f' ring{self.prefetch_steps}' if self.prefetch_steps else ''}{' lanes' if self.lane_major else ''}"
+                f"{' early' if self.early_load else ''}{f' async{self.async_stages}' if self.async_stages else ''}")
 
 
 # Programs per SM the automatic split aims for. Measured on the H100 (splits section of
@@ -346,6 +400,8 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
         USE_PTX=x.is_cuda if cfg.use_ptx is None else cfg.use_ptx,
         BLOCK_M=block_m, BTK=cfg.btk, SPLIT_K=split, ROTATE_IN_KERNEL=rotate_in_kernel,
         NCH=next_power_of_2(chunks), FIN_ROWS=min(block_m, 4), HAS_BIAS=w.bias is not None,
+        PREFETCH=cfg.prefetch_steps or 0, LANES=lanes_arrangement() if cfg.lane_major else 0, EARLY_LOAD=cfg.early_load,
+        ASYNC_STAGES=cfg.async_stages or 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers, **consts["fmt"],
     )
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from exl3_triton.checkpoint import Checkpoint
+from exl3_triton.errors import InvalidArgumentError
 from exl3_triton.kernels import Codebook, Exl3ExpertStack, exl3_full_weight, exl3_matmul, exl3_moe, hadamard_128
 from exl3_triton.kernels.reference import (
     dequant_inner_ref,
@@ -84,6 +85,19 @@ GEMM_CASES = [  # (rows, bits, codebook, config kwargs)
     (33, 1.5, Codebook.MUL1, dict(block_m=32, btk=2, rotate_in_kernel=True, split_k=2)),
     (18, 4, Codebook.MCG, dict(block_m=16, btk=1, split_k=16)),
     (4, 4, Codebook.MCG, dict(block_m=4, btk=2, rotate_in_kernel=True, split_k=2)),  # verification rows
+    # one-row ring loop (kernels/triton_gemv.py): steps in flight, lane-major loads, early first load;
+    # 256 features = 16 tile rows, so 3 and 4 register sets leave a partial last group (zero activations)
+    (1, 4, Codebook.MCG, dict(block_m=1, btk=1, prefetch_steps=1)),
+    (1, 4, Codebook.MCG, dict(block_m=1, btk=1, prefetch_steps=2, lane_major=True, rotate_in_kernel=True)),
+    (1, 3.5, Codebook.MUL1, dict(block_m=1, btk=1, prefetch_steps=3)),  # auto split: 1 step a program
+    (1, 5, Codebook.THREE_INST, dict(block_m=1, btk=2, prefetch_steps=2, lane_major=True, split_k=2)),
+    (1, 2, Codebook.MCG, dict(block_m=1, btk=1, prefetch_steps=3, lane_major=True, rotate_in_kernel=True,
+                              early_load=True, split_k=2)),
+    (1, 6, Codebook.MUL1, dict(block_m=1, btk=4, prefetch_steps=1, lane_major=True, rotate_in_kernel=True,
+                               early_load=True, num_warps=8)),
+    # one-row loop pipelined by Triton (cp.async stages on a GPU; the interpreter runs the plain loop)
+    (1, 4, Codebook.MCG, dict(block_m=1, btk=1, async_stages=3, rotate_in_kernel=True)),
+    (1, 2.5, Codebook.MUL1, dict(block_m=1, btk=2, async_stages=4, lane_major=True, split_k=2)),
 ]
 
 
@@ -187,3 +201,30 @@ def test_expert_stack_rejects_mismatch(device):
     b = random_exl3_weight(128, 128, 3, Codebook.MCG, device=device)
     with pytest.raises(ValueError, match="must match"):
         Exl3ExpertStack.from_weights([a, b], key="mlp.experts.up")
+
+
+@pytest.mark.parametrize("cfg,option", [
+    (dict(block_m=16, prefetch_steps=2), "block_m=16"),
+    (dict(block_m=1, prefetch_steps=4), "got 4"),
+    (dict(block_m=1, lane_major=True), "prefetch_steps"),
+    (dict(block_m=1, prefetch_steps=1, early_load=True), "rotate_in_kernel"),
+    (dict(block_m=1, async_stages=1), "got 1"),
+    (dict(block_m=1, async_stages=3, prefetch_steps=2), "replaces"),
+])
+def test_one_row_variant_options_are_checked(triton_kernels, cfg, option):
+    with pytest.raises(InvalidArgumentError, match=option):
+        triton_kernels.gemm.GemmConfig(**cfg)
+
+
+@pytest.mark.parametrize("arrangement", [1, 2])
+@pytest.mark.parametrize("cfg", [dict(prefetch_steps=2), dict(async_stages=3)], ids=["ring", "async"])
+def test_one_row_lane_arrangements(triton_kernels, device, monkeypatch, arrangement, cfg):
+    """Both lane-major axis orders (Triton 3.7+ and Triton 3.6 pick different ones) give the reference result."""
+    monkeypatch.setattr(triton_kernels.gemm, "lanes_arrangement", lambda: arrangement)
+    w = random_exl3_weight(256, 256, 3, Codebook.MCG, bias=True, seed=arrangement, device=device)
+    x = torch.randn(1, 256, device=device).half()
+    out = _poisoned((1, 256), torch.float16, device)
+    config = triton_kernels.gemm.GemmConfig(block_m=1, btk=2, lane_major=True, split_k=2, **cfg)
+    y = triton_kernels.gemm.exl3_gemm_triton(x, w, config, out=out)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, exl3_matmul_ref(x.float(), w)) < MATMUL_TOL
