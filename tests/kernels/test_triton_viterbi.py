@@ -19,21 +19,24 @@ def _targets(cb, seed, tiles=1):
 
 
 @pytest.mark.parametrize("bits,cb", [(4, Codebook.MCG), (2.5, Codebook.MUL1), (8, Codebook.THREE_INST)])
-def test_whole_step_form_chooses_the_reference_states(triton_kernels, bits, cb):
+def test_kernel_chooses_the_reference_states(triton_kernels, device, bits, cb):
+    # On a CPU the interpreter runs the whole-step form (a few operations per step); on a GPU
+    # the per-thread loop it uses there (the whole-step form would hold 65536 values per program).
     targets = _targets(cb, seed=int(bits * 10))
     ref = encode_tiles(targets, bits, cb, backend="torch")
-    states = triton_kernels.viterbi.viterbi_encode_triton(targets, bits, int(cb), vector_a=True)
+    states = triton_kernels.viterbi.viterbi_encode_triton(targets.to(device), bits, int(cb),
+                                                          vector_a=device == "cpu").cpu()
     assert is_tail_biting(states, bits).all()
     assert torch.equal(states, ref.states)
 
 
-def test_loop_form_run_on_gpus_chooses_the_reference_states(triton_kernels):
+def test_loop_form_run_on_gpus_chooses_the_reference_states(triton_kernels, device):
     # The GPU's form (a per-thread loop over predecessors, blocks of outputs); 1 bit keeps the
     # loop short, two blocks per step exercise the block loop.
     targets = _targets(Codebook.MCG, seed=5)
     ref = encode_tiles(targets, 1, Codebook.MCG, backend="torch")
-    states = triton_kernels.viterbi.viterbi_encode_triton(targets, 1, int(Codebook.MCG), vector_a=False,
-                                                          outputs_per_block=16384)
+    states = triton_kernels.viterbi.viterbi_encode_triton(targets.to(device), 1, int(Codebook.MCG), vector_a=False,
+                                                          outputs_per_block=16384).cpu()
     assert torch.equal(states, ref.states)
 
 
