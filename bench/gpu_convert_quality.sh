@@ -4,9 +4,6 @@
 # the run, EXL3_TRITON_GOLDEN points at them), then one 8192 x 8192 linear at 4 bits.
 set -u
 source "$(dirname "$0")/device_setup.sh"
-if ! python3 -m pytest --version >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/pyt"
-fi
 OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_viterbi.py 2>&1 | tail -2

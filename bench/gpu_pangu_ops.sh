@@ -4,9 +4,6 @@
 # the kernels per eager decode step and their time (to compare with the 7849 kernels / 25.6 ms before).
 set -u
 source "$(dirname "$0")/device_setup.sh"
-if ! python3 -m pytest --version >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/pyt"
-fi
 OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_openpangu_v2.py tests/kernels 2>&1 | tail -2

@@ -3,9 +3,6 @@
 # two GEMM paths, then bench/kernels.py. Results and logs go to $OUT.
 set -u
 source "$(dirname "$0")/device_setup.sh"
-if ! python3 -m pytest --version >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/pyt"
-fi
 OUT=${OUT:-/tmp/out}
 SECTIONS=${SECTIONS:-env,exact,gemv,m16,table,crossover,moe}
 BUDGET=${BUDGET:-300}
