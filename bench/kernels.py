@@ -383,6 +383,46 @@ class Bench:
         del ws
         torch.cuda.empty_cache()
 
+    def rotations(self):
+        """The large-batch path's two Hadamard launches per schedule: checked against the PyTorch
+        reference (ExLlamaV3's rounding points), then timed; GB/s counts bytes read + written."""
+        from exl3_triton.kernels.reference.hadamard import hadamard_128_ref
+
+        schedules = {
+            "previous": {},  # set per shape below: the schedule before MANY_ROWS_SCHEDULE
+            "H in registers": dict(h_in_registers=True),
+            "H in registers, 2 blocks": dict(h_in_registers=True, row_blocks=2),
+            "H in registers, 4 blocks": dict(h_in_registers=True, row_blocks=4),
+            "H loaded, 4 blocks": dict(row_blocks=4),
+            "H in registers, 8 warps": dict(h_in_registers=True, num_warps=8),
+            "H in registers, 64 rows x 4": dict(h_in_registers=True, block_r=64, row_blocks=4),
+            "H in registers, 128 rows x 4, 8 warps": dict(h_in_registers=True, row_blocks=4, num_warps=8),
+        }
+        for rows, k in ((2048, 8192), (8192, 4096), (512, 4096)):
+            schedules["previous"] = dict(block_r=128 if rows >= 1024 else 64, row_blocks=1, h_in_registers=False)
+            if self.out_of_time():
+                break
+            n_rot = 3
+            xs = [torch.randn(rows, k, device=self.device).half() for _ in range(n_rot)]
+            suh = [torch.randn(k, device=self.device).sign().half() for _ in range(n_rot)]
+            accs = [torch.randn(rows, k, device=self.device).half() for _ in range(n_rot)]
+            ref_in = hadamard_128_ref((xs[0].float() * suh[0].float()).half().float()).half()
+            ref_out = hadamard_128_ref(accs[0].float(), post_scale=suh[0]).half()
+            nbytes = 2 * rows * k * 2
+            for name, sched in schedules.items():
+                got_in = OPS.hadamard.exl3_input_rotate(xs[0], suh[0], schedule=sched)
+                got_out = OPS.hadamard.exl3_output_rotate(accs[0], suh[0], None, torch.float16, schedule=sched)
+                rec = {"rows": rows, "k": k, "schedule": name, "err_in": rel_err(got_in, ref_in),
+                       "err_out": rel_err(got_out, ref_out)}
+                for side, fn in (("in", lambda i: OPS.hadamard.exl3_input_rotate(xs[i], suh[i], schedule=sched)),
+                                 ("out", lambda i: OPS.hadamard.exl3_output_rotate(accs[i], suh[i], None,
+                                                                                   torch.float16, schedule=sched))):
+                    t = time_graph(fn, n_rot)["median_us"]
+                    rec[f"{side}_graph_us"] = t
+                    rec[f"{side}_GBps"] = nbytes / t / 1e3
+                self.r.add("rotations", rec)
+                print(f"rotations: {rec}", flush=True)
+
     def moe(self):
         shapes = [("openpangu gate/up", 2560, 1024, False), ("openpangu down", 1024, 2560, True),
                   ("deepseek-v4 gate/up", 4096, 2048, False)]

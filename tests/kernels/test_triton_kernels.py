@@ -71,6 +71,22 @@ def test_hadamard(triton_kernels, device, rows):  # 3 rows: factored form; 40: t
     assert (xh.float() - expected.float()).abs().max() <= 2e-3 * expected.float().abs().max()
 
 
+@pytest.mark.parametrize("schedule", [dict(h_in_registers=True, row_blocks=2, block_r=64),
+                                      dict(row_blocks=4, block_r=64)])
+def test_rotation_schedules(triton_kernels, device, schedule):
+    # Tensor-core form with H made from the index bits and/or several row blocks per program;
+    # 200 rows = 3 full blocks of 64 and a partial one, so the last program's blocks run past the end.
+    x = torch.randn(200, 256, device=device)
+    pre, post = torch.randn(256, device=device), torch.randn(256, device=device)
+    rot = triton_kernels.hadamard
+    xh = rot.exl3_input_rotate(x.half(), pre.half(), schedule=schedule)
+    expected = hadamard_128_ref((x.half() * pre.half()).float()).half()
+    assert (xh.float() - expected.float()).abs().max() <= 2e-3 * expected.float().abs().max()
+    y = rot.exl3_output_rotate(x.half(), post.half(), pre.half(), torch.float16, schedule=schedule)
+    expected = hadamard_128_ref(x.half().float(), post_scale=post.half()) + pre.half().float()
+    assert rel_err(y.float(), expected) < 2e-3
+
+
 GEMM_CASES = [  # (rows, bits, codebook, config kwargs)
     (1, 4, Codebook.MCG, dict(block_m=1, btk=1)),
     (1, 2, Codebook.MUL1, dict(block_m=1, btk=2, split_k=2)),
