@@ -173,6 +173,8 @@ def main() -> int:
     p.add_argument("--mtp", type=int, default=0, help="also time N-token MTP drafting")
     p.add_argument("--forced-accept", type=float, default=None,
                    help="bench only: accept each drafted depth with this probability instead of verifying")
+    p.add_argument("--prefill-rotation-ab", action="store_true",
+                   help="also time the prefill with the previous and the current many-row rotation schedule, alternating")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -222,6 +224,16 @@ def main() -> int:
             res.add("decode_mtp", mtp)
             torch.cuda.empty_cache()
     res.add("prefill", prefill_speed(model, args.prefill_len))
+    if args.prefill_rotation_ab:
+        from exl3_triton.kernels.triton_ops import load
+
+        hadamard = load().hadamard
+        current = hadamard.MANY_ROWS
+        for rep in range(3):
+            for name, many_rows in (("previous", 1 << 40), ("current", current)):
+                hadamard.MANY_ROWS = many_rows
+                res.add("prefill_rotation_ab", {"schedule": name, "repeat": rep, **prefill_speed(model, args.prefill_len)})
+        hadamard.MANY_ROWS = current
     return 0
 
 
