@@ -383,6 +383,31 @@ class Bench:
         del ws
         torch.cuda.empty_cache()
 
+    def dot_lanes(self):
+        """Several rows (2, 4: FMA loop; 16, 32: tensor cores): lane-major word loads (one tile per warp-level
+        load) against the default load layout, in CUDA graphs, fp16 torch.matmul in the same run."""
+        bases = {2: OPS.gemm.GemmConfig(block_m=2, btk=1, num_warps=4),
+                 4: OPS.gemm.GemmConfig(block_m=4, btk=2, num_warps=4, rotate_in_kernel=True),
+                 16: OPS.gemm.GemmConfig(block_m=16, btk=2, num_warps=4),
+                 32: OPS.gemm.GemmConfig(block_m=32, btk=1, num_warps=8)}
+        for rows in (2, 4, 16, 32):
+            base = replace(bases[rows], lane_major=False)
+            configs = {"today": base, "lanes": replace(base, lane_major=True)}
+            for k, n in ((8192, 8192), (5376, 21504), (21504, 5376), (4096, 14336), (4096, 4096)):
+                if self.out_of_time():
+                    return
+                ws = self.weights(k, n, 4)
+                xs = [torch.randn(rows, k, device="cuda").half() for _ in ws]
+                rec = {"rows": rows, "shape": f"{k}x{n}"}
+                for name, cfg in configs.items():
+                    rec[f"{name}_rel_err"] = self.check_gemm(cfg, k, n, 4, Codebook.MCG, rows)
+                    if rec[f"{name}_rel_err"] < MATMUL_TOL:
+                        rec[f"{name}_graph_us"] = time_graph(lambda i: OPS.gemm.exl3_gemm_triton(xs[i], ws[i], cfg),
+                                                             len(ws))["median_us"]
+                rec.update(self.time_fp16(k, n, rows))
+                self.r.add("dot_lanes", rec)
+                del ws
+
     def rotations(self):
         """The large-batch path's two Hadamard launches per schedule: checked against the PyTorch
         reference (ExLlamaV3's rounding points), then timed; GB/s counts bytes read + written."""

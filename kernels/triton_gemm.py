@@ -31,7 +31,7 @@ from ..errors import InvalidArgumentError
 from .launch import FastLauncher
 from .triton_decode import (HAD_SCALE, decode_words, decode_words_rank7, hadamard_rows, lane_layout, load_rows_rank7,
                             load_tile_words)
-from .triton_gemv import async_gemv, lanes_arrangement, ring_gemv, ring_prologue
+from .triton_gemv import async_gemv, lanes_arrangement, lanes_block_fp16, ring_gemv, ring_prologue, ring_words
 from .triton_hadamard import exl3_input_rotate
 from .weights import Exl3Weight
 
@@ -110,7 +110,8 @@ def rotate_output(acc, h32_ptr, BM: tl.constexpr):
 @triton.jit
 def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_tiles, nt, TN,
                   W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
-                  CB: tl.constexpr, USE_PTX: tl.constexpr, BM: tl.constexpr, BTK: tl.constexpr):
+                  CB: tl.constexpr, USE_PTX: tl.constexpr, BM: tl.constexpr, BTK: tl.constexpr,
+                  LANES: tl.constexpr = 0):
     """``src[rows, K-slice] @ W_hat[K-slice, 128 columns]`` -> fp32 ``[BM, 128]``.
 
     For ``BM == 1`` ``src_rows`` is a scalar row (always valid); otherwise a ``[BM]``
@@ -121,7 +122,11 @@ def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_
     decode arithmetic (launch with ``num_stages=1``).
     """
     r = tl.arange(0, 16 * BTK)
-    w0, w1, w2 = load_tile_words(t32_ptr, kt_begin, nt, TN, W32, KA, HALF, NLOAD, BTK, 8)
+    DOT_LANES: tl.constexpr = LANES if BM >= 2 else 0  # several rows: lane-major word loads, block put back in order
+    if DOT_LANES:
+        w0, w1, w2 = ring_words(t32_ptr, kt_begin, nt, TN, W32, KA, HALF, NLOAD, BTK, DOT_LANES)
+    else:
+        w0, w1, w2 = load_tile_words(t32_ptr, kt_begin, nt, TN, W32, KA, HALF, NLOAD, BTK, 8)
     if BM == 1:  # activations two at a time, straight into the decode's rank-7 layout
         src32 = src_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         row_word0 = (src_rows * stride_src) // 2
@@ -137,7 +142,10 @@ def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_
     for it in range(0, k_tiles, BTK):
         # prefetch the next step (the last step re-reads the first block, which is harmless)
         nxt = kt_begin + (it + BTK) % k_tiles
-        n0, n1, n2 = load_tile_words(t32_ptr, nxt, nt, TN, W32, KA, HALF, NLOAD, BTK, 8)
+        if DOT_LANES:
+            n0, n1, n2 = ring_words(t32_ptr, nxt, nt, TN, W32, KA, HALF, NLOAD, BTK, DOT_LANES)
+        else:
+            n0, n1, n2 = load_tile_words(t32_ptr, nxt, nt, TN, W32, KA, HALF, NLOAD, BTK, 8)
         if BM == 1:
             x_next = load_rows_rank7(src32, row_word0 + nxt * 8, BTK)
         else:
@@ -146,7 +154,10 @@ def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_
         if BM == 1:
             acc2 += x * decode_words_rank7(w0, w1, w2, W32, KA, HALF, NLOAD, CB, USE_PTX).to(tl.float32)
         else:
-            w = decode_words(w0, w1, w2, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, 8)
+            if DOT_LANES:
+                w = lanes_block_fp16(w0, w1, w2, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, DOT_LANES)
+            else:
+                w = decode_words(w0, w1, w2, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, 8)
             if BM < 16:
                 acc3 += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
             else:
@@ -234,7 +245,7 @@ def _exl3_gemm_kernel(
                         wd0, wd1, wd2, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, PREFETCH + 1, LANES)
     else:
         acc = decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_tiles_per_split,
-                            pid_n * 8, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, BLOCK_M, BTK)
+                            pid_n * 8, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, BLOCK_M, BTK, LANES)
 
     # Finish: the partial goes to the workspace; the last program of this column block
     # (the only one without a split) reloads the block FIN_ROWS rows at a time and
@@ -286,7 +297,8 @@ class GemmConfig:
     # One-row variants (triton_gemv.py; docs/performance.md, "One-row kernel: load layout and bytes in
     # flight"). prefetch_steps: None keeps decode_matmul's loop (one step ahead through copied registers);
     # 1-3 selects the ring loop with that many steps' loads in flight while a step is decoded.
-    # lane_major: the ring loop's warps read one tile's 32 contiguous words per load instruction.
+    # lane_major: warps read one tile's 32 contiguous words per load instruction (the one-row ring loop; with
+    # block_m >= 2 the main loop, its block put back in row-major order after the decode).
     # early_load: the ring's first loads are issued before the in-kernel rotation of x.
     # async_stages (2-4, instead of prefetch_steps): Triton's pipeliner copies the words and activations
     # into shared memory (cp.async) async_stages - 1 steps ahead; lane_major applies to it too.
@@ -308,9 +320,10 @@ class GemmConfig:
                                            f"got block_m={self.block_m}")
             if self.prefetch_steps not in (1, 2, 3):
                 raise InvalidArgumentError(f"GemmConfig.prefetch_steps must be 1, 2 or 3, got {self.prefetch_steps}")
-        elif self.lane_major or self.early_load:
-            raise InvalidArgumentError("GemmConfig.lane_major and early_load select variants of the one-row loops: "
-                                       "set prefetch_steps (1-3) or async_stages (2-4, lane_major only) too")
+        elif self.early_load or (self.lane_major and self.block_m == 1):
+            raise InvalidArgumentError("GemmConfig.lane_major (one row) and early_load select variants of the "
+                                       "one-row loops: set prefetch_steps (1-3) or async_stages (2-4, lane_major only) "
+                                       "too; with block_m >= 2 lane_major applies to the word loads of the main loop")
         if self.early_load and not self.rotate_in_kernel:
             raise InvalidArgumentError("GemmConfig.early_load overlaps the in-kernel rotation: it needs "
                                        "rotate_in_kernel=True")

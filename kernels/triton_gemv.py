@@ -252,3 +252,22 @@ def async_gemv(src32, row_word0, t32_ptr, kt_begin, k_tiles, nt, TN,
         x = ring_rows(src32, row_word0 + (kt_begin + it) * 8, BTK, LANES)
         acc += unpack_pairs(x, ml) * ring_decode(w0, w1, w2, W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, LANES)
     return block_columns(acc, BTK, LANES)
+
+
+@triton.jit
+def lanes_block_fp16(w0, w1, w2, W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
+                     CB: tl.constexpr, USE_PTX: tl.constexpr, BTK: tl.constexpr, LANES: tl.constexpr):
+    """Words from ``ring_words`` (arrangement ``LANES``) -> fp16 ``W_hat`` block ``[16*BTK, 128]`` in row-major
+    order, for the tensor-core path: the block is decoded on the lane-major axes and put back in
+    ``triton_decode``'s axis order before the reshape (a layout change the dot's operand conversion
+    through shared memory needs anyway)."""
+    tk, mh, t4, ml, tn, h, c0 = _axes(BTK, LANES)
+    j0, pair_idx, shift = lane_geometry(mh, t4, ml, h, c0, W32, KA, HALF)
+    state = window_states(w0.to(tl.uint32).to(tl.uint64), w1.to(tl.uint32).to(tl.uint64),
+                          w2.to(tl.uint32).to(tl.uint64), pair_idx, shift, NLOAD)
+    v = codebook_decode(state, CB, USE_PTX)
+    if LANES == 1:  # (tk, mh, ml, h, tn, c0, t4) -> (tk, mh, t4, ml, tn, h, c0)
+        v = tl.permute(v, (0, 1, 6, 2, 4, 3, 5))
+    elif LANES == 2:  # (t4, c0, mh, ml, h, tn, tk) -> (tk, mh, t4, ml, tn, h, c0)
+        v = tl.permute(v, (6, 2, 0, 3, 5, 4, 1))
+    return tl.reshape(v, (16 * BTK, 128))

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .launch import FastLauncher
 from .triton_decode import lane_layout
+from .triton_gemv import lanes_arrangement
 from .triton_gemm import (
     LOCK_SLOTS,
     choose_split_k,
@@ -121,7 +122,7 @@ def _exl3_moe_grouped_kernel(
     N, TN, k_tiles, expert_w32, stride_xm, stride_ym,
     W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
     CB: tl.constexpr, USE_PTX: tl.constexpr,
-    HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BTK: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BTK: tl.constexpr, LANES: tl.constexpr = 0,
 ):
     # xh: one rotated input row per slot (rotated with its expert's suh)
     pid_n = tl.program_id(0)
@@ -134,7 +135,7 @@ def _exl3_moe_grouped_kernel(
     src_rows = tl.where(valid, slots, 0)
     cols = pid_n * 128 + tl.arange(0, 128)
     acc = decode_matmul(xh_ptr, src_rows, valid, stride_xm, t32_ptr + e.to(tl.int64) * expert_w32, 0, k_tiles,
-                        pid_n * 8, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, BLOCK_M, BTK)
+                        pid_n * 8, TN, W32, KA, HALF, NLOAD, CB, USE_PTX, BLOCK_M, BTK, LANES)
     y = rotate_output(acc, h32_ptr, BLOCK_M) * tl.load(svh_ptr + e * N + cols).to(tl.float32)[None, :]
     if HAS_WEIGHTS:
         y = y * tl.load(rw_ptr + src_rows, mask=valid, other=0.0)[:, None]
@@ -214,10 +215,13 @@ def exl3_moe_triton(
     num_warps: int = 8,
     use_ptx: bool | None = None,
     out: torch.Tensor | None = None,
+    lane_major: bool = True,
 ) -> torch.Tensor:
     """Same contract as ``exl3_moe_ref``; ``schedule`` is "decode", "grouped" or None (by size).
 
     ``out`` (decode schedule): a contiguous tensor of the result's shape to write into.
+    ``lane_major`` (grouped schedule): one tile per warp-level word load, as the dense GEMMs of several
+    rows (kernels/tuning.py; measured there 1.2-1.4x on the tensor-core loop).
     """
     _check(x, experts, expert_ids)
     t, top_k = expert_ids.shape
@@ -274,6 +278,7 @@ def exl3_moe_triton(
             xh, slot_ids, block_expert, rw_flat, t32, experts.svh, y, h32,
             n, n // 16, k_tiles, expert_w32, xh.stride(0), y.stride(0),
             HAS_WEIGHTS=routing_weights is not None, BLOCK_M=block_m, BTK=btk,
+            LANES=lanes_arrangement() if lane_major else 0,  # one tile per warp-level word load (as dense GEMMs)
             num_warps=num_warps, num_stages=1, **fmt,
         )
     if routing_weights is None:

@@ -37,6 +37,13 @@ SMALL_WEIGHT = 2560 * 7680
 # 4096x14336 33.1 -> 32.0, 4096x1024 9.8 -> 8.3, 8192x8192 at 2 bits 45.5 -> 36.9; never slower.
 ONE_ROW_LOOP = dict(prefetch_steps=3, lane_major=True)
 
+# Several rows: the same one-tile-per-warp word loads in the main loop (``lane_major``), measured in
+# CUDA graphs on the H100 (bench/kernels.py --sections dot_lanes,
+# bench/results/kernels-2026-11-22-H100-dot-lanes-2.json), us, default load layout -> lane-major:
+# 16 rows (tensor cores): 8192x8192 69.9 -> 50.5, 5376x21504 105.7 -> 75.4, 21504x5376 107.2 -> 79.4,
+# 4096x14336 59.5 -> 45.1, 4096x4096 31.8 -> 26.2; 32 rows: 117.1 -> 97.2, 174.1 -> 120.5, 188.1 -> 157.6,
+# 109.7 -> 92.2, 52.9 -> 49.0; 4 rows (FMAs): 1-2.5% faster at each shape; 2 rows: -3% to +2%, left off.
+
 
 def fused_max_rows(in_features: int, out_features: int) -> int:
     return FUSED_MAX_ROWS
@@ -61,7 +68,7 @@ def gemm_config(rows: int, in_features: int, out_features: int, capturing: bool 
     if rows == 2:
         return GemmConfig(block_m=2, btk=1, num_warps=4)
     if rows <= 4 and in_features * out_features <= SMALL_WEIGHT:
-        return GemmConfig(block_m=4, btk=2, num_warps=4, rotate_in_kernel=True)
+        return GemmConfig(block_m=4, btk=2, num_warps=4, rotate_in_kernel=True, lane_major=True)
     if rows <= 16:
-        return GemmConfig(block_m=16, btk=2, num_warps=4)
-    return GemmConfig(block_m=32, btk=1, num_warps=8)
+        return GemmConfig(block_m=16, btk=2, num_warps=4, lane_major=True)
+    return GemmConfig(block_m=32, btk=1, num_warps=8, lane_major=True)

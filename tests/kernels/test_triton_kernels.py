@@ -233,6 +233,22 @@ def test_one_row_variant_options_are_checked(triton_kernels, cfg, option):
 
 
 @pytest.mark.parametrize("arrangement", [1, 2])
+@pytest.mark.parametrize("rows,block_m,bits,cb,btk", [(16, 16, 4, Codebook.MCG, 2), (20, 16, 3.5, Codebook.MUL1, 1),
+                                                      (3, 4, 2, Codebook.THREE_INST, 2), (2, 2, 4, Codebook.MCG, 1)])
+def test_several_rows_lane_major_loads(triton_kernels, device, monkeypatch, arrangement, rows, block_m, bits, cb, btk):
+    """The several-row loops (tensor cores, FMAs) with lane-major word loads (both axis orders) give the
+    reference result."""
+    monkeypatch.setattr(triton_kernels.gemm, "lanes_arrangement", lambda: arrangement)
+    w = random_exl3_weight(256, 256, bits, cb, bias=True, seed=arrangement, device=device)
+    x = torch.randn(rows, 256, device=device).half()
+    out = _poisoned((rows, 256), torch.float16, device)
+    config = triton_kernels.gemm.GemmConfig(block_m=block_m, btk=btk, lane_major=True, split_k=2)
+    y = triton_kernels.gemm.exl3_gemm_triton(x, w, config, out=out)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, exl3_matmul_ref(x.float(), w)) < MATMUL_TOL
+
+
+@pytest.mark.parametrize("arrangement", [1, 2])
 @pytest.mark.parametrize("cfg", [dict(prefetch_steps=2), dict(async_stages=3)], ids=["ring", "async"])
 def test_one_row_lane_arrangements(triton_kernels, device, monkeypatch, arrangement, cfg):
     """Both lane-major axis orders (Triton 3.7+ and Triton 3.6 pick different ones) give the reference result."""
