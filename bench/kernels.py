@@ -408,6 +408,28 @@ class Bench:
                 self.r.add("dot_lanes", rec)
                 del ws
 
+    def two_rows(self):
+        """Two rows (a step verifying one drafted token, batch 2): the FMA loop of 2-row blocks against a
+        4-row FMA block and a 16-row tensor-core block with lane-major loads, in CUDA graphs."""
+        configs = {"bm2": OPS.gemm.GemmConfig(block_m=2, btk=1, num_warps=4),
+                   "bm4 lanes rot": OPS.gemm.GemmConfig(block_m=4, btk=2, num_warps=4, rotate_in_kernel=True,
+                                                        lane_major=True),
+                   "bm16 lanes": OPS.gemm.GemmConfig(block_m=16, btk=2, num_warps=4, lane_major=True)}
+        for k, n in ((8192, 8192), (5376, 21504), (21504, 5376), (4096, 14336), (4096, 4096), (2560, 7680),
+                     (2560, 2560), (4096, 1024)):
+            if self.out_of_time():
+                return
+            ws = self.weights(k, n, 4)
+            xs = [torch.randn(2, k, device="cuda").half() for _ in ws]
+            rec = {"rows": 2, "shape": f"{k}x{n}"}
+            for name, cfg in configs.items():
+                rec[f"{name} rel_err"] = self.check_gemm(cfg, k, n, 4, Codebook.MCG, 2)
+                if rec[f"{name} rel_err"] < MATMUL_TOL:
+                    rec[f"{name} graph_us"] = time_graph(lambda i: OPS.gemm.exl3_gemm_triton(xs[i], ws[i], cfg),
+                                                         len(ws))["median_us"]
+            self.r.add("two_rows", rec)
+            del ws
+
     def rotations(self):
         """The large-batch path's two Hadamard launches per schedule: checked against the PyTorch
         reference (ExLlamaV3's rounding points), then timed; GB/s counts bytes read + written."""

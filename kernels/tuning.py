@@ -45,6 +45,14 @@ ONE_ROW_LOOP = dict(prefetch_steps=3, lane_major=True)
 # 109.7 -> 92.2, 52.9 -> 49.0; 4 rows (FMAs): 1-2.5% faster at each shape; 2 rows: -3% to +2%, left off.
 
 
+# 2 rows (a step verifying one drafted token, batch 2) of a large weight: a 16-row tensor-core block
+# with lane-major loads instead of the 2-row FMA loop. Measured in CUDA graphs on the H100
+# (bench/kernels.py --sections two_rows, bench/results/kernels-2026-11-22-H100-two-rows.json), us, FMA ->
+# tensor cores: 8192x8192 56.7 -> 50.0, 5376x21504 90.5 -> 74.8, 21504x5376 96.5 -> 79.6, 4096x14336
+# 54.2 -> 44.4; but 4096x4096 22.2 -> 25.9, 2560x7680 24.5 -> 27.1, 2560x2560 15.9 -> 24.1.
+TWO_ROWS_TENSOR_CORES = 4096 * 14336
+
+
 def fused_max_rows(in_features: int, out_features: int) -> int:
     return FUSED_MAX_ROWS
 
@@ -66,6 +74,8 @@ def gemm_config(rows: int, in_features: int, out_features: int, capturing: bool 
             return GemmConfig(block_m=1, btk=2, num_warps=8)
         return GemmConfig(block_m=1, btk=1, num_warps=4, rotate_in_kernel=True, early_load=True, **ONE_ROW_LOOP)
     if rows == 2:
+        if in_features * out_features >= TWO_ROWS_TENSOR_CORES:
+            return GemmConfig(block_m=16, btk=2, num_warps=4, lane_major=True)
         return GemmConfig(block_m=2, btk=1, num_warps=4)
     if rows <= 4 and in_features * out_features <= SMALL_WEIGHT:
         return GemmConfig(block_m=4, btk=2, num_warps=4, rotate_in_kernel=True, lane_major=True)
