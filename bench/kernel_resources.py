@@ -38,7 +38,7 @@ POINTERS = {
     "x_ptr": "*fp16", "suh_ptr": "*fp16", "svh_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16",
     "h16_ptr": "*fp16", "t32_ptr": "*i32", "ws_ptr": "*fp32", "lock_ptr": "*i32", "h32_ptr": "*fp32",
     "ids_ptr": "*i32", "rw_ptr": "*fp32", "slots_ptr": "*i32", "block_expert_ptr": "*i32",
-    "scratch_ptr": "*fp16", "xh_ptr": "*fp16",
+    "scratch_ptr": "*fp16", "xh_ptr": "*fp16", "group_ptr": "*i32",
 }
 
 # SASS opcode -> class, for the instruction mix
@@ -139,7 +139,7 @@ def main_loop(sass: str) -> dict:
 
 # the one-row variants' switches, off (kernels/triton_gemm.py, GemmConfig.prefetch_steps etc.)
 LANE_MAJOR = lanes_arrangement()  # GemmConfig.lane_major for the installed Triton
-ONE_ROW_DEFAULTS = dict(PREFETCH=0, LANES=0, EARLY_LOAD=False, ASYNC_STAGES=0)
+ONE_ROW_DEFAULTS = dict(PREFETCH=0, LANES=0, EARLY_LOAD=False, ASYNC_STAGES=0, GROUPED=False)
 
 
 def gemm_variants():

@@ -56,8 +56,8 @@ def exl3_dequant(weight: Exl3Weight, backend: str | None = None) -> torch.Tensor
 
 def exl3_full_weight(weight: Exl3Weight, backend: str | None = None) -> torch.Tensor:
     """The dense weight ``W`` fp32 ``[in, out]`` (without bias)."""
-    if resolve_backend(backend, weight.device) == "triton" and _triton_shapes_ok(weight.in_features,
-                                                                                 weight.out_features):
+    if resolve_backend(backend, weight.device) == "triton" and weight.out_splits is None and _triton_shapes_ok(
+            weight.in_features, weight.out_features):
         had = triton_ops.load().hadamard.hadamard_128_triton
         inner = exl3_dequant(weight, "triton")
         left = had(inner.T.contiguous()).T * weight.suh.float()[:, None]  # diag(suh) . H . W_hat
@@ -90,8 +90,14 @@ def exl3_matmul(
 
 def _exl3_matmul_dequant(x: torch.Tensor, weight: Exl3Weight, ops) -> torch.Tensor:
     """Large batches: rotate x, dequantize W_hat once, fp16 ``torch.matmul``, rotate the result."""
-    xh = ops.hadamard.exl3_input_rotate(x.reshape(-1, x.shape[-1]), weight.suh)
-    acc = torch.matmul(xh, ops.dequant.dequant_inner_triton(weight))
+    x2 = x.reshape(-1, x.shape[-1])
+    w_hat = ops.dequant.dequant_inner_triton(weight)
+    if weight.out_splits is None:
+        acc = torch.matmul(ops.hadamard.exl3_input_rotate(x2, weight.suh), w_hat)
+    else:  # concatenated linears: the input rotated with each member's suh, one matmul per member
+        xh = ops.gemm.member_rotations(x2, weight)
+        acc = torch.cat([torch.matmul(xh[j], part) for j, part in
+                         enumerate(w_hat.split(list(weight.out_splits), dim=1))], dim=1)
     y = ops.hadamard.exl3_output_rotate(acc, weight.svh, weight.bias, x.dtype)
     return y.reshape(*x.shape[:-1], weight.out_features)
 

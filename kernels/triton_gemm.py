@@ -32,7 +32,7 @@ from .launch import FastLauncher
 from .triton_decode import (HAD_SCALE, decode_words, decode_words_rank7, hadamard_rows, lane_layout, load_rows_rank7,
                             load_tile_words)
 from .triton_gemv import async_gemv, lanes_arrangement, lanes_block_fp16, ring_gemv, ring_prologue, ring_words
-from .triton_hadamard import exl3_input_rotate
+from .triton_hadamard import exl3_input_rotate, exl3_input_rotate_gathered
 from .weights import Exl3Weight
 
 LOCK_SLOTS = 1 << 16
@@ -185,9 +185,9 @@ def store_rows(acc, rows, rmask, cols, svh_ptr, bias_ptr, y_ptr, stride_ym, h32_
 @triton.jit
 def _exl3_gemm_kernel(
     # pointers
-    x_ptr, scratch_ptr, t32_ptr, suh_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, h32_ptr,
+    x_ptr, scratch_ptr, t32_ptr, suh_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, h32_ptr, group_ptr,
     # sizes and strides
-    M, N, K, TN, k_tiles_per_split, m_pad, stride_xm, stride_ym,
+    M, N, K, TN, k_tiles_per_split, m_pad, stride_xm, stride_ym, x_group_stride,
     # trellis format
     W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
     CB: tl.constexpr, USE_PTX: tl.constexpr,
@@ -196,11 +196,18 @@ def _exl3_gemm_kernel(
     ROTATE_IN_KERNEL: tl.constexpr, NCH: tl.constexpr, FIN_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
     # one-row variants (GemmConfig.prefetch_steps / lane_major / early_load; 0/False: decode_matmul's loop)
     PREFETCH: tl.constexpr, LANES: tl.constexpr, EARLY_LOAD: tl.constexpr, ASYNC_STAGES: tl.constexpr,
+    # concatenated linears (Exl3Weight.out_splits): group_ptr[column block] is the member, whose input
+    # is rotated with its own suh row (in the kernel) or found x_group_stride elements further on
+    GROUPED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     nb = N // 128
+    if GROUPED:
+        member = tl.load(group_ptr + pid_n)
+        suh_ptr += member * K
+        x_ptr += member.to(tl.int64) * x_group_stride
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     cols = pid_n * 128 + tl.arange(0, 128)
@@ -369,7 +376,23 @@ def launch_constants(w: Exl3Weight) -> dict:
             "t32": w.trellis.view(torch.int32),
             "fmt": dict(W32=layout.w32, KA=layout.ka, HALF=layout.half, NLOAD=layout.nload, CB=int(w.codebook)),
         }
+        if w.out_splits is not None:  # the member of each 128-column block
+            cached["groups"] = torch.repeat_interleave(
+                torch.arange(len(w.out_splits), dtype=torch.int32),
+                torch.tensor(w.out_splits) // 128).to(w.device)
     return cached
+
+
+def member_rotations(x: torch.Tensor, w: Exl3Weight) -> torch.Tensor:
+    """``x [m, k]`` rotated with each member's ``suh`` of concatenated linears -> ``[members, m, k]``
+    fp16, in one launch (the index rows are kept on the weight per row count)."""
+    g, m = len(w.out_splits), x.shape[0]
+    rows = w.derived.get(("member_rows", m))
+    if rows is None:
+        rows = w.derived[("member_rows", m)] = (
+            torch.arange(m, dtype=torch.int32).repeat(g).to(x.device),
+            torch.arange(g, dtype=torch.int32).repeat_interleave(m).to(x.device))
+    return exl3_input_rotate_gathered(x, w.member_suh(), *rows).view(g, m, x.shape[1])
 
 
 def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None = None,
@@ -390,8 +413,15 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     rotate_in_kernel = cfg.rotate_in_kernel
+    grouped = w.out_splits is not None
+    x_group_stride = 0
     if not rotate_in_kernel:
-        x2 = exl3_input_rotate(x2, w.suh)
+        if grouped:  # [members, m, k]: member j's rows rotated with its suh
+            x2 = member_rotations(x2, w)
+            x_group_stride = x2.stride(0)
+            x2 = x2[0]
+        else:
+            x2 = exl3_input_rotate(x2, w.suh)
     dev = x.device
     grid_m = -(-m // block_m)
     nb, k_tiles = n // 128, k // 16
@@ -409,12 +439,13 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
     _gemm(
         (nb, split, grid_m),
         x2, scratch, consts["t32"], w.suh, w.svh, w.bias if w.bias is not None else w.svh, y, ws, locks, h32,
-        m, n, k, n // 16, k_tiles // split, grid_m * block_m, x2.stride(0), y.stride(0),
+        consts["groups"] if grouped else h32,
+        m, n, k, n // 16, k_tiles // split, grid_m * block_m, x2.stride(0), y.stride(0), x_group_stride,
         USE_PTX=x.is_cuda if cfg.use_ptx is None else cfg.use_ptx,
         BLOCK_M=block_m, BTK=cfg.btk, SPLIT_K=split, ROTATE_IN_KERNEL=rotate_in_kernel,
         NCH=next_power_of_2(chunks), FIN_ROWS=min(block_m, 4), HAS_BIAS=w.bias is not None,
         PREFETCH=cfg.prefetch_steps or 0, LANES=lanes_arrangement() if cfg.lane_major else 0, EARLY_LOAD=cfg.early_load,
-        ASYNC_STAGES=cfg.async_stages or 0,
+        ASYNC_STAGES=cfg.async_stages or 0, GROUPED=grouped,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers, **consts["fmt"],
     )
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)

@@ -80,6 +80,11 @@ class Exl3Weight:
     codebook: Codebook
     bias: torch.Tensor | None = None
     key: str = ""
+    # Several linears that read the same input (q/k/v, gate/up), concatenated along the output by
+    # ``concat_exl3`` so that one launch computes them all: ``suh`` is then ``[members, in]`` (each
+    # member rotates the input with its own signs) and member j owns the next ``out_splits[j]``
+    # columns. None for a stored linear.
+    out_splits: tuple[int, ...] | None = None
     # Derived data that kernels may attach and reuse (decoded tiles, pointer
     # tables). Never part of the stored format.
     derived: dict = field(default_factory=dict, repr=False, compare=False)
@@ -114,7 +119,37 @@ class Exl3Weight:
             codebook=self.codebook,
             bias=mv(self.bias),
             key=self.key,
+            out_splits=self.out_splits,
         )
+
+    def member_suh(self) -> torch.Tensor:
+        """``suh`` as ``[members, in]`` (one row for a stored linear)."""
+        return self.suh.view(-1, self.in_features)
+
+
+def concat_exl3(weights: list[Exl3Weight], key: str = "") -> Exl3Weight | None:
+    """One weight computing every linear of ``weights`` (all reading the same input) in one matmul,
+    or None where they cannot share a launch: different bits, codebook, input width or device, or
+    an output width the kernels' 128-column blocks would straddle. The trellis tiles are
+    concatenated along the output (each 16x16 tile is encoded on its own, so nothing changes in
+    them); see ``Exl3Weight.out_splits``."""
+    first = weights[0]
+    if len(weights) < 2 or any(
+            w.bits != first.bits or w.codebook != first.codebook or w.in_features != first.in_features
+            or w.device != first.device or w.out_splits is not None or w.out_features % 128 for w in weights):
+        return None
+    bias = None
+    if any(w.bias is not None for w in weights):  # members without one add zeros (exact)
+        bias = torch.cat([w.svh.new_zeros(w.out_features) if w.bias is None else w.bias.to(w.svh.dtype)
+                          for w in weights])
+    return Exl3Weight(
+        trellis=torch.cat([w.trellis for w in weights], dim=1),
+        suh=torch.stack([w.suh for w in weights]),
+        svh=torch.cat([w.svh for w in weights]),
+        bits=first.bits, codebook=first.codebook, bias=bias,
+        key=key or "+".join(w.key for w in weights),
+        out_splits=tuple(w.out_features for w in weights),
+    )
 
 
 @dataclass

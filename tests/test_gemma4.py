@@ -192,7 +192,7 @@ def test_exl3_checkpoint_matches_transformers_on_decoded_weights(tmp_path):
     qdir, hf = _exl3_gemma4(tmp_path)
     model = exl3_triton.load(qdir)
     net = model.network
-    assert net.layers[1].self_attn.v_proj is None and net.lm_head.is_exl3
+    assert not net.layers[1].self_attn.has_v_proj and net.lm_head.is_exl3
     assert net.layers[0].moe.experts.quantized
     ids = _ids(20, 320)
     ours = model.forward(torch.tensor(ids))

@@ -9,7 +9,7 @@ from ... import kernels
 from ...kernels.reference.attention import attention_ref
 from ...kernels.reference.rope import rotate_neox
 from ..batch import ForwardBatch
-from .linear import Linear
+from .linear import Linear, LinearGroup
 from .rope import RotaryEmbedding, apply_rope_neox
 
 
@@ -53,7 +53,10 @@ class GQAAttention(nn.Module):
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         if ring and not window:
             raise ValueError("a ring cache needs a sliding window")
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        # q, k (and v) read the same input: one matmul where their weights allow (LinearGroup)
+        self.qkv = LinearGroup([q_proj, k_proj] + ([] if v_proj is None else [v_proj]))
+        self.has_v_proj = v_proj is not None
+        self.o_proj = o_proj
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope = rope
         self.scale = head_dim**-0.5 if scale is None else scale
@@ -69,9 +72,10 @@ class GQAAttention(nn.Module):
     def _project(self, x: torch.Tensor):
         """q ``[..., Hq, D]``, k and v ``[..., Hkv, D]`` with the norms applied, before RoPE."""
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = k if self.v_proj is None else self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        q, k, *v = self.qkv(x)
+        q = q.view(*lead, self.num_heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        v = v[0].view(*lead, self.num_kv_heads, self.head_dim) if v else k
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ... import kernels
-from ...kernels.weights import DenseWeight, Exl3Weight, LinearWeight
+from ...kernels.weights import DenseWeight, Exl3Weight, LinearWeight, concat_exl3
 from ...options import RuntimeOptions
 from ..batch import current_batch
 
@@ -71,3 +71,51 @@ class Linear(nn.Module):
         w = self.weight
         kind = f"exl3 {w.bits:g}b {w.codebook.label}" if isinstance(w, Exl3Weight) else "dense"
         return f"{w.key}: {self.in_features}->{self.out_features}, {kind}"
+
+
+class LinearGroup(nn.Module):
+    """Several ``Linear``s that read the same input (q/k/v, gate/up), computed by one matmul where
+    their weights can share it: ``group(x)`` returns each member's output, in order.
+
+    EXL3 members with one format are concatenated along the output (``kernels.weights.concat_exl3``:
+    one launch instead of one per member, measured by bench/fused_projections.py), dense members
+    with one dtype likewise; anything else (mixed bit widths, mixed kinds, the reference backend, which
+    gains nothing) runs member by member. The members' own weights are not kept once concatenated.
+    """
+
+    def __init__(self, members: list[Linear]):
+        super().__init__()
+        first = members[0]
+        self.out_features = [m.out_features for m in members]
+        self.widths = [m.weight.out_features for m in members]  # stored (padded) widths
+        fused = None
+        if len(members) > 1 and first.backend == "triton" and all(
+                m.in_features == first.in_features and m.options == first.options for m in members):
+            weights = [m.weight for m in members]
+            if all(isinstance(w, Exl3Weight) for w in weights):
+                fused = concat_exl3(weights)
+            elif all(isinstance(w, DenseWeight) and w.weight.dtype == weights[0].weight.dtype for w in weights):
+                fused = concat_dense(weights)
+        if fused is None:
+            self.members = nn.ModuleList(members)
+            self.fused = None
+        else:
+            self.members = None
+            self.fused = Linear(fused, first.in_features, fused.out_features, first.options)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.fused is None:
+            return [m(x) for m in self.members]
+        parts = self.fused(x).split(self.widths, dim=-1)
+        return [p if w == n else p[..., :n] for p, w, n in zip(parts, self.widths, self.out_features)]
+
+    def extra_repr(self) -> str:
+        return "one matmul" if self.fused is not None else "member by member"
+
+
+def concat_dense(weights: list[DenseWeight]) -> DenseWeight:
+    """Dense linears sharing an input as one ``[sum out, in]`` weight (members without a bias add zeros)."""
+    bias = None
+    if any(w.bias is not None for w in weights):
+        bias = torch.cat([w.weight.new_zeros(w.out_features) if w.bias is None else w.bias for w in weights])
+    return DenseWeight(torch.cat([w.weight for w in weights]), bias, key="+".join(w.key for w in weights))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .linear import Linear
+from .linear import Linear, LinearGroup
 
 ACTIVATIONS = {
     "silu": nn.functional.silu,
@@ -26,9 +26,11 @@ class GatedMLP(nn.Module):
     def __init__(self, gate_proj: Linear, up_proj: Linear, down_proj: Linear, activation: str,
                  limit: float | None = None):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.gate_up = LinearGroup([gate_proj, up_proj])  # one matmul where the weights allow
+        self.down_proj = down_proj
         self.act = ACTIVATIONS[activation]
         self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated_activation(self.act, self.gate_proj(x), self.up_proj(x), self.limit))
+        gate, up = self.gate_up(x)
+        return self.down_proj(gated_activation(self.act, gate, up, self.limit))

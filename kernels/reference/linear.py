@@ -29,7 +29,9 @@ def exl3_inner_ref(weight: Exl3Weight) -> torch.Tensor:
 def exl3_weight_ref(weight: Exl3Weight, inner: torch.Tensor | None = None) -> torch.Tensor:
     """The full weight ``W`` fp32 ``[in, out]`` (bias not included)."""
     w_hat = (exl3_inner_ref(weight) if inner is None else inner).float()
-    w = hadamard_128_ref(w_hat.T).T * weight.suh.float()[:, None]  # diag(suh) . Hk . W_hat
+    # each member's columns: diag(suh_j) . Hk . W_hat_j (one member for a stored linear)
+    w = torch.cat([hadamard_128_ref(part.T).T * suh.float()[:, None] for suh, part in
+                   zip(weight.member_suh(), w_hat.split(list(weight.out_splits or [w_hat.shape[1]]), dim=1))], dim=1)
     return hadamard_128_ref(w, post_scale=weight.svh)  # . Hn . diag(svh)
 
 
@@ -43,8 +45,14 @@ def exl3_matmul_ref(x: torch.Tensor, weight: Exl3Weight, inner: torch.Tensor | N
     if x.shape[-1] != k:
         raise ValueError(f"{weight.key or 'EXL3 linear'}: input has {x.shape[-1]} features, weight expects {k}")
     w_hat = (exl3_inner_ref(weight) if inner is None else inner).float()
-    xh = hadamard_128_ref(x.reshape(-1, k), pre_scale=weight.suh)
-    y = hadamard_128_ref(xh @ w_hat, post_scale=weight.svh)
+    x2 = x.reshape(-1, k)
+    if weight.out_splits is None:
+        acc = hadamard_128_ref(x2, pre_scale=weight.suh) @ w_hat
+    else:  # concatenated linears (concat_exl3): each member's columns see the input rotated with its suh
+        parts = w_hat.split(list(weight.out_splits), dim=1)
+        acc = torch.cat([hadamard_128_ref(x2, pre_scale=suh) @ part
+                         for suh, part in zip(weight.member_suh(), parts)], dim=1)
+    y = hadamard_128_ref(acc, post_scale=weight.svh)
     if weight.bias is not None:
         y = y + weight.bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
