@@ -58,6 +58,31 @@ def test_triton_paged_decode(triton_kernels, device, hq, hkv, window):
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("splits,window", [(4, None), (8, 40), (2, 5)])
+def test_triton_paged_decode_split_keys(triton_kernels, device, splits, window):
+    """Key ranges split over programs and combined (FlashDecoding), including splits left empty
+    (short sequences, narrow windows) and a window that starts inside a split."""
+    kv_lens = [1, 37, 130, 300]
+    k_cache, v_cache, table, _ = _paged(kv_lens, 16, 2, 32, 16, seed=splits)
+    k_cache, v_cache, table = k_cache.to(device), v_cache.to(device), table.to(device)
+    q = torch.randn(len(kv_lens), 8, 32, device=device)
+    lens_t = torch.tensor(kv_lens, dtype=torch.int32, device=device)
+    got = triton_kernels.attention.paged_decode_attention(q, k_cache, v_cache, page_table=table, kv_lens=lens_t,
+                                                          scale=0.2, window=window, splits=splits)
+    want = paged_attention_ref(q, k_cache, v_cache, page_table=table, cu_q=list(range(len(kv_lens) + 1)),
+                               kv_lens=kv_lens, q_positions=torch.tensor(kv_lens, device=device) - 1,
+                               scale=0.2, window=window)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_key_splits_rule(triton_kernels):
+    key_splits = triton_kernels.attention.key_splits
+    assert key_splits(512, 8, 132) == 1  # short capacity: one program per head
+    assert key_splits(32768, 8, 132) == 32  # batch 1, 8 KV heads: ~2 programs per SM
+    assert key_splits(32768, 512, 132) == 1  # many sequences already fill the GPU
+    assert key_splits(2048, 8, 132) == 4  # never shorter than KEYS_PER_SPLIT keys
+
+
 @pytest.mark.parametrize("window", [None, 7])
 def test_sdpa_core_matches_reference(window):
     """The fused prefill core used on CUDA (run here on the CPU) against the fp32 reference."""
