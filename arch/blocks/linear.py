@@ -74,48 +74,71 @@ class Linear(nn.Module):
 
 
 class LinearGroup(nn.Module):
-    """Several ``Linear``s that read the same input (q/k/v, gate/up), computed by one matmul where
-    their weights can share it: ``group(x)`` returns each member's output, in order.
+    """Several ``Linear``s that read the same input (q/k/v, gate/up, ...), computed with as few
+    matmuls as their weights allow: ``group(x)`` returns each member's output, in order.
 
-    EXL3 members with one format are concatenated along the output (``kernels.weights.concat_exl3``:
-    one launch instead of one per member, measured by bench/fused_projections.py), dense members
-    with one dtype likewise; anything else (mixed bit widths, mixed kinds, the reference backend, which
-    gains nothing) runs member by member. The members' own weights are not kept once concatenated.
+    Members are sorted by format; each format shared by two or more members becomes one matmul:
+    EXL3 weights with the same bits and codebook are concatenated along the output
+    (``kernels.weights.concat_exl3``: one launch instead of one per member, measured by
+    bench/fused_projections.py), dense ones with the same dtype likewise. The rest, and every member
+    on the reference backend (which gains nothing from it), run on their own. Concatenated members'
+    own weights are not kept.
     """
 
     def __init__(self, members: list[Linear]):
         super().__init__()
-        first = members[0]
         self.out_features = [m.out_features for m in members]
-        self.widths = [m.weight.out_features for m in members]  # stored (padded) widths
-        fused = None
-        if len(members) > 1 and first.backend == "triton" and all(
-                m.in_features == first.in_features and m.options == first.options for m in members):
-            weights = [m.weight for m in members]
-            if all(isinstance(w, Exl3Weight) for w in weights):
-                fused = concat_exl3(weights)
-            elif all(isinstance(w, DenseWeight) and w.weight.dtype == weights[0].weight.dtype for w in weights):
-                fused = concat_dense(weights)
-        if fused is None:
-            self.members = nn.ModuleList(members)
-            self.fused = None
-        else:
-            self.members = None
-            self.fused = Linear(fused, first.in_features, fused.out_features, first.options)
+        classes: dict[tuple, list[int]] = {}
+        for i, m in enumerate(members):
+            classes.setdefault(_format_key(m, members[0]), []).append(i)
+        self.parts = nn.ModuleList()
+        self.layout: list[tuple[int, int, int]] = []  # per member: (part, first column, stored width)
+        slots: dict[int, tuple[int, int, int]] = {}
+        for key, idx in classes.items():
+            fused = _concatenate([members[i] for i in idx]) if key is not None and len(idx) > 1 else None
+            if fused is None:
+                for i in idx:
+                    slots[i] = (len(self.parts), 0, members[i].out_features)
+                    self.parts.append(members[i])
+                continue
+            col = 0
+            for i in idx:
+                width = members[i].weight.out_features  # stored (padded) width
+                slots[i] = (len(self.parts), col, width)
+                col += width
+            self.parts.append(fused)
+        self.layout = [slots[i] for i in range(len(members))]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.fused is None:
-            return [m(x) for m in self.members]
-        parts = self.fused(x).split(self.widths, dim=-1)
-        return [p if w == n else p[..., :n] for p, w, n in zip(parts, self.widths, self.out_features)]
+        outs = [p(x) for p in self.parts]
+        return [outs[p] if (col == 0 and width == n == outs[p].shape[-1]) else outs[p][..., col:col + n]
+                for (p, col, width), n in zip(self.layout, self.out_features)]
 
-    def extra_repr(self) -> str:
-        return "one matmul" if self.fused is not None else "member by member"
+    @property
+    def launches(self) -> int:
+        return len(self.parts)
+
+
+def _format_key(m: Linear, first: Linear) -> tuple | None:
+    """Members with equal keys can share a matmul; None: this one runs on its own."""
+    if m.backend != "triton" or m.in_features != first.in_features or m.options != first.options:
+        return None
+    w = m.weight
+    if isinstance(w, Exl3Weight):
+        return ("exl3", w.bits, int(w.codebook), w.in_features)
+    return ("dense", w.weight.dtype, w.bias is not None)
+
+
+def _concatenate(members: list[Linear]) -> Linear | None:
+    weights = [m.weight for m in members]
+    first = members[0]
+    fused = concat_exl3(weights) if isinstance(weights[0], Exl3Weight) else concat_dense(weights)
+    if fused is None:
+        return None
+    return Linear(fused, first.in_features, fused.out_features, first.options)
 
 
 def concat_dense(weights: list[DenseWeight]) -> DenseWeight:
-    """Dense linears sharing an input as one ``[sum out, in]`` weight (members without a bias add zeros)."""
-    bias = None
-    if any(w.bias is not None for w in weights):
-        bias = torch.cat([w.weight.new_zeros(w.out_features) if w.bias is None else w.bias for w in weights])
+    """Dense linears sharing an input as one ``[sum out, in]`` weight (all with a bias or none)."""
+    bias = None if weights[0].bias is None else torch.cat([w.bias for w in weights])
     return DenseWeight(torch.cat([w.weight for w in weights]), bias, key="+".join(w.key for w in weights))
