@@ -108,11 +108,13 @@ def exl3_moe(
     expert_ids: torch.Tensor,
     routing_weights: torch.Tensor | None = None,
     backend: str | None = None,
+    schedule: str | None = None,
 ) -> torch.Tensor:
-    """Apply each token's selected experts (see ``kernels.reference.moe.exl3_moe_ref`` for shapes)."""
+    """Apply each token's selected experts (see ``kernels.reference.moe.exl3_moe_ref`` for shapes).
+    ``schedule`` (Triton): "decode", "grouped" or None (by the number of slots)."""
     if resolve_backend(backend, x.device) == "triton" and _triton_shapes_ok(experts.in_features,
                                                                             experts.out_features):
-        return triton_ops.load().moe.exl3_moe_triton(x, experts, expert_ids, routing_weights)
+        return triton_ops.load().moe.exl3_moe_triton(x, experts, expert_ids, routing_weights, schedule=schedule)
     return exl3_moe_ref(x, experts, expert_ids, routing_weights)
 
 

@@ -30,6 +30,9 @@ from ...options import RuntimeOptions
 from .linear import Linear
 from .mlp import ACTIVATIONS, GatedMLP, gated_activation
 
+# Slots (tokens x top-k) up to which one projection takes the MoE decode schedule (kernels/triton_moe.py)
+DECODE_SLOTS = 64
+
 
 # Set by the converter while it records the inputs of every expert's linears: each expert then
 # runs on every token (the reference converter's "calibration_all_experts"), so rarely routed
@@ -62,15 +65,32 @@ class RoutedExperts(nn.Module):
         if (stacks is None) == (mlps is None):
             raise ValueError("give either the quantized stacks or the per-expert MLPs")
         self.quantized = stacks is not None
+        self.gate_up = None
+        self.backend = kernels.resolve_backend(options.backend, options.device)
         if self.quantized:
             self.gate, self.up, self.down = stacks
+            if self.backend == "triton":
+                self._stack_gate_up()
         else:
             self.mlps = nn.ModuleList(mlps)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.act = ACTIVATIONS[activation]
         self.limit = limit  # SwiGLU clamp (DeepSeek-V4); the per-expert MLPs carry it too
         self.options = options
-        self.backend = kernels.resolve_backend(options.backend, options.device)
+
+    def _stack_gate_up(self) -> None:
+        """Gate and up as one stack of ``2E`` experts (gate ``e``, up ``E + e``) where their formats
+        match: a token's gate and up projections are then one MoE launch over ``2k`` slots. ``gate``
+        and ``up`` stay as views of it."""
+        g, u = self.gate, self.up
+        if g.trellis.shape != u.trellis.shape or g.bits != u.bits or g.codebook != u.codebook:
+            return
+        e = g.num_experts
+        both = Exl3ExpertStack(torch.cat([g.trellis, u.trellis]), torch.cat([g.suh, u.suh]),
+                               torch.cat([g.svh, u.svh]), g.bits, g.codebook, key=f"{g.key}+{u.key}")
+        self.gate_up = both
+        self.gate = Exl3ExpertStack(both.trellis[:e], both.suh[:e], both.svh[:e], g.bits, g.codebook, key=g.key)
+        self.up = Exl3ExpertStack(both.trellis[e:], both.suh[e:], both.svh[e:], u.bits, u.codebook, key=u.key)
 
     @property
     def num_experts(self) -> int:
@@ -86,8 +106,16 @@ class RoutedExperts(nn.Module):
         pad_in = self.gate.in_features - self.hidden_size
         xp = nn.functional.pad(x, (0, pad_in)) if pad_in else x
         i = self.intermediate_size
-        g = kernels.exl3_moe(xp, self.gate, expert_ids, backend=self.backend)[..., :i]
-        u = kernels.exl3_moe(xp, self.up, expert_ids, backend=self.backend)[..., :i]
+        if self.gate_up is not None:  # one launch: slots [0, k) read the gate experts, [k, 2k) the up ones
+            e, k = self.gate.num_experts, expert_ids.shape[1]
+            both_ids = torch.cat([expert_ids, torch.where(expert_ids >= 0, expert_ids + e, expert_ids)], dim=1)
+            # the schedule the two launches would have had (measured per slot count, kernels/triton_moe.py)
+            gu = kernels.exl3_moe(xp, self.gate_up, both_ids, backend=self.backend,
+                                  schedule="decode" if expert_ids.numel() <= DECODE_SLOTS else "grouped")
+            g, u = gu[:, :k, :i], gu[:, k:, :i]
+        else:
+            g = kernels.exl3_moe(xp, self.gate, expert_ids, backend=self.backend)[..., :i]
+            u = kernels.exl3_moe(xp, self.up, expert_ids, backend=self.backend)[..., :i]
         h = gated_activation(self.act, g, u, self.limit)
         pad_mid = self.down.in_features - i
         if pad_mid:  # padded input rows of the down projection must see zeros
