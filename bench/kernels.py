@@ -94,7 +94,8 @@ def moe_variant_configs() -> dict:
     """Named MoE decode schedules (kernels/triton_moe.py ``MoeDecodeConfig``): the previous loop, the dense
     one-row default's ring loop ("lanes ring3 early", kernels/tuning.py ONE_ROW_LOOP), then one change at a time
     on the ring: no early loads, several column blocks per program on one rotated slice, the rotation in a
-    separate launch, fewer K slices (longer loops, a shorter reduction); and the structural ones on the old loop."""
+    separate launch, fewer K slices (longer loops, a shorter reduction), larger steps; and the old loop without
+    its per-program rotation (how much of its time the rotation is)."""
     MoeDecodeConfig = OPS.moe.MoeDecodeConfig
     previous = MoeDecodeConfig(btk=2, num_warps=8)
     ring = MoeDecodeConfig(btk=1, num_warps=4, prefetch_steps=3, lane_major=True, early_load=True)
@@ -108,7 +109,6 @@ def moe_variant_configs() -> dict:
         "lanes ring3 early sk4": replace(ring, split_k=4),
         "lanes ring3 early sk2": replace(ring, split_k=2),
         "lanes ring2 early btk2": replace(ring, btk=2, prefetch_steps=2),
-        "previous cols2": replace(previous, col_blocks=2),
         "previous rot-launch": replace(previous, rotate_in_kernel=False),
     }
 
@@ -543,8 +543,8 @@ class Bench:
         poisoned with NaN first), then timed in CUDA graphs; per case also the speed-up over the previous loop."""
         configs = moe_variant_configs()
         cuda = self.device == "cuda"
-        for name, k, n, weighted in shapes:
-            for bits in bits_list:
+        for bits in bits_list:  # all shapes at 4 bits first: what a cut budget leaves out is the 2-bit half
+            for name, k, n, weighted in shapes:
                 if self.out_of_time():
                     return
                 stack = Exl3ExpertStack.from_weights(
