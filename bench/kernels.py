@@ -123,6 +123,7 @@ class Bench:
         self.budget = budget
         self.device = device  # "cpu" only for the logic test of the sections (Triton's interpreter)
         self.best: dict[str, GemmConfig] = {}
+        self.moe_bits = (4, 2)  # moe_variants' bit widths (--moe-bits)
 
     def out_of_time(self) -> bool:
         return self.r.elapsed() > self.budget
@@ -537,13 +538,13 @@ class Bench:
                 del stack
                 torch.cuda.empty_cache()
 
-    def moe_variants(self, shapes=MOE_VARIANT_SHAPES, bits_list=(4, 2), token_counts=(1, 4, 8), num_experts=256,
+    def moe_variants(self, shapes=MOE_VARIANT_SHAPES, bits_list=None, token_counts=(1, 4, 8), num_experts=256,
                      top_k=8):
         """MoE decode (issue 3 / 8): every ``moe_variant_configs`` schedule checked against ``exl3_moe_ref`` (output
         poisoned with NaN first), then timed in CUDA graphs; per case also the speed-up over the previous loop."""
         configs = moe_variant_configs()
         cuda = self.device == "cuda"
-        for bits in bits_list:  # all shapes at 4 bits first: what a cut budget leaves out is the 2-bit half
+        for bits in bits_list or self.moe_bits:  # all shapes at 4 bits first: what a cut budget leaves out is the 2-bit half
             for name, k, n, weighted in shapes:
                 if self.out_of_time():
                     return
@@ -608,6 +609,7 @@ def main() -> int:
                         help="also: gemv_shapes, occupancy, gemv_variants (one-row variants, issue 3), "
                         "moe_variants (MoE decode schedules, issues 3 and 8)")
     parser.add_argument("--budget", type=float, default=500, help="seconds after which remaining sections are skipped")
+    parser.add_argument("--moe-bits", default="4,2", help="bit widths of the moe_variants section, in order")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -616,6 +618,7 @@ def main() -> int:
     out_dir = Path(args.out) if args.out else REPO / "bench" / "results"
     name = f"kernels-{meta['date']}-{meta['gpu'].replace(' ', '_')}.json"
     bench = Bench(Results(out_dir / name, meta), args.budget)
+    bench.moe_bits = tuple(float(b) if "." in b else int(b) for b in args.moe_bits.split(","))
     for section in args.sections.split(","):
         if bench.out_of_time():
             print(f"budget spent, skipping {section}")
