@@ -94,7 +94,8 @@ def moe_variant_configs() -> dict:
     """Named MoE decode schedules (kernels/triton_moe.py ``MoeDecodeConfig``): the previous loop, the dense
     one-row default's ring loop ("lanes ring3 early", kernels/tuning.py ONE_ROW_LOOP), then one change at a time
     on the ring: no early loads, several column blocks per program on one rotated slice, the rotation in a
-    separate launch, fewer K slices (longer loops, a shorter reduction), larger steps; and the old loop without
+    separate launch, fewer K slices (longer loops, a shorter reduction), larger steps, fewer steps in flight
+    (an 8-step slice reloads its last step 3 times in the ring's last group); and the old loop without
     its per-program rotation (how much of its time the rotation is)."""
     MoeDecodeConfig = OPS.moe.MoeDecodeConfig
     previous = MoeDecodeConfig(btk=2, num_warps=8)
@@ -109,6 +110,7 @@ def moe_variant_configs() -> dict:
         "lanes ring3 early sk4": replace(ring, split_k=4),
         "lanes ring3 early sk2": replace(ring, split_k=2),
         "lanes ring2 early btk2": replace(ring, btk=2, prefetch_steps=2),
+        "lanes ring1 early": replace(ring, prefetch_steps=1),  # short slices: fewer wasted reloads at the end
         "previous rot-launch": replace(previous, rotate_in_kernel=False),
     }
 

@@ -279,7 +279,8 @@ class MoeDecodeConfig:
     def describe(self) -> str:
         return (f"btk{self.btk} w{self.num_warps}{f' ring{self.prefetch_steps}' if self.prefetch_steps else ''}"
                 f"{' lanes' if self.lane_major else ''}{' early' if self.early_load else ''}"
-                f"{f' sk{self.split_k}' if self.split_k else ''}{f' cols{self.col_blocks}' if self.col_blocks > 1 else ''}"
+                f"{f' sk{self.split_k}' if self.split_k else ''}"
+                f"{f' cols{self.col_blocks}' if self.col_blocks > 1 else ''}"
                 f"{'' if self.rotate_in_kernel else ' rot-launch'}")
 
 
