@@ -18,4 +18,4 @@ if [ "${RUN_NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
         grep -E "Duration|Throughput|Registers|Achieved Occupancy|Issued Ipc|No Eligible|Stall|stall" "$OUT/ncu_rows$1.txt" | head -40
     done
 fi
-PYTHONUNBUFFERED=1 python3 bench/kernels.py --out "$OUT" --budget "$BUDGET" --sections "$SECTIONS" 2>&1 | grep -v Warning | tail -70
+PYTHONUNBUFFERED=1 python3 bench/kernels.py --out "$OUT" --budget "$BUDGET" --sections "$SECTIONS" ${KERNELS_ARGS:-} 2>&1 | grep -v Warning | tail -70

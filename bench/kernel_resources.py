@@ -169,11 +169,24 @@ def gemm_variants():
                     **{**ONE_ROW_DEFAULTS, **variant}), warps)
 
 
+# the MoE decode kernel's MoeDecodeConfig switches, off (every constexpr is named: a missing one would be compiled
+# as a runtime argument)
+MOE_DECODE_DEFAULTS = dict(PREFETCH=0, LANES=0, EARLY_LOAD=False, COL_BLOCKS=1, ROTATE_IN_KERNEL=True)
+
+
 def moe_variants():
-    yield ("moe decode reduce", triton_moe._exl3_moe_decode_kernel,
-           dict(TOPK=8, X_PER_SLOT=True, REDUCE=True, SPLIT_K=2, BTK=2, NCH=8, TOPK_P2=8, SPLIT_GROUP=2), 8)
+    previous = dict(TOPK=8, X_PER_SLOT=True, REDUCE=True, SPLIT_K=2, BTK=2, NCH=8, TOPK_P2=8, SPLIT_GROUP=2,
+                    **MOE_DECODE_DEFAULTS)
+    yield ("moe decode reduce", triton_moe._exl3_moe_decode_kernel, previous, 8)
+    # the decode schedule's MoeDecodeConfig variants: the dense one-row ring loop, column blocks, rotation launch
+    ring = dict(previous, BTK=1, NCH=4, PREFETCH=3, LANES=LANE_MAJOR, EARLY_LOAD=True)
+    yield ("moe decode reduce ring3 lanes early", triton_moe._exl3_moe_decode_kernel, ring, 4)
+    yield ("moe decode reduce ring3 lanes early cols2", triton_moe._exl3_moe_decode_kernel,
+           dict(ring, COL_BLOCKS=2), 4)
+    yield ("moe decode ring3 lanes rot-launch", triton_moe._exl3_moe_decode_kernel,
+           dict(ring, X_PER_SLOT=False, REDUCE=False, EARLY_LOAD=False, ROTATE_IN_KERNEL=False), 4)
     yield ("moe grouped bm16", triton_moe._exl3_moe_grouped_kernel,
-           dict(HAS_WEIGHTS=False, BLOCK_M=16, BTK=2), 8)
+           dict(HAS_WEIGHTS=False, BLOCK_M=16, BTK=2, LANES=0), 8)
 
 
 @triton.jit

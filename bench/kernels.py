@@ -85,6 +85,36 @@ def gemv_variant_configs() -> dict:
     }
 
 
+# moe_variants: MoE decode projections (name, in, out, routing-weighted sum of per-slot inputs), 8 of 256 experts
+MOE_VARIANT_SHAPES = [("openpangu gate/up", 2560, 1024, False), ("openpangu down", 1024, 2560, True),
+                      ("deepseek-v4 gate/up", 4096, 2048, False), ("deepseek-v4 down", 2048, 4096, True)]
+
+
+def moe_variant_configs() -> dict:
+    """Named MoE decode schedules (kernels/triton_moe.py ``MoeDecodeConfig``): the previous loop, the dense
+    one-row default's ring loop ("lanes ring3 early", kernels/tuning.py ONE_ROW_LOOP), then one change at a time
+    on the ring: no early loads, several column blocks per program on one rotated slice, the rotation in a
+    separate launch, fewer K slices (longer loops, a shorter reduction), larger steps, fewer steps in flight
+    (an 8-step slice reloads its last step 3 times in the ring's last group); and the old loop without
+    its per-program rotation (how much of its time the rotation is)."""
+    MoeDecodeConfig = OPS.moe.MoeDecodeConfig
+    previous = MoeDecodeConfig(btk=2, num_warps=8)
+    ring = MoeDecodeConfig(btk=1, num_warps=4, prefetch_steps=3, lane_major=True, early_load=True)
+    return {
+        "previous": previous,
+        "lanes ring3 early": ring,
+        "lanes ring3": replace(ring, early_load=False),
+        "lanes ring3 early cols2": replace(ring, col_blocks=2),
+        "lanes ring3 early cols4": replace(ring, col_blocks=4),
+        "lanes ring3 rot-launch": replace(ring, early_load=False, rotate_in_kernel=False),
+        "lanes ring3 early sk4": replace(ring, split_k=4),
+        "lanes ring3 early sk2": replace(ring, split_k=2),
+        "lanes ring2 early btk2": replace(ring, btk=2, prefetch_steps=2),
+        "lanes ring1 early": replace(ring, prefetch_steps=1),  # short slices: fewer wasted reloads at the end
+        "previous rot-launch": replace(previous, rotate_in_kernel=False),
+    }
+
+
 def rel_err(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -95,6 +125,7 @@ class Bench:
         self.budget = budget
         self.device = device  # "cpu" only for the logic test of the sections (Triton's interpreter)
         self.best: dict[str, GemmConfig] = {}
+        self.moe_bits = (4, 2)  # moe_variants' bit widths (--moe-bits)
 
     def out_of_time(self) -> bool:
         return self.r.elapsed() > self.budget
@@ -509,6 +540,57 @@ class Bench:
                 del stack
                 torch.cuda.empty_cache()
 
+    def moe_variants(self, shapes=MOE_VARIANT_SHAPES, bits_list=None, token_counts=(1, 4, 8), num_experts=256,
+                     top_k=8):
+        """MoE decode (issue 3 / 8): every ``moe_variant_configs`` schedule checked against ``exl3_moe_ref`` (output
+        poisoned with NaN first), then timed in CUDA graphs; per case also the speed-up over the previous loop."""
+        configs = moe_variant_configs()
+        cuda = self.device == "cuda"
+        for bits in bits_list or self.moe_bits:  # all shapes at 4 bits first: what a cut budget leaves out is the 2-bit half
+            for name, k, n, weighted in shapes:
+                if self.out_of_time():
+                    return
+                stack = Exl3ExpertStack.from_weights(
+                    [synthetic_exl3(k, n, bits, Codebook.MCG, device=self.device, seed=i) for i in range(num_experts)],
+                    key=name)
+                for tokens in token_counts:
+                    g = torch.Generator(device=self.device).manual_seed(tokens)
+                    n_rot = 8 if cuda else 1  # each call routes to other experts: weights leave L2 between calls
+                    ids = [torch.stack([torch.randperm(num_experts, generator=g, device=self.device)[:top_k]
+                                        for _ in range(tokens)]) for _ in range(n_rot)]
+                    rws = [torch.rand(tokens, top_k, device=self.device, generator=g) if weighted else None
+                           for _ in range(n_rot)]
+                    shape_x = (tokens, top_k, k) if weighted else (tokens, k)
+                    xs = [torch.randn(*shape_x, device=self.device).half() for _ in range(n_rot)]
+                    out_shape = (tokens, n) if weighted else (tokens, top_k, n)
+                    ref = exl3_moe_ref(xs[0].float(), stack, ids[0], rws[0])
+                    active = len(torch.unique(ids[0]))
+                    times = {}
+                    for variant, cfg in configs.items():
+                        if self.out_of_time():
+                            break
+                        rec = {"projection": name, "shape": f"{k}x{n}", "K": bits, "tokens": tokens,
+                               "variant": variant, "config": cfg.describe()}
+                        try:
+                            out = torch.full(out_shape, float("nan"), dtype=torch.float16, device=self.device)
+                            y = OPS.moe.exl3_moe_triton(xs[0], stack, ids[0], rws[0], schedule="decode", decode=cfg,
+                                                        out=out)
+                            rec["rel_err"] = rel_err(y, ref) if torch.isfinite(y).all() else float("inf")
+                            if rec["rel_err"] < MATMUL_TOL and cuda:
+                                run = lambda i: OPS.moe.exl3_moe_triton(xs[i], stack, ids[i], rws[i],  # noqa: E731
+                                                                        schedule="decode", decode=cfg)
+                                rec["graph_us"] = time_graph(run, n_rot)["median_us"]
+                                rec["weight_GBps_graph"] = active * k * n * bits / 8 / rec["graph_us"] / 1e3
+                                times[variant] = rec["graph_us"]
+                        except Exception as e:  # a variant that does not compile is reported, not fatal
+                            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                        if "previous" in times and variant in times:
+                            rec["vs_previous"] = times["previous"] / times[variant]
+                        self.r.add("moe_variants", rec)
+                del stack
+                if cuda:
+                    torch.cuda.empty_cache()
+
     def formats(self):
         cfg = self.best.get("1") or GemmConfig(block_m=1, rotate_in_kernel=True)
         cfg16 = self.best.get("16") or GemmConfig()
@@ -526,8 +608,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="results directory (default bench/results)")
     parser.add_argument("--sections", default="env,exact,gemv,m16,splits,table,crossover,moe,formats",
-                        help="also: gemv_shapes, occupancy, gemv_variants (one-row variants, issue 3)")
+                        help="also: gemv_shapes, occupancy, gemv_variants (one-row variants, issue 3), "
+                        "moe_variants (MoE decode schedules, issues 3 and 8)")
     parser.add_argument("--budget", type=float, default=500, help="seconds after which remaining sections are skipped")
+    parser.add_argument("--moe-bits", default="4,2", help="bit widths of the moe_variants section, in order")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -536,6 +620,7 @@ def main() -> int:
     out_dir = Path(args.out) if args.out else REPO / "bench" / "results"
     name = f"kernels-{meta['date']}-{meta['gpu'].replace(' ', '_')}.json"
     bench = Bench(Results(out_dir / name, meta), args.budget)
+    bench.moe_bits = tuple(float(b) if "." in b else int(b) for b in args.moe_bits.split(","))
     for section in args.sections.split(","):
         if bench.out_of_time():
             print(f"budget spent, skipping {section}")

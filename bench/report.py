@@ -61,7 +61,32 @@ def render(data: dict) -> str:
         out.append("")
     if sec.get("gemv_variants_summary"):
         out += _gemv_variants(sec)
+    if sec.get("moe_variants"):
+        out += _moe_variants(sec["moe_variants"])
     return "\n".join(out)
+
+
+def _moe_variants(records: list[dict]) -> list[str]:
+    """MoE decode schedules (issues 3 / 8): one row per projection, K and token count, one column per variant,
+    graph us and the speed-up over the previous loop; failed checks and errors are shown, not dropped."""
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    cases = list(dict.fromkeys((r["projection"], r["shape"], r["K"], r["tokens"]) for r in records))
+    cell = {((r["projection"], r["shape"], r["K"], r["tokens"]), r["variant"]): r for r in records}
+
+    def show(r):
+        if r is None:
+            return "-"
+        if "error" in r:
+            return "error"
+        if "graph_us" not in r:
+            return f"check failed ({r['rel_err']:.1e})" if r.get("rel_err", 0) >= 2e-3 else "untimed"
+        return f"{r['graph_us']:.1f}" + (f" ({r['vs_previous']:.2f}x)" if r.get("vs_previous") else "")
+
+    out = ["| projection | K | tokens | " + " | ".join(variants) + " |", "|---" * (len(variants) + 3) + "|"]
+    for case in cases:
+        out.append(f"| {case[0]} {case[1]} | {case[2]:g} | {case[3]} | " +
+                   " | ".join(show(cell.get((case, v))) for v in variants) + " |")
+    return out + [""]
 
 
 def _gemv_variants(sec: dict) -> list[str]:

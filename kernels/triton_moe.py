@@ -5,8 +5,9 @@ dense kernel's helpers (``triton_gemm``):
 
 * **decode** (few tokens): one program per (128 output columns, selected
   expert slot, K slice). A slot is one row: the program rotates its slice of the
-  input with that expert's ``suh`` into scratch, then runs the FMA decode loop
-  over the expert's trellis. With routing weights, the programs of a token meet
+  input with that expert's ``suh`` into scratch, then runs a one-row FMA decode loop
+  over the expert's trellis (``MoeDecodeConfig``: the dense kernel's previous loop
+  or its ring loop, ``triton_gemv``). With routing weights, the programs of a token meet
   at a counter and the last adds the experts' outputs in slot order
   (deterministic): the projection, reduction included, is one launch.
 * **grouped** (prefill): slots are sorted by expert and cut into blocks of
@@ -17,13 +18,19 @@ dense kernel's helpers (``triton_gemm``):
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from ..errors import InvalidArgumentError
 from .launch import FastLauncher
+from . import tuning
+from .tuning import moe_decode_config
 from .triton_decode import lane_layout
-from .triton_gemv import lanes_arrangement
+from .triton_gemv import lanes_arrangement, ring_gemv, ring_prologue
 from .triton_gemm import (
     LOCK_SLOTS,
     choose_split_k,
@@ -56,35 +63,14 @@ def _slots_output(ws_ptr, slots, valid, experts, scales, SPLIT_K: tl.constexpr, 
 
 
 @triton.jit
-def _exl3_moe_decode_kernel(
-    x_ptr, scratch_ptr, ids_ptr, rw_ptr, t32_ptr, suh_ptr, svh_ptr, y_ptr, ws_ptr, lock_ptr, h32_ptr,
-    N, K, TN, k_tiles_per_split, expert_w32, stride_xm, stride_ym,
-    W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
-    CB: tl.constexpr, USE_PTX: tl.constexpr,
-    TOPK: tl.constexpr, X_PER_SLOT: tl.constexpr, REDUCE: tl.constexpr, SPLIT_K: tl.constexpr,
-    BTK: tl.constexpr, NCH: tl.constexpr, TOPK_P2: tl.constexpr, SPLIT_GROUP: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    slot = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    nb = N // 128
-    token = slot // TOPK
-    cols = pid_n * 128 + tl.arange(0, 128)
-    kt_begin = pid_s * k_tiles_per_split
-    e = tl.load(ids_ptr + slot)
-    e_safe = tl.maximum(e, 0)
-
-    acc = tl.zeros((1, 128), tl.float32)
-    if e >= 0:
-        x_row = slot if X_PER_SLOT else token
-        scratch_row = slot * nb + pid_n
-        rotate_row_slice_into_scratch(x_ptr + x_row * stride_xm, 0, suh_ptr + e_safe * K,
-                                      scratch_ptr + scratch_row.to(tl.int64) * K,
-                                      kt_begin * 16, k_tiles_per_split * 16, NCH)
-        acc = decode_matmul(scratch_ptr, scratch_row, True, K, t32_ptr + e_safe.to(tl.int64) * expert_w32,
-                            kt_begin, k_tiles_per_split, pid_n * 8, TN,
-                            W32, KA, HALF, NLOAD, CB, USE_PTX, 1, BTK)
-
+def _finish_column_block(acc, pid_n, cols, slot, token, e_safe, pid_s, ids_ptr, rw_ptr, svh_ptr, y_ptr, ws_ptr,
+                         lock_ptr, h32_ptr, N, nb, stride_ym, TOPK: tl.constexpr, REDUCE: tl.constexpr,
+                         SPLIT_K: tl.constexpr, TOPK_P2: tl.constexpr, SPLIT_GROUP: tl.constexpr):
+    """One program's ``[1, 128]`` partial of column block ``pid_n``: stored as the slot's output (no split, no
+    routing weights), or put in the workspace, where the last of the programs that share the output block
+    (a slot's K slices; with routing weights all of the token's slots) adds them in a fixed order. ``cols``: the
+    block's column indices, computed by the caller before its main loop (computed here instead, the previous
+    loop's kernel needed 99 registers instead of 79 when compiled for sm_90)."""
     if (not REDUCE) and SPLIT_K == 1:
         y = rotate_output(acc, h32_ptr, 1) * tl.load(svh_ptr + e_safe * N + cols).to(tl.float32)[None, :]
         tl.store(y_ptr + slot * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty))
@@ -114,6 +100,71 @@ def _exl3_moe_decode_kernel(
                                   SPLIT_K, SPLIT_GROUP, N, cols, svh_ptr, h32_ptr, 1)
                 tl.store(y_ptr + slot * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty))
             tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
+def _exl3_moe_decode_kernel(
+    x_ptr, scratch_ptr, ids_ptr, rw_ptr, t32_ptr, suh_ptr, svh_ptr, y_ptr, ws_ptr, lock_ptr, h32_ptr,
+    N, K, TN, k_tiles_per_split, expert_w32, stride_xm, stride_ym,
+    W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
+    CB: tl.constexpr, USE_PTX: tl.constexpr,
+    TOPK: tl.constexpr, X_PER_SLOT: tl.constexpr, REDUCE: tl.constexpr, SPLIT_K: tl.constexpr,
+    BTK: tl.constexpr, NCH: tl.constexpr, TOPK_P2: tl.constexpr, SPLIT_GROUP: tl.constexpr,
+    # MoeDecodeConfig: the one-row loop (PREFETCH > 0: triton_gemv's ring with LANES / EARLY_LOAD as the dense
+    # kernel), column blocks per program (one rotation of the slice serves them all), rotation in the kernel
+    # (else x_ptr holds each slot's rotated row, from a separate launch)
+    PREFETCH: tl.constexpr = 0, LANES: tl.constexpr = 0, EARLY_LOAD: tl.constexpr = False,
+    COL_BLOCKS: tl.constexpr = 1, ROTATE_IN_KERNEL: tl.constexpr = True,
+):
+    pid_c = tl.program_id(0)
+    slot = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    nb = N // 128
+    token = slot // TOPK
+    kt_begin = pid_s * k_tiles_per_split
+    e = tl.load(ids_ptr + slot)
+    e_safe = tl.maximum(e, 0)
+    RING: tl.constexpr = PREFETCH > 0
+
+    for c in tl.static_range(COL_BLOCKS):
+        pid_n = pid_c * COL_BLOCKS + c
+        cols = pid_n * 128 + tl.arange(0, 128)
+        acc = tl.zeros((1, 128), tl.float32)
+        if e >= 0:
+            # computed here, not before the loop: held across the rotation they cost the previous loop ~20
+            # registers (compiled for sm_90)
+            t32_e = t32_ptr + e_safe.to(tl.int64) * expert_w32
+            if ROTATE_IN_KERNEL:  # this program's private copy of its slot's rotated K-slice
+                src_row = slot * (nb // COL_BLOCKS) + pid_c
+                src_ptr = scratch_ptr
+                stride_src = K
+            else:
+                src_row = slot
+                src_ptr = x_ptr
+                stride_src = stride_xm
+            if RING and (EARLY_LOAD or c > 0):  # the first trellis loads fly while the prologue rotates x
+                (wa0, wa1, wa2, wb0, wb1, wb2, wc0, wc1, wc2, wd0, wd1, wd2) = ring_prologue(
+                    t32_e, kt_begin, k_tiles_per_split // BTK, pid_n * 8, TN, W32, KA, HALF, NLOAD, BTK, PREFETCH + 1,
+                    LANES)
+            if ROTATE_IN_KERNEL and c == 0:
+                x_row = slot if X_PER_SLOT else token
+                rotate_row_slice_into_scratch(x_ptr + x_row * stride_xm, 0, suh_ptr + e_safe * K,
+                                              scratch_ptr + src_row.to(tl.int64) * K,
+                                              kt_begin * 16, k_tiles_per_split * 16, NCH)
+            if RING:
+                if not (EARLY_LOAD or c > 0):
+                    (wa0, wa1, wa2, wb0, wb1, wb2, wc0, wc1, wc2, wd0, wd1, wd2) = ring_prologue(
+                        t32_e, kt_begin, k_tiles_per_split // BTK, pid_n * 8, TN, W32, KA, HALF, NLOAD, BTK,
+                        PREFETCH + 1, LANES)
+                acc = ring_gemv(src_ptr.to(tl.pointer_type(tl.int32), bitcast=True),
+                                (src_row.to(tl.int64) * stride_src) // 2, t32_e, kt_begin, k_tiles_per_split,
+                                pid_n * 8, TN, wa0, wa1, wa2, wb0, wb1, wb2, wc0, wc1, wc2, wd0, wd1, wd2,
+                                W32, KA, HALF, NLOAD, CB, USE_PTX, BTK, PREFETCH + 1, LANES)
+            else:
+                acc = decode_matmul(src_ptr, src_row, True, stride_src, t32_e, kt_begin, k_tiles_per_split, pid_n * 8,
+                                    TN, W32, KA, HALF, NLOAD, CB, USE_PTX, 1, BTK)
+        _finish_column_block(acc, pid_n, cols, slot, token, e_safe, pid_s, ids_ptr, rw_ptr, svh_ptr, y_ptr, ws_ptr,
+                             lock_ptr, h32_ptr, N, nb, stride_ym, TOPK, REDUCE, SPLIT_K, TOPK_P2, SPLIT_GROUP)
 
 
 @triton.jit
@@ -186,6 +237,59 @@ def align_slots(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tup
     return slots[:-1], block_expert
 
 
+@dataclass(frozen=True)
+class MoeDecodeConfig:
+    """How the decode schedule runs (``kernels/tuning.py`` picks it; ``bench/kernels.py --sections moe_variants``
+    compares them).
+
+    btk, num_warps: tile rows per step and warps per program. prefetch_steps: None keeps
+    ``decode_matmul``'s one-row loop (one step ahead); 1-3 the dense kernel's ring loop
+    (``triton_gemv.ring_gemv``) with that many steps of trellis words in flight. lane_major: one tile's
+    words per warp-level load (ring only). early_load: the ring's first loads issued before the in-kernel
+    rotation. split_k: target K slices per slot (None: ``choose_split_k``'s programs-per-SM rule).
+    col_blocks: 128-column blocks per program, one after another on one rotated K-slice (the largest
+    divisor of the column blocks up to this): fewer programs re-rotating the same slice. rotate_in_kernel:
+    False rotates each slot's row in a separate launch and the kernel reads it (no rotation, scratch
+    store or barrier per program).
+    """
+
+    btk: int = 2
+    num_warps: int = 8
+    prefetch_steps: int | None = None
+    lane_major: bool = False
+    early_load: bool = False
+    split_k: int | None = None
+    col_blocks: int = 1
+    rotate_in_kernel: bool = True
+
+    def __post_init__(self):
+        if self.btk not in (1, 2, 4, 8):
+            raise InvalidArgumentError(f"MoeDecodeConfig.btk must be 1, 2, 4 or 8 (K slices are 8 tile rows), "
+                                       f"got {self.btk}")
+        if self.prefetch_steps is not None and self.prefetch_steps not in (1, 2, 3):
+            raise InvalidArgumentError(f"MoeDecodeConfig.prefetch_steps must be 1, 2 or 3, got {self.prefetch_steps}")
+        if self.prefetch_steps is None and (self.lane_major or self.early_load):
+            raise InvalidArgumentError("MoeDecodeConfig.lane_major and early_load select variants of the ring loop: "
+                                       "set prefetch_steps (1-3) too")
+        if self.early_load and not self.rotate_in_kernel:
+            raise InvalidArgumentError("MoeDecodeConfig.early_load overlaps the in-kernel rotation: it needs "
+                                       "rotate_in_kernel=True")
+        if self.col_blocks < 1:
+            raise InvalidArgumentError(f"MoeDecodeConfig.col_blocks must be >= 1, got {self.col_blocks}")
+
+    def describe(self) -> str:
+        return (f"btk{self.btk} w{self.num_warps}{f' ring{self.prefetch_steps}' if self.prefetch_steps else ''}"
+                f"{' lanes' if self.lane_major else ''}{' early' if self.early_load else ''}"
+                f"{f' sk{self.split_k}' if self.split_k else ''}"
+                f"{f' cols{self.col_blocks}' if self.col_blocks > 1 else ''}"
+                f"{'' if self.rotate_in_kernel else ' rot-launch'}")
+
+
+@functools.lru_cache(maxsize=None)
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
 def _check(x: torch.Tensor, experts: Exl3ExpertStack, expert_ids: torch.Tensor):
     k, n = experts.in_features, experts.out_features
     if k % 128 or n % 128:
@@ -216,12 +320,15 @@ def exl3_moe_triton(
     use_ptx: bool | None = None,
     out: torch.Tensor | None = None,
     lane_major: bool = True,
+    decode: MoeDecodeConfig | None = None,
 ) -> torch.Tensor:
     """Same contract as ``exl3_moe_ref``; ``schedule`` is "decode", "grouped" or None (by size).
 
     ``out`` (decode schedule): a contiguous tensor of the result's shape to write into.
-    ``lane_major`` (grouped schedule): one tile per warp-level word load, as the dense GEMMs of several
-    rows (kernels/tuning.py; measured there 1.2-1.4x on the tensor-core loop).
+    ``decode``: the decode schedule's ``MoeDecodeConfig`` (None: ``kernels/tuning.py``'s); ``split_k``, when
+    given, overrides its ``split_k``. ``btk``, ``num_warps``, ``lane_major``, ``block_m``: the grouped
+    schedule's (``lane_major``: one tile per warp-level word load, as the dense GEMMs of several
+    rows; kernels/tuning.py, measured there 1.2-1.4x on the tensor-core loop).
     """
     _check(x, experts, expert_ids)
     t, top_k = expert_ids.shape
@@ -232,7 +339,7 @@ def exl3_moe_triton(
         xs = xs.contiguous()
     slots = t * top_k
     if schedule is None:
-        schedule = "decode" if slots <= 64 else "grouped"
+        schedule = "decode" if slots <= tuning.MOE_DECODE_MAX_SLOTS else "grouped"
     fmt = _format(experts, x, use_ptx)
     locks, h32 = device_buffers(x.device)
     ids32 = expert_ids.to(torch.int32).contiguous()
@@ -242,21 +349,36 @@ def exl3_moe_triton(
     rw = routing_weights.float().contiguous() if routing_weights is not None else h32
 
     if schedule == "decode":
+        if decode is None:
+            decode = moe_decode_config(k, n)
         reduce = routing_weights is not None
-        split = choose_split_k(k_tiles // 8, nb * slots, sm_count(dev), split_k)
+        col_blocks = _largest_divisor(nb, decode.col_blocks)
+        split = choose_split_k(k_tiles // 8, nb // col_blocks * slots, sm_count(dev),
+                               split_k if split_k is not None else decode.split_k)
         if (t if reduce else slots) * nb > LOCK_SLOTS:
             raise ValueError("too many output blocks for the MoE counters")
         y = (torch.empty((t if reduce else slots, n), dtype=x.dtype, device=dev) if out is None
              else out.view(t if reduce else slots, n))
         ws = torch.empty((slots * split, n), dtype=torch.float32, device=dev) if (reduce or split > 1) else h32
-        scratch = torch.empty((slots * nb, k), dtype=torch.float16, device=dev)
+        if decode.rotate_in_kernel:
+            src, scratch = xs, torch.empty((slots * (nb // col_blocks), k), dtype=torch.float16, device=dev)
+        else:  # one launch rotates every slot's row with its expert's suh; the kernel reads those rows
+            from .triton_hadamard import exl3_input_rotate_gathered
+
+            x_rows = torch.arange(slots, device=dev)
+            src = exl3_input_rotate_gathered(xs, experts.suh, x_rows if per_slot else x_rows // top_k,
+                                             ids32.reshape(-1).clamp(min=0))
+            scratch = h32
         _decode(
-            (nb, slots, split),
-            xs, scratch, ids32, rw, t32, experts.suh, experts.svh, y, ws, locks, h32,
-            n, k, n // 16, k_tiles // split, expert_w32, xs.stride(0), y.stride(0),
-            TOPK=top_k, X_PER_SLOT=per_slot, REDUCE=reduce, SPLIT_K=split, BTK=btk,
+            (nb // col_blocks, slots, split),
+            src, scratch, ids32, rw, t32, experts.suh, experts.svh, y, ws, locks, h32,
+            n, k, n // 16, k_tiles // split, expert_w32, src.stride(0), y.stride(0),
+            TOPK=top_k, X_PER_SLOT=per_slot, REDUCE=reduce, SPLIT_K=split, BTK=decode.btk,
             TOPK_P2=next_power_of_2(top_k), SPLIT_GROUP=reduction_group(split, top_k) if reduce else 1,
-            NCH=next_power_of_2(k_tiles // split // 8), num_warps=num_warps, num_stages=1, **fmt,
+            NCH=next_power_of_2(k_tiles // split // 8), PREFETCH=decode.prefetch_steps or 0,
+            LANES=lanes_arrangement() if decode.lane_major else 0, EARLY_LOAD=decode.early_load,
+            COL_BLOCKS=col_blocks, ROTATE_IN_KERNEL=decode.rotate_in_kernel,
+            num_warps=decode.num_warps, num_stages=1, **fmt,
         )
         return y if reduce else y.reshape(t, top_k, n)
 

@@ -53,6 +53,26 @@ ONE_ROW_LOOP = dict(prefetch_steps=3, lane_major=True)
 TWO_ROWS_TENSOR_CORES = 4096 * 14336
 
 
+# MoE decode (kernels/triton_moe.py, few tokens: one program per column block, slot and K slice). The
+# previous one-row loop (decode_matmul, btk 2, 8 warps) stays the default until the ring variants are measured
+# on MoE shapes: bench/gpu_moe_variants.sh (bench/kernels.py --sections moe_variants) times each
+# MoeDecodeConfig at openPangu and DeepSeek-V4 shapes; the dense one-row candidate is
+# dict(btk=1, num_warps=4, prefetch_steps=3, lane_major=True, early_load=True) (ONE_ROW_LOOP, "lanes ring3 early").
+MOE_DECODE = dict(btk=2, num_warps=8)
+
+# Up to this many slots (tokens x selected experts) a MoE projection takes the decode schedule (one row per
+# slot, FMAs); above, the grouped one (slots sorted by expert, tensor-core blocks).
+MOE_DECODE_MAX_SLOTS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def moe_decode_config(in_features: int, out_features: int):
+    """The MoE decode schedule (``triton_moe.MoeDecodeConfig``) for experts of this shape."""
+    from . import triton_ops
+
+    return triton_ops.load().moe.MoeDecodeConfig(**MOE_DECODE)
+
+
 def fused_max_rows(in_features: int, out_features: int) -> int:
     return FUSED_MAX_ROWS
 

@@ -23,15 +23,13 @@ import torch
 from torch import nn
 
 from ... import kernels
+from ...kernels import tuning
 from ...checkpoint import Checkpoint
 from ...errors import CheckpointError
 from ...kernels.weights import DenseWeight, Exl3ExpertStack, Exl3Weight
 from ...options import RuntimeOptions
 from .linear import Linear
 from .mlp import ACTIVATIONS, GatedMLP, gated_activation
-
-# Slots (tokens x top-k) up to which one projection takes the MoE decode schedule (kernels/triton_moe.py)
-DECODE_SLOTS = 64
 
 
 # Set by the converter while it records the inputs of every expert's linears: each expert then
@@ -111,7 +109,7 @@ class RoutedExperts(nn.Module):
             both_ids = torch.cat([expert_ids, torch.where(expert_ids >= 0, expert_ids + e, expert_ids)], dim=1)
             # the schedule the two launches would have had (measured per slot count, kernels/triton_moe.py)
             gu = kernels.exl3_moe(xp, self.gate_up, both_ids, backend=self.backend,
-                                  schedule="decode" if expert_ids.numel() <= DECODE_SLOTS else "grouped")
+                                  schedule="decode" if expert_ids.numel() <= tuning.MOE_DECODE_MAX_SLOTS else "grouped")
             g, u = gu[:, :k, :i], gu[:, k:, :i]
         else:
             g = kernels.exl3_moe(xp, self.gate, expert_ids, backend=self.backend)[..., :i]

@@ -1,6 +1,9 @@
 """Kernel tests run the Triton kernels under Triton's interpreter when there is no GPU
 (``tests/conftest.py`` switches it on before anything imports Triton)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,3 +21,13 @@ def triton_kernels():
 @pytest.fixture(scope="session")
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def bench_kernels(triton_kernels):
+    """bench/kernels.py as a module, for the logic tests of its sections (tiny shapes, interpreter on a CPU)."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,21 +1,7 @@
 """The ``gemv_variants`` section of bench/kernels.py at a tiny shape: every one-row variant it will time
 must pass its reference check (on the CPU through Triton's interpreter, untimed; on a GPU also timed)."""
 
-import importlib.util
 import json
-from pathlib import Path
-
-import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def bench_kernels(triton_kernels):
-    spec = importlib.util.spec_from_file_location("bench_kernels_script", REPO / "bench" / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_gemv_variants_section_checks_every_variant(bench_kernels, device, tmp_path):
