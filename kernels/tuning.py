@@ -53,12 +53,15 @@ ONE_ROW_LOOP = dict(prefetch_steps=3, lane_major=True)
 TWO_ROWS_TENSOR_CORES = 4096 * 14336
 
 
-# MoE decode (kernels/triton_moe.py, few tokens: one program per column block, slot and K slice). The
-# previous one-row loop (decode_matmul, btk 2, 8 warps) stays the default until the ring variants are measured
-# on MoE shapes: bench/gpu_moe_variants.sh (bench/kernels.py --sections moe_variants) times each
-# MoeDecodeConfig at openPangu and DeepSeek-V4 shapes; the dense one-row candidate is
-# dict(btk=1, num_warps=4, prefetch_steps=3, lane_major=True, early_load=True) (ONE_ROW_LOOP, "lanes ring3 early").
-MOE_DECODE = dict(btk=2, num_warps=8)
+# MoE decode (kernels/triton_moe.py, few tokens: one program per column block, slot and K slice): the dense
+# one-row kernel's ring loop ("lanes ring3 early"). Measured in CUDA graphs against the previous loop
+# (decode_matmul, btk 2, 8 warps), 8 of 256 experts, 4 bits (bash bench/gpu_moe_variants.sh,
+# bench/results/kernels-2026-11-23-H100-moe-variants.json), us, 1 / 4 / 8 tokens: openPangu gate/up 2560x1024
+# 34.6 -> 23.3 / 67.4 -> 46.5 / 117.7 -> 81.5; openPangu down 1024x2560 (weighted sum) 45.6 -> 25.6 / 75.7 ->
+# 49.1 / 129.1 -> 83.2; DeepSeek-V4 gate/up 4096x2048 48.5 -> 37.4 / 166.1 -> 115.8 / 342.5 -> 229.3; down
+# 59.8 -> 40.6 / 179.5 -> 120.2 / 348.6 -> 228.3; the same at 2 bits. Forcing 4 K slices was faster still at
+# one token (19.9 / 21.1 us on openPangu) but slower at 8 (99 vs 83): left to the automatic split.
+MOE_DECODE = dict(btk=1, num_warps=4, early_load=True, **ONE_ROW_LOOP)
 
 # Up to this many slots (tokens x selected experts) a MoE projection takes the decode schedule (one row per
 # slot, FMAs); above, the grouped one (slots sorted by expert, tensor-core blocks).

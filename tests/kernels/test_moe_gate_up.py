@@ -25,7 +25,7 @@ def _experts(stacks, device, backend):
                          options=RuntimeOptions(device=device, backend=backend))
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 2])
 def test_gate_up_in_one_launch_matches_reference(device, tokens):
     stacks = _stacks(device)
     fused, ref = _experts(stacks, device, "triton"), _experts(stacks, device, "reference")
