@@ -1,6 +1,7 @@
 """Count the aten ops of one decode step on a CPU, per layer and per module (issue 8).
 
     python bench/count_ops.py --arch openpangu_v2 --synthetic tiny [--batch 1] [--prefill-len 40] [--out DIR]
+    python bench/count_ops.py --arch gemma4 --synthetic tiny
 
 Builds the synthetic model (bench/synthetic.py) on the CPU, prefills ``--prefill-len``
 random tokens per sequence through the paged cache, then runs one decode step under a
@@ -104,11 +105,28 @@ class OpCounter(TorchDispatchMode):
         return run
 
 
+def _decode_kernel_stand_ins(counter: OpCounter):
+    """``(module, attr, replacement)`` for the kernel entry points that run one Triton kernel on
+    CUDA but their PyTorch reference on a CPU: the fused RoPE + cache store and the paged decode
+    attention (only where the GPU takes it: a pure decode step with device-side lengths)."""
+    from exl3_triton import kernels
+
+    rope = counter.opaque("triton.rope_store_kv", kernels.rope_store_kv)
+    attend = counter.opaque("triton.paged_decode_attention", kernels.paged_attention)
+    paged = kernels.paged_attention
+
+    def paged_attention(*args, **kwargs):
+        gpu_kernel = kwargs.get("is_decode") and kwargs.get("kv_lens_t") is not None
+        return (attend if gpu_kernel else paged)(*args, **kwargs)
+
+    return [(kernels, "rope_store_kv", rope), (kernels, "paged_attention", paged_attention)]
+
+
 @contextlib.contextmanager
 def gpu_fused_kernels(counter: OpCounter):
     """Take the CUDA-only fused paths on the CPU, each counted as the one kernel it is there:
-    ``F.rms_norm`` (RMSNorm), the mHC site-weights and the MoME decode Triton kernels (run as
-    their PyTorch references)."""
+    ``F.rms_norm`` (RMSNorm), the mHC site-weights and the MoME decode Triton kernels, the
+    fused RoPE + cache store and the paged decode attention (run as their PyTorch references)."""
     from exl3_triton.arch.blocks import mhc, mla, norm, short_conv
 
     stand_ins = [(norm, "_fused_rms_norm_for", "fused.rms_norm", getattr(torch.nn.functional, "rms_norm", None)),
@@ -119,6 +137,9 @@ def gpu_fused_kernels(counter: OpCounter):
         if hasattr(module, attr) and reference is not None:  # older trees lack some (counting a baseline)
             saved.append((module, attr, getattr(module, attr)))
             setattr(module, attr, lambda x, fn=counter.opaque(name, reference): fn)
+    for module, attr, replacement in _decode_kernel_stand_ins(counter):
+        saved.append((module, attr, getattr(module, attr)))
+        setattr(module, attr, replacement)
     try:
         yield
     finally:
@@ -128,7 +149,7 @@ def gpu_fused_kernels(counter: OpCounter):
 
 def name_modules(network: torch.nn.Module) -> dict[int, str]:
     """``id(module) -> "ClassName"``, decoder layers as ``"layer{i}:kind"`` (the layer's kind
-    names what runs in it: dsa / swa attention, dense / moe MLP, block post norm)."""
+    names what runs in it: dsa / swa / full attention, dense / moe MLP, block post norm)."""
     names = {}
     for name, m in network.named_modules():
         names[id(m)] = type(m).__name__
@@ -143,7 +164,10 @@ def layer_kind(layer) -> str:
     attn = getattr(layer, "self_attn", None)
     parts = []
     if attn is not None:
-        parts.append("dsa" if getattr(attn, "indexer", None) is not None else "swa")
+        if getattr(attn, "indexer", None) is not None:
+            parts.append("dsa")
+        else:  # sliding-window or full attention (Gemma 4 has both kinds)
+            parts.append("swa" if getattr(attn, "window", None) else "full")
     mlp = getattr(layer, "mlp", None)
     if mlp is not None:
         parts.append("moe" if hasattr(mlp, "router") else "dense")

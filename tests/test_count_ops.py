@@ -40,14 +40,18 @@ def test_rms_norm_counts_as_the_cuda_fused_kernel_or_its_cpu_reference():
                                                        "aten.rsqrt", "aten.mul", "aten.mul", "aten._to_copy"]
 
 
-@pytest.fixture(scope="module")
-def tiny_pangu():
+def _tiny_model(name: str):
     from synthetic import SyntheticCheckpoint
 
     from exl3_triton.model import load_checkpoint
 
-    ckpt = SyntheticCheckpoint("openpangu-tiny", bits=4, head_bits=4, device="cpu", dtype=torch.float16)
+    ckpt = SyntheticCheckpoint(name, bits=4, head_bits=4, device="cpu", dtype=torch.float16)
     return load_checkpoint(ckpt, device="cpu", dtype=torch.float16)
+
+
+@pytest.fixture(scope="module")
+def tiny_pangu():
+    return _tiny_model("openpangu-tiny")
 
 
 def test_decode_step_counts_every_layer_and_the_fused_kernels(tiny_pangu):
@@ -62,3 +66,18 @@ def test_decode_step_counts_every_layer_and_the_fused_kernels(tiny_pangu):
     assert ops["aten.topk"] == 2 + 3
     assert res["ops_in_matmuls"] > 0
     assert res["ops_total"] == res["ops_outside_matmuls"] + res["ops_in_matmuls"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma4():
+    return _tiny_model("gemma4-tiny")
+
+
+def test_gemma4_decode_step_names_sliding_and_full_layers_and_counts_the_attention_kernels(tiny_gemma4):
+    res = count_ops.count_decode_step(tiny_gemma4, batch=1, prefill_len=20)
+    layers = [k for k in res["per_layer"] if k.startswith("layer")]
+    assert layers == ["layer0:swa-dense", "layer1:swa-dense", "layer2:full-dense"]
+    ops = res["per_op_outside_matmuls"]
+    # one fused RoPE + cache store and one paged decode attention per layer, as on the GPU
+    assert ops["triton.rope_store_kv"] == 3
+    assert ops["triton.paged_decode_attention"] == 3
