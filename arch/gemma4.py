@@ -43,6 +43,7 @@ from .blocks.linear import Linear
 from .blocks.mlp import ACTIVATIONS, GatedMLP
 from .blocks.moe import RoutedExperts, load_routed_experts
 from .blocks.norm import RMSNorm
+from .blocks.residual_norm import residual_norm
 from .blocks.rope import RopeConfig, RotaryEmbedding, inverse_frequencies
 from .cache_spec import LayerCacheSpec, kv_spec
 from .config_reader import ConfigReader
@@ -272,14 +273,19 @@ class Gemma4DecoderLayer(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
-        """``x``: the fp32 residual stream."""
-        a = self.self_attn(self.input_layernorm(x).to(self.dtype), positions, batch)
-        x = x + self.post_attention_layernorm(a.float())
-        m = self.mlp(self.pre_feedforward_layernorm(x).to(self.dtype)).float()
+        """``x``: the fp32 residual stream. Each residual add goes with the norms around it
+        (``residual_norm``: one kernel on CUDA for the casts, norms, add and ``layer_scalar``)."""
+        eps = self.input_layernorm.eps
+        _, h = residual_norm(x, None, None, eps=eps, out_weight=self.input_layernorm.weight, out_dtype=self.dtype)
+        a = self.self_attn(h, positions, batch)
+        x, h = residual_norm(x, a, self.post_attention_layernorm.weight, eps=eps,
+                             out_weight=self.pre_feedforward_layernorm.weight, out_dtype=self.dtype)
+        m = self.mlp(h)
         if self.moe is not None:
-            m = self.post_feedforward_layernorm_1(m) + self.moe(x, self.dtype)
-        x = x + self.post_feedforward_layernorm(m)
-        return x * self.layer_scalar
+            m = self.post_feedforward_layernorm_1(m.float()) + self.moe(x, self.dtype)
+        x, _ = residual_norm(x, m, self.post_feedforward_layernorm.weight, eps=eps, scale=self.layer_scalar,
+                             norm_out=False)
+        return x
 
 
 class Gemma4ForCausalLM(DecoderStackLM):

@@ -94,9 +94,11 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def opaque(self, name: str, fn):
-        """``fn`` counted as one kernel ``name`` (what the GPU runs fused)."""
+        """``fn`` counted as one kernel ``name`` (what the GPU runs fused; nothing inside it counts,
+        other stand-ins included)."""
         def run(*args, **kwargs):
-            self.ops.append((tuple(self.modules.stack), name))
+            if not self.paused:
+                self.ops.append((tuple(self.modules.stack), name))
             self.paused += 1
             try:
                 return fn(*args, **kwargs)
@@ -128,8 +130,14 @@ def gpu_fused_kernels(counter: OpCounter):
     ``F.rms_norm`` (RMSNorm), the mHC site-weights and the MoME decode Triton kernels, the
     fused RoPE + cache store and the paged decode attention (run as their PyTorch references)."""
     from exl3_triton.arch.blocks import mhc, mla, norm, short_conv
+    try:
+        from exl3_triton.arch.blocks import residual_norm
+    except ImportError:  # a tree from before the fused residual norm (counting a baseline)
+        residual_norm = None
 
     stand_ins = [(norm, "_fused_rms_norm_for", "fused.rms_norm", getattr(torch.nn.functional, "rms_norm", None)),
+                 (residual_norm, "_fused_residual_norm", "triton.residual_norm",
+                  getattr(residual_norm, "residual_norm_reference", None)),
                  (mhc, "_fused_weights", "triton.mhc_weights", getattr(mhc, "site_weights_reference", None)),
                  (mla, "_fused_mome", "triton.mome_decode", getattr(short_conv, "mome_decode_reference", None))]
     saved = []

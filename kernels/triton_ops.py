@@ -39,6 +39,7 @@ def load() -> types.SimpleNamespace | None:
             mhc=importlib.import_module(f"{pkg}.triton_mhc"),
             moe=importlib.import_module(f"{pkg}.triton_moe"),
             mome=importlib.import_module(f"{pkg}.triton_mome"),
+            norm=importlib.import_module(f"{pkg}.triton_norm"),
             rope=importlib.import_module(f"{pkg}.triton_rope"),
             viterbi=importlib.import_module(f"{pkg}.triton_viterbi"),
         )
