@@ -128,16 +128,20 @@ def _decode_kernel_stand_ins(counter: OpCounter):
 def gpu_fused_kernels(counter: OpCounter):
     """Take the CUDA-only fused paths on the CPU, each counted as the one kernel it is there:
     ``F.rms_norm`` (RMSNorm), the mHC site-weights and the MoME decode Triton kernels, the
-    fused RoPE + cache store and the paged decode attention (run as their PyTorch references)."""
-    from exl3_triton.arch.blocks import mhc, mla, norm, short_conv
+    residual add + norms, the gated activation, the logit softcap, the fused RoPE (+ head norms) +
+    cache store and the paged decode attention (run as their PyTorch references)."""
+    from exl3_triton.arch.blocks import mhc, mla, mlp, norm, short_conv
     try:
-        from exl3_triton.arch.blocks import residual_norm
+        from exl3_triton.arch.blocks import residual_norm, softcap
     except ImportError:  # a tree from before the fused residual norm (counting a baseline)
-        residual_norm = None
+        residual_norm = softcap = None
 
     stand_ins = [(norm, "_fused_rms_norm_for", "fused.rms_norm", getattr(torch.nn.functional, "rms_norm", None)),
                  (residual_norm, "_fused_residual_norm", "triton.residual_norm",
                   getattr(residual_norm, "residual_norm_reference", None)),
+                 (mlp, "_fused_gated_activation", "triton.gated_activation",
+                  getattr(mlp, "gated_activation_reference", None)),
+                 (softcap, "_fused_softcap", "triton.softcap", getattr(softcap, "softcap_reference", None)),
                  (mhc, "_fused_weights", "triton.mhc_weights", getattr(mhc, "site_weights_reference", None)),
                  (mla, "_fused_mome", "triton.mome_decode", getattr(short_conv, "mome_decode_reference", None))]
     saved = []

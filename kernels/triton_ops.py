@@ -32,6 +32,7 @@ def load() -> types.SimpleNamespace | None:
         importlib.import_module("triton")
         pkg = __name__.rsplit(".", 1)[0]
         _MODULES = types.SimpleNamespace(
+            act=importlib.import_module(f"{pkg}.triton_act"),
             attention=importlib.import_module(f"{pkg}.triton_attention"),
             dequant=importlib.import_module(f"{pkg}.triton_dequant"),
             gemm=importlib.import_module(f"{pkg}.triton_gemm"),
