@@ -52,15 +52,32 @@ def fused_kernels_on_cpu(monkeypatch):
     return ran
 
 
-def test_fused_decode_path_matches_transformers(golden, fused_kernels_on_cpu):
-    """40 tokens (the window is 32: the sliding layers' rings wrap), 8 prefilled, 32 decode steps."""
-    ref = load_file(str(golden / "hf" / "gemma4_hf_logits.safetensors"))
-    ids = json.loads((golden / "hf" / "gemma4_ids.json").read_text())[:40]
+ALL_FUSED = {"residual_norm_triton", "gated_activation_triton", "softcap_triton", "norm_rope_store_kv_triton"}
+
+
+def _load(path):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs CPU tensors only without CUDA
-    model = exl3_triton.load(golden / "hf" / "gemma4", device=device, dtype=torch.float32)
-    step = cached_logits(model, ids, chunks=[8]).cpu()
-    assert fused_kernels_on_cpu == {"residual_norm_triton", "gated_activation_triton", "softcap_triton",
-                                    "norm_rope_store_kv_triton"}
-    want = ref["logits"].reshape(-1, step.shape[-1])[:40]
+    return exl3_triton.load(path, device=device, dtype=torch.float32)
+
+
+def test_fused_decode_path_matches_transformers(golden, fused_kernels_on_cpu):
+    """36 tokens (the window is 32: the sliding layers' rings wrap), 8 prefilled, 28 decode steps."""
+    ref = load_file(str(golden / "hf" / "gemma4_hf_logits.safetensors"))
+    ids = json.loads((golden / "hf" / "gemma4_ids.json").read_text())[:36]
+    step = cached_logits(_load(golden / "hf" / "gemma4"), ids, chunks=[8]).cpu()
+    assert fused_kernels_on_cpu == ALL_FUSED
+    want = ref["logits"].reshape(-1, step.shape[-1])[:36]
     assert rel_err(step, want) < 1e-4
     assert torch.equal(step.argmax(-1), want.argmax(-1))
+
+
+def test_fused_decode_path_of_the_moe_variant_matches_transformers(tmp_path, fused_kernels_on_cpu):
+    """The MoE block's branch goes into the fused residual add after the MLP (window 9, 2.5 windows)."""
+    from .hf_models import gemma4_model, hf_logits
+    from .test_gemma4 import VARIANTS, _ids
+
+    hf = gemma4_model(tmp_path / "m", **VARIANTS["moe"])
+    ids = _ids(24, hf.config.get_text_config().vocab_size)
+    step = cached_logits(_load(tmp_path / "m"), ids, chunks=[4], page_size=8).cpu()
+    assert fused_kernels_on_cpu == ALL_FUSED
+    assert rel_err(step, hf_logits(hf, ids)) < 1e-4
