@@ -45,8 +45,8 @@ from .blocks.mlp import ACTIVATIONS, GatedMLP
 from .blocks.moe import RoutedExperts, load_routed_experts
 from .blocks.norm import RMSNorm
 from .blocks.residual_norm import residual_norm
-from .blocks.softcap import softcap
 from .blocks.rope import RopeConfig, RotaryEmbedding, inverse_frequencies
+from .blocks.softcap import softcap
 from .cache_spec import LayerCacheSpec, kv_spec
 from .config_reader import ConfigReader
 
@@ -286,7 +286,7 @@ class Gemma4DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         """``x``: the fp32 residual stream. Each residual add goes with the norms around it
         (``residual_norm``: one kernel on CUDA for the casts, norms, add and ``layer_scalar``)."""
-        eps = self.input_layernorm.eps
+        eps = self.input_layernorm.eps  # every norm of the model has the config's rms_norm_eps
         h = _take_normed_input(batch, self.input_layernorm, x)
         if h is None:
             _, h = residual_norm(x, None, None, eps=eps, out_weight=self.input_layernorm.weight,
