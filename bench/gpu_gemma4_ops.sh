@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU session for the Gemma 4 decode-step op reduction (issue 6): the new kernels' tests on CUDA, the small synthetic Gemma 4 (CUDA graphs, batch 4, ring past the window) as a correctness check, the
-# gemma-4-31B-shaped decode figures at batch 1 and 8, then the kernels per eager decode step and their time.
+# GPU session for the Gemma 4 decode-step op reduction (issue 6): the new kernels' tests on CUDA, the small
+# synthetic Gemma 4 (CUDA graphs, batch 4, ring past the window) as a correctness check, the gemma-4-31B-shaped
+# decode figures at batch 1 and 8, then the kernels per eager decode step and their time.
 set -u
 source "$(dirname "$0")/device_setup.sh"
 OUT=${OUT:-/tmp/out}
