@@ -26,6 +26,7 @@ model alone under ``model.``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -43,7 +44,9 @@ from .blocks.linear import Linear
 from .blocks.mlp import ACTIVATIONS, GatedMLP
 from .blocks.moe import RoutedExperts, load_routed_experts
 from .blocks.norm import RMSNorm
+from .blocks.residual_norm import residual_norm
 from .blocks.rope import RopeConfig, RotaryEmbedding, inverse_frequencies
+from .blocks.softcap import softcap
 from .cache_spec import LayerCacheSpec, kv_spec
 from .config_reader import ConfigReader
 
@@ -85,7 +88,7 @@ class Gemma4Config:
     top_k_experts: int = 0
     moe_intermediate_size: int = 0
 
-    @property
+    @functools.cached_property
     def embed_scale(self) -> float:
         # sqrt(hidden) rounded to bf16 (73.5 for 5376), as transformers applies it to bf16 weights
         return torch.tensor(self.hidden_size**0.5, dtype=torch.bfloat16).item()
@@ -270,16 +273,46 @@ class Gemma4DecoderLayer(nn.Module):
         self.post_feedforward_layernorm_1 = norms.get("post_feedforward_layernorm_1")
         self.register_buffer("layer_scalar", layer_scalar.float().reshape(()))
         self.dtype = dtype
+        self._next_norm: tuple[RMSNorm, ...] = ()  # see link_next
+
+    def link_next(self, following: "Gemma4DecoderLayer | None") -> None:
+        """Let this layer's last kernel also compute the following layer's normed input (one
+        kernel fewer per layer), where both run on one device with the same eps. A tuple, so that
+        the following layer's norm is not registered as a submodule of this one too."""
+        mine, theirs = self.input_layernorm, None if following is None else following.input_layernorm
+        linked = theirs is not None and theirs.weight.device == mine.weight.device and theirs.eps == mine.eps
+        self._next_norm = (theirs,) if linked else ()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
-        """``x``: the fp32 residual stream."""
-        a = self.self_attn(self.input_layernorm(x).to(self.dtype), positions, batch)
-        x = x + self.post_attention_layernorm(a.float())
-        m = self.mlp(self.pre_feedforward_layernorm(x).to(self.dtype)).float()
+        """``x``: the fp32 residual stream. Each residual add goes with the norms around it
+        (``residual_norm``: one kernel on CUDA for the casts, norms, add and ``layer_scalar``)."""
+        eps = self.input_layernorm.eps  # every norm of the model has the config's rms_norm_eps
+        h = _take_normed_input(batch, self.input_layernorm, x)
+        if h is None:
+            _, h = residual_norm(x, None, None, eps=eps, out_weight=self.input_layernorm.weight,
+                                 out_dtype=self.dtype)
+        a = self.self_attn(h, positions, batch)
+        x, h = residual_norm(x, a, self.post_attention_layernorm.weight, eps=eps,
+                             out_weight=self.pre_feedforward_layernorm.weight, out_dtype=self.dtype)
+        m = self.mlp(h)
         if self.moe is not None:
-            m = self.post_feedforward_layernorm_1(m) + self.moe(x, self.dtype)
-        x = x + self.post_feedforward_layernorm(m)
-        return x * self.layer_scalar
+            m = self.post_feedforward_layernorm_1(m.float()) + self.moe(x, self.dtype)
+        following = self._next_norm[0] if self._next_norm and batch is not None else None
+        x, h = residual_norm(x, m, self.post_feedforward_layernorm.weight, eps=eps, scale=self.layer_scalar,
+                             out_weight=None if following is None else following.weight, out_dtype=self.dtype,
+                             norm_out=following is not None)
+        if following is not None:
+            batch.memo[("gemma4_normed_input", id(following))] = (x, h)
+        return x
+
+
+def _take_normed_input(batch: ForwardBatch | None, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor | None:
+    """The normed input the previous layer computed for ``norm`` with its last kernel, if it was
+    computed from this very ``x`` (taken out of the step's memo: one alive at a time)."""
+    if batch is None:
+        return None
+    entry = batch.memo.pop(("gemma4_normed_input", id(norm)), None)
+    return entry[1] if entry is not None and entry[0] is x else None
 
 
 class Gemma4ForCausalLM(DecoderStackLM):
@@ -367,6 +400,8 @@ class Gemma4ForCausalLM(DecoderStackLM):
             lm_head = linear("lm_head", hidden, cfg.vocab_size, head)
         else:
             lm_head = Linear(DenseWeight(embed, key=f"{pre}.embed_tokens"), hidden, cfg.vocab_size, head)
+        for layer, following in zip(layers, layers[1:] + [None]):
+            layer.link_next(following)
         model = cls(cfg, options, embed, layers, norm(f"{pre}.norm.weight", head), lm_head)
         if progress is not None:
             progress(cfg.num_layers + 1, cfg.num_layers + 1)
@@ -397,9 +432,9 @@ class Gemma4ForCausalLM(DecoderStackLM):
         return self.embed_tokens[input_ids.to(self.embed_tokens.device)].float() * self.config.embed_scale
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(x).to(self.options.dtype)).float()
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        _, h = residual_norm(x, None, None, eps=self.norm.eps, out_weight=self.norm.weight,
+                             out_dtype=self.options.dtype)
+        return softcap(self.lm_head(h), self.config.final_logit_softcapping)
 
     def cache_spec(self) -> list[LayerCacheSpec]:
         return [kv_spec(lc.num_kv_heads, lc.head_dim, self.options.dtype, self.options.for_layer(i).device,

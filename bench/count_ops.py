@@ -1,6 +1,7 @@
 """Count the aten ops of one decode step on a CPU, per layer and per module (issue 8).
 
     python bench/count_ops.py --arch openpangu_v2 --synthetic tiny [--batch 1] [--prefill-len 40] [--out DIR]
+    python bench/count_ops.py --arch gemma4 --synthetic tiny
 
 Builds the synthetic model (bench/synthetic.py) on the CPU, prefills ``--prefill-len``
 random tokens per sequence through the paged cache, then runs one decode step under a
@@ -93,9 +94,11 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def opaque(self, name: str, fn):
-        """``fn`` counted as one kernel ``name`` (what the GPU runs fused)."""
+        """``fn`` counted as one kernel ``name`` (what the GPU runs fused; nothing inside it counts,
+        other stand-ins included)."""
         def run(*args, **kwargs):
-            self.ops.append((tuple(self.modules.stack), name))
+            if not self.paused:
+                self.ops.append((tuple(self.modules.stack), name))
             self.paused += 1
             try:
                 return fn(*args, **kwargs)
@@ -104,14 +107,41 @@ class OpCounter(TorchDispatchMode):
         return run
 
 
+def _decode_kernel_stand_ins(counter: OpCounter):
+    """``(module, attr, replacement)`` for the kernel entry points that run one Triton kernel on
+    CUDA but their PyTorch reference on a CPU: the fused RoPE + cache store and the paged decode
+    attention (only where the GPU takes it: a pure decode step with device-side lengths)."""
+    from exl3_triton import kernels
+
+    rope = counter.opaque("triton.rope_store_kv", kernels.rope_store_kv)
+    attend = counter.opaque("triton.paged_decode_attention", kernels.paged_attention)
+    paged = kernels.paged_attention
+
+    def paged_attention(*args, **kwargs):
+        gpu_kernel = kwargs.get("is_decode") and kwargs.get("kv_lens_t") is not None
+        return (attend if gpu_kernel else paged)(*args, **kwargs)
+
+    return [(kernels, "rope_store_kv", rope), (kernels, "paged_attention", paged_attention)]
+
+
 @contextlib.contextmanager
 def gpu_fused_kernels(counter: OpCounter):
     """Take the CUDA-only fused paths on the CPU, each counted as the one kernel it is there:
-    ``F.rms_norm`` (RMSNorm), the mHC site-weights and the MoME decode Triton kernels (run as
-    their PyTorch references)."""
-    from exl3_triton.arch.blocks import mhc, mla, norm, short_conv
+    ``F.rms_norm`` (RMSNorm), the mHC site-weights and the MoME decode Triton kernels, the
+    residual add + norms, the gated activation, the logit softcap, the fused RoPE (+ head norms) +
+    cache store and the paged decode attention (run as their PyTorch references)."""
+    from exl3_triton.arch.blocks import mhc, mla, mlp, norm, short_conv
+    try:
+        from exl3_triton.arch.blocks import residual_norm, softcap
+    except ImportError:  # a tree from before the fused residual norm (counting a baseline)
+        residual_norm = softcap = None
 
     stand_ins = [(norm, "_fused_rms_norm_for", "fused.rms_norm", getattr(torch.nn.functional, "rms_norm", None)),
+                 (residual_norm, "_fused_residual_norm", "triton.residual_norm",
+                  getattr(residual_norm, "residual_norm_reference", None)),
+                 (mlp, "_fused_gated_activation", "triton.gated_activation",
+                  getattr(mlp, "gated_activation_reference", None)),
+                 (softcap, "_fused_softcap", "triton.softcap", getattr(softcap, "softcap_reference", None)),
                  (mhc, "_fused_weights", "triton.mhc_weights", getattr(mhc, "site_weights_reference", None)),
                  (mla, "_fused_mome", "triton.mome_decode", getattr(short_conv, "mome_decode_reference", None))]
     saved = []
@@ -119,6 +149,9 @@ def gpu_fused_kernels(counter: OpCounter):
         if hasattr(module, attr) and reference is not None:  # older trees lack some (counting a baseline)
             saved.append((module, attr, getattr(module, attr)))
             setattr(module, attr, lambda x, fn=counter.opaque(name, reference): fn)
+    for module, attr, replacement in _decode_kernel_stand_ins(counter):
+        saved.append((module, attr, getattr(module, attr)))
+        setattr(module, attr, replacement)
     try:
         yield
     finally:
@@ -128,7 +161,7 @@ def gpu_fused_kernels(counter: OpCounter):
 
 def name_modules(network: torch.nn.Module) -> dict[int, str]:
     """``id(module) -> "ClassName"``, decoder layers as ``"layer{i}:kind"`` (the layer's kind
-    names what runs in it: dsa / swa attention, dense / moe MLP, block post norm)."""
+    names what runs in it: dsa / swa / full attention, dense / moe MLP, block post norm)."""
     names = {}
     for name, m in network.named_modules():
         names[id(m)] = type(m).__name__
@@ -143,7 +176,10 @@ def layer_kind(layer) -> str:
     attn = getattr(layer, "self_attn", None)
     parts = []
     if attn is not None:
-        parts.append("dsa" if getattr(attn, "indexer", None) is not None else "swa")
+        if getattr(attn, "indexer", None) is not None:
+            parts.append("dsa")
+        else:  # sliding-window or full attention (Gemma 4 has both kinds)
+            parts.append("swa" if getattr(attn, "window", None) else "full")
     mlp = getattr(layer, "mlp", None)
     if mlp is not None:
         parts.append("moe" if hasattr(mlp, "router") else "dense")

@@ -28,6 +28,8 @@ from .reference import (
     paged_attention_ref,
     ring_prefill_attention_ref,
     rope_store_kv_ref,
+    HeadNorms,
+    norm_rope_store_kv_ref,
     exl3_weight_ref,
     hadamard_128_ref,
 )
@@ -170,15 +172,23 @@ def _attend(q: torch.Tensor, backend: str | None):
 
 
 def rope_store_kv(q, k, v, *, positions, inv_freq, slot_mapping, k_cache, v_cache, scaling: float = 1.0,
-                  tables=None, backend: str | None = None) -> torch.Tensor:
+                  tables=None, norms: HeadNorms | None = None, backend: str | None = None) -> torch.Tensor:
     """NEOX rotary embedding on q and k plus the cache write of k and v; returns the rotated q.
 
     q ``[T, Hq, D]``, k ``[T, Hkv, D]``, v ``[T, Hkv, Dv]``; caches ``[pages, page_size, Hkv, D]``.
-    ``tables``: precomputed (cos, sin) for the reference path.
+    ``tables``: precomputed (cos, sin) for the reference path, or a function that returns them
+    (called only on that path: a GPU step computes its angles in the kernel). ``norms``: per-head RMSNorms of
+    the raw projections, applied first (one Triton kernel for all of it on CUDA).
     """
     if resolve_backend(backend, q.device) == "triton" and q.is_cuda:
-        return triton_ops.load().rope.rope_store_kv_triton(q, k, v, positions, inv_freq, slot_mapping, k_cache,
-                                                           v_cache, scaling)
+        rope = triton_ops.load().rope
+        if norms is not None:
+            return rope.norm_rope_store_kv_triton(q, k, v, positions, inv_freq, slot_mapping, k_cache, v_cache,
+                                                  norms, scaling)
+        return rope.rope_store_kv_triton(q, k, v, positions, inv_freq, slot_mapping, k_cache, v_cache, scaling)
+    if norms is not None:
+        return norm_rope_store_kv_ref(q, k, v, positions, inv_freq, slot_mapping, k_cache, v_cache, norms, scaling,
+                                      tables)
     return rope_store_kv_ref(q, k, v, positions, inv_freq, slot_mapping, k_cache, v_cache, scaling, tables)
 
 
@@ -208,6 +218,7 @@ __all__ = [
     "DenseWeight",
     "Exl3ExpertStack",
     "Exl3Weight",
+    "HeadNorms",
     "LinearWeight",
     "bits_from_words",
     "exl3_dequant",

@@ -32,6 +32,7 @@ def load() -> types.SimpleNamespace | None:
         importlib.import_module("triton")
         pkg = __name__.rsplit(".", 1)[0]
         _MODULES = types.SimpleNamespace(
+            act=importlib.import_module(f"{pkg}.triton_act"),
             attention=importlib.import_module(f"{pkg}.triton_attention"),
             dequant=importlib.import_module(f"{pkg}.triton_dequant"),
             gemm=importlib.import_module(f"{pkg}.triton_gemm"),
@@ -39,6 +40,7 @@ def load() -> types.SimpleNamespace | None:
             mhc=importlib.import_module(f"{pkg}.triton_mhc"),
             moe=importlib.import_module(f"{pkg}.triton_moe"),
             mome=importlib.import_module(f"{pkg}.triton_mome"),
+            norm=importlib.import_module(f"{pkg}.triton_norm"),
             rope=importlib.import_module(f"{pkg}.triton_rope"),
             viterbi=importlib.import_module(f"{pkg}.triton_viterbi"),
         )

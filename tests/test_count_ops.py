@@ -40,21 +40,29 @@ def test_rms_norm_counts_as_the_cuda_fused_kernel_or_its_cpu_reference():
                                                        "aten.rsqrt", "aten.mul", "aten.mul", "aten._to_copy"]
 
 
-@pytest.fixture(scope="module")
-def tiny_pangu():
+def _tiny_model(name: str):
     from synthetic import SyntheticCheckpoint
 
     from exl3_triton.model import load_checkpoint
 
-    ckpt = SyntheticCheckpoint("openpangu-tiny", bits=4, head_bits=4, device="cpu", dtype=torch.float16)
+    ckpt = SyntheticCheckpoint(name, bits=4, head_bits=4, device="cpu", dtype=torch.float16)
     return load_checkpoint(ckpt, device="cpu", dtype=torch.float16)
 
 
+@pytest.fixture(scope="module")
+def tiny_pangu():
+    return _tiny_model("openpangu-tiny")
+
+
+def _decode_step(model):
+    """One counted decode step after a 20-token prefill: the summary, the layer names, ops by name."""
+    res = count_ops.count_decode_step(model, batch=1, prefill_len=20)
+    return res, [k for k in res["per_layer"] if k.startswith("layer")], res["per_op_outside_matmuls"]
+
+
 def test_decode_step_counts_every_layer_and_the_fused_kernels(tiny_pangu):
-    res = count_ops.count_decode_step(tiny_pangu, batch=1, prefill_len=20)
-    layers = [k for k in res["per_layer"] if k.startswith("layer")]
+    res, layers, ops = _decode_step(tiny_pangu)
     assert layers == ["layer0:dsa-dense-postnorm", "layer1:swa-moe", "layer2:swa-moe", "layer3:dsa-moe"]
-    ops = res["per_op_outside_matmuls"]
     # per trunk layer: two mHC sites; three MoME convolutions in MLA
     assert ops["triton.mhc_weights"] == 2 * len(layers)
     assert ops["triton.mome_decode"] == 3 * len(layers)
@@ -62,3 +70,24 @@ def test_decode_step_counts_every_layer_and_the_fused_kernels(tiny_pangu):
     assert ops["aten.topk"] == 2 + 3
     assert res["ops_in_matmuls"] > 0
     assert res["ops_total"] == res["ops_outside_matmuls"] + res["ops_in_matmuls"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma4():
+    return _tiny_model("gemma4-tiny")
+
+
+def test_gemma4_decode_step_names_sliding_and_full_layers_and_counts_the_attention_kernels(tiny_gemma4):
+    res, layers, ops = _decode_step(tiny_gemma4)
+    assert layers == ["layer0:swa-dense", "layer1:swa-dense", "layer2:full-dense"]
+    # one fused RoPE + cache store and one paged decode attention per layer, as on the GPU
+    assert ops["triton.rope_store_kv"] == 3
+    assert ops["triton.paged_decode_attention"] == 3
+    # the rest of a layer: the residual add + norms after attention and after the MLP (that one also
+    # norming the next layer's input), the gated activation; the first layer norms its own input
+    assert ops["triton.gated_activation"] == 3
+    assert ops["triton.residual_norm"] == 2 * 3 + 1 + 1  # + the final norm before the head
+    assert ops["triton.softcap"] == 1
+    other = {k: v["other"] for k, v in res["per_layer"].items()}
+    assert other == {"layer0:swa-dense": 6, "layer1:swa-dense": 5, "layer2:full-dense": 5,
+                     "outside layers": 5}  # embedding gather, cast, scale; final norm; softcap

@@ -10,6 +10,7 @@ from ...kernels.reference.attention import attention_ref
 from ...kernels.reference.rope import rotate_neox
 from ..batch import ForwardBatch
 from .linear import Linear, LinearGroup
+from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rope_neox
 
 
@@ -69,13 +70,24 @@ class GQAAttention(nn.Module):
             return self._forward_cached(x, batch)
         return self._forward_full(x, positions)
 
-    def _project(self, x: torch.Tensor):
-        """q ``[..., Hq, D]``, k and v ``[..., Hkv, D]`` with the norms applied, before RoPE."""
+    @property
+    def head_norms(self) -> kernels.HeadNorms | None:
+        """The per-head norms for the fused RoPE + cache-store kernel (built per call: it holds the
+        norms' current weight tensors)."""
+        return _head_norms(self.q_norm, self.k_norm, self.v_norm)
+
+    def _project_raw(self, x: torch.Tensor):
+        """q ``[..., Hq, D]``, k and v ``[..., Hkv, D]`` as projected (no norms)."""
         lead = x.shape[:-1]
         q, k, *v = self.qkv(x)
         q = q.view(*lead, self.num_heads, self.head_dim)
         k = k.view(*lead, self.num_kv_heads, self.head_dim)
         v = v[0].view(*lead, self.num_kv_heads, self.head_dim) if v else k
+        return q, k, v
+
+    def _project(self, x: torch.Tensor):
+        """q ``[..., Hq, D]``, k and v ``[..., Hkv, D]`` with the norms applied, before RoPE."""
+        q, k, v = self._project_raw(x)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:
@@ -93,11 +105,11 @@ class GQAAttention(nn.Module):
 
     def _forward_cached(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self._project(x)
         state = batch.cache.paged[self.layer_idx]
         k_cache, v_cache = state["k"], state["v"]
         backend = self.o_proj.backend
         if self.ring and not batch.is_decode:
+            q, k, v = self._project(x)
             cos, sin = self._rope_tables(batch)
             out = kernels.ring_prefill_attention(
                 rotate_neox(q, cos, sin), rotate_neox(k, cos, sin), v, k_cache, v_cache,
@@ -107,11 +119,15 @@ class GQAAttention(nn.Module):
             return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
         slots = batch.ring_slot_mapping if self.ring else batch.slot_mapping
         table = batch.ring_page_table if self.ring else batch.page_table
-        # the reference path reuses one cos/sin table for every layer of the step
-        tables = None if q.is_cuda else self._rope_tables(batch)
+        # the head norms go into the same kernel as the rotation and the cache store where they can
+        norms = self.head_norms
+        q, k, v = self._project(x) if norms is None else self._project_raw(x)
+        # the reference path reuses one cos/sin table for every layer of the step (made on first use)
         q = kernels.rope_store_kv(q, k, v, positions=batch.positions, inv_freq=self.rope.inv_freq,
                                   slot_mapping=slots, k_cache=k_cache, v_cache=v_cache,
-                                  scaling=self.rope.attention_scaling, tables=tables, backend=backend)
+                                  scaling=self.rope.attention_scaling, tables=lambda: self._rope_tables(batch),
+                                  norms=norms,
+                                  backend=backend)
         out = kernels.paged_attention(
             q, k_cache, v_cache, page_table=table, cu_q=batch.cu_q, kv_lens=batch.kv_lens,
             q_positions=batch.positions, scale=self.scale, window=self.window, kv_lens_t=batch.kv_lens_t,
@@ -127,3 +143,17 @@ class GQAAttention(nn.Module):
         q, k = apply_rope_neox(q, cos, sin), apply_rope_neox(k, cos, sin)
         out = attention_ref(q, k, v, positions, positions, scale=self.scale, window=self.window)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+def _head_norms(q_norm, k_norm, v_norm) -> kernels.HeadNorms | None:
+    """The per-head norms as ``HeadNorms`` for the fused RoPE + cache-store kernel, or None where
+    there are none or one is not a plain ``RMSNorm`` with the others' eps (then they run as modules)."""
+    present = [n for n in (q_norm, k_norm, v_norm) if n is not None]
+    if not present or any(not isinstance(n, RMSNorm) or n.eps != present[0].eps for n in present):
+        return None
+
+    def weight(n):
+        return None if n is None else n.weight
+
+    return kernels.HeadNorms(eps=present[0].eps, q=q_norm is not None, k=k_norm is not None, v=v_norm is not None,
+                             q_weight=weight(q_norm), k_weight=weight(k_norm), v_weight=weight(v_norm))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...kernels.reference.norm import rms_norm_ref
+
 
 class RMSNorm(nn.Module):
     """``y = x / rms(x) * (weight + offset)``.
@@ -27,8 +29,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     fused = _fused_rms_norm_for(x)
     if fused is not None:  # one kernel instead of five
         return fused(x, (x.shape[-1],), weight, eps)
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return y if weight is None else y * weight
+    return rms_norm_ref(x, weight, eps)
 
 
 _fused_rms_norm = getattr(torch.nn.functional, "rms_norm", None)

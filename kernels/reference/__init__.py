@@ -52,6 +52,6 @@ from .moe import exl3_moe_ref  # noqa: E402
 
 __all__ += ["exl3_moe_ref"]
 
-from .rope import rope_store_kv_ref, rope_tables, rotate_neox  # noqa: E402
+from .rope import HeadNorms, norm_rope_store_kv_ref, rope_store_kv_ref, rope_tables, rotate_neox  # noqa: E402
 
-__all__ += ["rope_store_kv_ref", "rope_tables", "rotate_neox"]
+__all__ += ["HeadNorms", "norm_rope_store_kv_ref", "rope_store_kv_ref", "rope_tables", "rotate_neox"]
