@@ -35,11 +35,17 @@ from common import REPO, Results, environment, time_graph  # noqa: E402
 from exl3_triton.arch.batch import ForwardBatch  # noqa: E402
 from exl3_triton.arch.blocks.lightning_indexer import LightningIndexer  # noqa: E402
 from exl3_triton.arch.blocks.mla import MLAAttention  # noqa: E402
-from exl3_triton.kernels import triton_mla  # noqa: E402
+from exl3_triton.kernels import triton_ops  # noqa: E402
 
-HEADS, RANK, ROPE, SINKS, INDEX_HEADS, INDEX_DIM, TOP_K, PAGE = 48, 512, 64, 128, 24, 128, 2048, 256
-KINDS = {"dsa": dict(window=None, ring=False, indexer=True), "sliding": dict(window=512, ring=True, indexer=False),
-         "mtp_sliding": dict(window=2048, ring=True, indexer=False)}
+# through load(): on a CPU it switches Triton's interpreter on before the kernels are defined
+triton_mla = triton_ops.load().mla
+
+# openPangu-2.0-Flash; --tiny: a CPU check of this script's logic (Triton interpreter, no timing)
+FLASH = dict(heads=48, rank=512, rope=64, sinks=128, index_heads=24, index_dim=128, top_k=2048, page=256,
+             windows={"dsa": None, "sliding": 512, "mtp_sliding": 2048})
+TINY = dict(heads=3, rank=32, rope=16, sinks=4, index_heads=4, index_dim=16, top_k=8, page=8,
+            windows={"dsa": None, "sliding": 12, "mtp_sliding": 20})
+KINDS = ("dsa", "sliding", "mtp_sliding")  # DSA: global with the indexer; the others: a window in a ring
 SWEEP = [dict(block_h=16, block_n=32, splits=32, min_split=128, precision="tf32x3", num_warps=4),
          dict(block_h=16, block_n=32, splits=32, min_split=128, precision="tf32", num_warps=4),
          dict(block_h=16, block_n=64, splits=32, min_split=128, precision="tf32x3", num_warps=8),
@@ -50,58 +56,61 @@ SWEEP = [dict(block_h=16, block_n=32, splits=32, min_split=128, precision="tf32x
          dict(block_h=16, block_n=32, splits=64, min_split=64, precision="tf32x3", num_warps=4)]
 
 
-def attention_layer(kind: dict, g: torch.Generator) -> MLAAttention:
+def attention_layer(sh: dict, kind: str, g: torch.Generator, device) -> MLAAttention:
     """An MLAAttention carrying only what the decode attention reads (sinks, scale, window, indexer top-k)."""
     attn = MLAAttention.__new__(MLAAttention)
     nn.Module.__init__(attn)
-    attn.num_heads, attn.kv_rank, attn.rope_dim = HEADS, RANK, ROPE
-    attn.scale = (128 + ROPE) ** -0.5
-    attn.window, attn.ring, attn.layer_idx = kind["window"], kind["ring"], 0
-    attn.sink_c = torch.randn(SINKS, RANK, generator=g, device="cuda")
-    attn.sink_pe = torch.randn(SINKS, ROPE, generator=g, device="cuda")
-    attn.indexer = LightningIndexer(None, None, None, None, num_heads=INDEX_HEADS, head_dim=INDEX_DIM,
-                                    top_k=TOP_K) if kind["indexer"] else None
+    attn.num_heads, attn.kv_rank, attn.rope_dim = sh["heads"], sh["rank"], sh["rope"]
+    attn.scale = (128 + sh["rope"]) ** -0.5
+    attn.window, attn.ring, attn.layer_idx = sh["windows"][kind], kind != "dsa", 0
+    attn.sink_c = torch.randn(sh["sinks"], sh["rank"], generator=g, device=device)
+    attn.sink_pe = torch.randn(sh["sinks"], sh["rope"], generator=g, device=device)
+    attn.indexer = LightningIndexer(None, None, None, None, num_heads=sh["index_heads"], head_dim=sh["index_dim"],
+                                    top_k=sh["top_k"]) if kind == "dsa" else None
     return attn
 
 
-def decode_batch(kind: dict, position: int, batch: int, max_seq_len: int, dtype, g) -> ForwardBatch:
+def decode_batch(sh: dict, attn: MLAAttention, position: int, batch: int, max_seq_len: int, dtype, g,
+                 device) -> ForwardBatch:
     """``batch`` sequences at ``position``, each with pages for ``max_seq_len`` tokens (or its ring)."""
-    logical = -(-max_seq_len // PAGE)
-    if kind["ring"]:
-        ring = -(-(kind["window"] + 64) // PAGE)
+    page = sh["page"]
+    logical = -(-max_seq_len // page)
+    if attn.ring:
+        ring = -(-(attn.window + 64) // page)
         lp = torch.arange(logical)
         table = torch.stack([b * ring + lp % ring for b in range(batch)])
         pages = batch * ring
     else:
         table = torch.arange(batch * logical).view(batch, logical)
         pages = batch * logical
-    table = torch.where(torch.arange(logical)[None, :] <= position // PAGE, table, -1).to(torch.int32).cuda()
-    paged = {"c": torch.randn(pages, PAGE, RANK, generator=g, device="cuda").to(dtype),
-             "kpe": torch.randn(pages, PAGE, ROPE, generator=g, device="cuda").to(dtype)}
-    if kind["indexer"]:
-        paged["kidx"] = torch.randn(pages, PAGE, INDEX_DIM, generator=g, device="cuda").to(dtype)
-    positions = torch.full((batch,), position, dtype=torch.long, device="cuda")
-    cache = SimpleNamespace(paged=[paged], page_size=PAGE)
+    table = torch.where(torch.arange(logical)[None, :] <= position // page, table, -1).to(torch.int32).to(device)
+    paged = {"c": torch.randn(pages, page, sh["rank"], generator=g, device=device).to(dtype),
+             "kpe": torch.randn(pages, page, sh["rope"], generator=g, device=device).to(dtype)}
+    if attn.indexer is not None:
+        paged["kidx"] = torch.randn(pages, page, sh["index_dim"], generator=g, device=device).to(dtype)
+    positions = torch.full((batch,), position, dtype=torch.long, device=device)
+    cache = SimpleNamespace(paged=[paged], page_size=page)
     return ForwardBatch(positions=positions, slot_mapping=positions, page_table=table,
-                        kv_lens_t=(positions + 1).int(), seq_slots=torch.arange(batch, device="cuda"),
+                        kv_lens_t=(positions + 1).int(), seq_slots=torch.arange(batch, device=device),
                         cu_q=list(range(batch + 1)), kv_lens=[position + 1] * batch, cache=cache, is_decode=True,
-                        ring_page_table=table if kind["ring"] else None)
+                        ring_page_table=table if attn.ring else None)
 
 
-def queries(batch: int, g: torch.Generator, with_index: bool):
-    q_abs = torch.randn(batch, HEADS, RANK, generator=g, device="cuda") * 0.05  # scores of a few units
-    q_pe = torch.randn(batch, HEADS, ROPE, generator=g, device="cuda") * 0.3
-    if not with_index:
+def queries(sh: dict, batch: int, g: torch.Generator, with_index: bool, device):
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device)
+    q_abs, q_pe = randn(batch, sh["heads"], sh["rank"]) * 0.05, randn(batch, sh["heads"], sh["rope"]) * 0.3
+    if not with_index:  # (scores of a few units)
         return q_abs, q_pe, None, None
-    return (q_abs, q_pe, torch.randn(batch, INDEX_HEADS, INDEX_DIM, generator=g, device="cuda"),
-            torch.randn(batch, INDEX_HEADS, generator=g, device="cuda"))
+    return q_abs, q_pe, randn(batch, sh["index_heads"], sh["index_dim"]), randn(batch, sh["index_heads"])
 
 
-def one_case(res: Results, name: str, kind: dict, position: int, batch: int, max_seq_len: int, sweep: bool):
-    g = torch.Generator(device="cuda").manual_seed(position + batch)
-    attn = attention_layer(kind, g)
-    fb = decode_batch(kind, position, batch, max_seq_len, torch.float16, g)
-    q_abs, q_pe, q_idx, w_idx = queries(batch, g, kind["indexer"])
+def one_case(res: Results | None, sh: dict, name: str, position: int, batch: int, max_seq_len: int, sweep: bool,
+             device: str, timed: bool) -> dict:
+    g = torch.Generator(device=device).manual_seed(position + batch)
+    attn = attention_layer(sh, name, g, device)
+    fb = decode_batch(sh, attn, position, batch, max_seq_len, torch.float16, g, device)
+    q_abs, q_pe, q_idx, w_idx = queries(sh, batch, g, attn.indexer is not None, device)
     fused = SimpleNamespace(decode=triton_mla.mla_decode_triton, index_scores=triton_mla.index_scores_triton)
 
     def torch_path(fresh_memo: bool):
@@ -114,18 +123,23 @@ def one_case(res: Results, name: str, kind: dict, position: int, batch: int, max
     rec = {"kind": name, "position": position, "batch": batch, "max_seq_len": max_seq_len,
            "ctx_rel_err": ((got - want).norm() / want.norm()).item(),
            "ctx_max_abs_err": (got - want).abs().max().item()}
-    if kind["indexer"]:
+    if attn.indexer is not None:
         paged, table = fb.cache.paged[0], fb.page_table
         scores = triton_mla.index_scores_triton(q_idx, w_idx, paged["kidx"], table, fb.positions)
         keys = paged["kidx"].flatten(0, 1)[attn._decode_history_index(fb)[1]]
-        ref = attn.indexer._best(q_idx, w_idx, keys, ~(torch.arange(keys.shape[1], device="cuda")[None] <= fb.positions[:, None]))
-        k = min(TOP_K, scores.shape[1])
+        later = torch.arange(keys.shape[1], device=device)[None] > fb.positions[:, None]
+        ref = attn.indexer._best(q_idx, w_idx, keys, later)
+        k = min(sh["top_k"], scores.shape[1])
         mine = torch.topk(scores, k).indices
-        common = [len(set(a.tolist()) & set(b.tolist())) / min(k, position + 1) for a, b in zip(mine, ref.indices)]
+        chosen = min(k, position + 1)  # topk sorts: the candidates first, then -inf fillers
+        common = [len(set(a[:chosen].tolist()) & set(b[:chosen].tolist())) / chosen
+                  for a, b in zip(mine, ref.indices)]
         rec["selection_agreement_min"] = min(common)
         finite = torch.isfinite(ref.values)
         rec["index_score_max_rel_err"] = ((scores.gather(1, ref.indices) - ref.values).abs()[finite].max()
                                           / ref.values[finite].abs().max()).item()
+    if not timed:
+        return rec
     rec["torch_us"] = time_graph(lambda i: torch_path(True), 1)["median_us"]
     torch_path(True)
     rec["torch_memo_kept_us"] = time_graph(lambda i: torch_path(False), 1)["median_us"]
@@ -137,11 +151,11 @@ def one_case(res: Results, name: str, kind: dict, position: int, batch: int, max
         for cfg in SWEEP:
             def run(i, cfg=cfg):
                 selected = None
-                if kind["indexer"]:
+                if attn.indexer is not None:
                     s = triton_mla.index_scores_triton(q_idx, w_idx, fb.cache.paged[0]["kidx"], fb.page_table,
                                                        fb.positions)
-                    selected = torch.topk(s, min(TOP_K, s.shape[1]), dim=-1).indices
-                table = fb.ring_page_table if kind["ring"] else fb.page_table
+                    selected = torch.topk(s, min(sh["top_k"], s.shape[1]), dim=-1).indices
+                table = fb.ring_page_table if attn.ring else fb.page_table
                 return triton_mla.mla_decode_triton(q_abs, q_pe, attn.sink_c, attn.sink_pe, fb.cache.paged[0]["c"],
                                                     fb.cache.paged[0]["kpe"], table, fb.positions, scale=attn.scale,
                                                     window=attn.window, selected=selected, **cfg)
@@ -154,6 +168,7 @@ def one_case(res: Results, name: str, kind: dict, position: int, batch: int, max
                                   "error": f"{type(e).__name__}: {str(e)[:200]}"})
     del fb
     torch.cuda.empty_cache()
+    return rec
 
 
 def main() -> int:
@@ -162,9 +177,15 @@ def main() -> int:
     p.add_argument("--batch", default="1,8")
     p.add_argument("--max-seq-len", type=int, default=32768)
     p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--tiny", action="store_true", help="check this script on a CPU: tiny shapes, no timing")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.tiny:
+        for name in args.kinds.split(","):
+            for position in (3, 30, 60):
+                print(one_case(None, TINY, name, position, 2, 64, False, "cpu", timed=False))
+        return 0
     if not torch.cuda.is_available():
         print("bench/mla_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -175,7 +196,7 @@ def main() -> int:
             if position >= args.max_seq_len:
                 raise SystemExit(f"--positions {position} must be below --max-seq-len {args.max_seq_len}")
             for batch in (int(x) for x in args.batch.split(",")):
-                one_case(res, name, KINDS[name], position, batch, args.max_seq_len, args.sweep)
+                one_case(res, FLASH, name, position, batch, args.max_seq_len, args.sweep, "cuda", timed=True)
     return 0
 
 
