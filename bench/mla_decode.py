@@ -46,14 +46,15 @@ FLASH = dict(heads=48, rank=512, rope=64, sinks=128, index_heads=24, index_dim=1
 TINY = dict(heads=3, rank=32, rope=16, sinks=4, index_heads=4, index_dim=16, top_k=8, page=8,
             windows={"dsa": None, "sliding": 12, "mtp_sliding": 20})
 KINDS = ("dsa", "sliding", "mtp_sliding")  # DSA: global with the indexer; the others: a window in a ring
-SWEEP = [dict(block_h=16, block_n=32, splits=32, min_split=128, precision="tf32x3", num_warps=4),
-         dict(block_h=16, block_n=32, splits=32, min_split=128, precision="tf32", num_warps=4),
-         dict(block_h=16, block_n=64, splits=32, min_split=128, precision="tf32x3", num_warps=8),
-         dict(block_h=16, block_n=16, splits=64, min_split=64, precision="tf32x3", num_warps=4),
-         dict(block_h=32, block_n=32, splits=32, min_split=128, precision="tf32x3", num_warps=8),
-         dict(block_h=64, block_n=32, splits=32, min_split=128, precision="tf32x3", num_warps=8),
-         dict(block_h=16, block_n=32, splits=16, min_split=256, precision="tf32x3", num_warps=4),
-         dict(block_h=16, block_n=32, splits=64, min_split=64, precision="tf32x3", num_warps=4)]
+SWEEP = [dict(block_h=16, block_n=16, splits=32, min_split=128, precision="tf32x3", num_warps=4, num_stages=1),
+         dict(block_h=16, block_n=16, splits=32, min_split=128, precision="tf32x3", num_warps=4, num_stages=2),
+         dict(block_h=16, block_n=16, splits=32, min_split=128, precision="tf32x3", num_warps=8, num_stages=1),
+         dict(block_h=16, block_n=32, splits=32, min_split=128, precision="tf32", num_warps=4, num_stages=1),
+         dict(block_h=16, block_n=32, splits=32, min_split=128, precision="tf32", num_warps=4, num_stages=2),
+         dict(block_h=32, block_n=16, splits=32, min_split=128, precision="tf32x3", num_warps=8, num_stages=1),
+         dict(block_h=16, block_n=16, splits=16, min_split=256, precision="tf32x3", num_warps=4, num_stages=1),
+         dict(block_h=16, block_n=16, splits=64, min_split=64, precision="tf32x3", num_warps=4, num_stages=1),
+         dict(block_h=16, block_n=16, splits=32, min_split=32, precision="tf32x3", num_warps=4, num_stages=1)]
 
 
 def attention_layer(sh: dict, kind: str, g: torch.Generator, device) -> MLAAttention:
