@@ -107,8 +107,8 @@ class OpCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def gpu_fused_kernels(counter: OpCounter):
     """Take the CUDA-only fused paths on the CPU, each counted as the one kernel it is there:
-    ``F.rms_norm`` (RMSNorm), the mHC site-weights and the MoME decode Triton kernels (run as
-    their PyTorch references)."""
+    ``F.rms_norm`` (RMSNorm), the mHC site-weights, the MoME decode and the MLA decode Triton
+    kernels (run as their PyTorch references)."""
     from exl3_triton.arch.blocks import mhc, mla, norm, short_conv
 
     stand_ins = [(norm, "_fused_rms_norm_for", "fused.rms_norm", getattr(torch.nn.functional, "rms_norm", None)),
@@ -119,6 +119,18 @@ def gpu_fused_kernels(counter: OpCounter):
         if hasattr(module, attr) and reference is not None:  # older trees lack some (counting a baseline)
             saved.append((module, attr, getattr(module, attr)))
             setattr(module, attr, lambda x, fn=counter.opaque(name, reference): fn)
+    if hasattr(mla, "_fused_mla"):  # the MLA decode kernels: split + merge, and the indexer's scores
+        from types import SimpleNamespace
+
+        from exl3_triton.kernels.reference import mla as mla_reference
+
+        split = counter.opaque("triton.mla_decode_split", mla_reference.mla_decode_reference)
+        merge = counter.opaque("triton.mla_decode_merge", lambda ctx: ctx)
+        kernels = SimpleNamespace(decode=lambda *a, **kw: merge(split(*a, **kw)),
+                                  index_scores=counter.opaque("triton.mla_index_scores",
+                                                              mla_reference.index_scores_reference))
+        saved.append((mla, "_fused_mla", mla._fused_mla))
+        mla._fused_mla = lambda x: kernels
     try:
         yield
     finally:
