@@ -155,3 +155,36 @@ def test_openpangu_decode_with_the_mla_kernels_matches_the_golden_logits(triton_
     want = ref["logits"][:36].double()
     assert ((step.double() - want).norm(dim=-1) / want.norm(dim=-1)).max() < 1e-4
     assert torch.equal(step.argmax(-1), ref["logits"][:36].argmax(-1))
+
+
+_COMPILE_DEFAULTS = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from exl3_triton.kernels import triton_mla as m
+
+fn = m._mla_split_kernel
+pointers = {"c_ptr": "*fp16", "kpe_ptr": "*fp16", "table_ptr": "*i32", "pos_ptr": "*i64", "sel_ptr": "*i64"}
+consts = dict(R=512, P=64, BLOCK_H=m.BLOCK_H, BLOCK_N=m.BLOCK_N, SPLITS=m.SPLITS, MIN_SPLIT=m.MIN_SPLIT,
+              HAS_WINDOW=False, HAS_SEL=True, PRECISION=m.PRECISION)
+signature = {n: "constexpr" if n in consts else pointers.get(n, "*fp32" if n.endswith("_ptr") else
+             "fp32" if n == "scale_log2" else "i32") for n in fn.arg_names}
+kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": 4, "num_stages": m.NUM_STAGES})
+print(kernel.metadata.shared)
+"""
+
+
+def test_default_launch_fits_an_h100s_shared_memory():
+    """Compiled for sm_90 here (Triton ships ptxas): the default settings at Flash shapes (R=512,
+    P=64, with the selection) must fit the 227 KB a block may use, or every decode step would
+    fail at launch on the GPU. In a subprocess: this process runs Triton's interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_DEFAULTS], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) <= 232448
