@@ -3,6 +3,7 @@ against MLA's PyTorch decode path (``MLAAttention._decode_attention``), checked 
 
     python bench/mla_decode.py [--positions 200,4096,32767] [--batch 1,8] [--max-seq-len 32768]
                                [--sweep] [--out DIR]
+    python bench/mla_decode.py --tiny     # a CPU check of this script (tiny shapes, interpreter, no timing)
 
 Per layer kind (DSA: global, lightning indexer top-2048; sliding: window 512 in a ring; MTP:
 window 2048), position and batch (all rows at that position, each its own sequence):
@@ -12,7 +13,8 @@ window 2048), position and batch (all rows at that position, each its own sequen
 * time: both paths captured in CUDA graphs (``common.time_graph``). The PyTorch path's
   per-step memo (history index and masks, shared by every layer of a kind in a real step) is
   rebuilt on every call ("torch_us") and also kept across calls ("torch_memo_kept_us", the
-  cost a further layer of the same kind adds);
+  cost a further layer of the same kind adds); on DSA layers also the index-score kernel and
+  ``torch.topk`` alone ("index_scores_us", "topk_us"), parts of "triton_us";
 * ``--sweep``: the kernel's launch settings (block sizes, splits, tf32 / tf32x3), each timed.
 
 The cache holds ``--max-seq-len`` tokens per row (pages of 256) so the PyTorch path pays what a
@@ -147,6 +149,13 @@ def one_case(res: Results | None, sh: dict, name: str, position: int, batch: int
     rec["triton_us"] = time_graph(lambda i: attn._decode_attention_fused(fused, fb, q_abs, q_pe, q_idx, w_idx),
                                   1)["median_us"]
     rec["speedup"] = rec["torch_us"] / rec["triton_us"]
+    if attn.indexer is not None:  # where the DSA layer's time goes: index scores, top-k, attention
+        paged, table = fb.cache.paged[0], fb.page_table
+        scores = triton_mla.index_scores_triton(q_idx, w_idx, paged["kidx"], table, fb.positions)
+        k = min(sh["top_k"], scores.shape[1])
+        rec["index_scores_us"] = time_graph(lambda i: triton_mla.index_scores_triton(
+            q_idx, w_idx, paged["kidx"], table, fb.positions), 1)["median_us"]
+        rec["topk_us"] = time_graph(lambda i: torch.topk(scores, k, dim=-1), 1)["median_us"]
     res.add("mla_decode", rec)
     if sweep:
         for cfg in SWEEP:
