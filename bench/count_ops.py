@@ -127,8 +127,8 @@ def _decode_kernel_stand_ins(counter: OpCounter):
 @contextlib.contextmanager
 def gpu_fused_kernels(counter: OpCounter):
     """Take the CUDA-only fused paths on the CPU, each counted as the one kernel it is there:
-    ``F.rms_norm`` (RMSNorm), the mHC site-weights and the MoME decode Triton kernels, the
-    residual add + norms, the gated activation, the logit softcap, the fused RoPE (+ head norms) +
+    ``F.rms_norm`` (RMSNorm), the mHC site-weights, the MoME decode and the MLA decode Triton kernels,
+    the residual add + norms, the gated activation, the logit softcap, the fused RoPE (+ head norms) +
     cache store and the paged decode attention (run as their PyTorch references)."""
     from exl3_triton.arch.blocks import mhc, mla, mlp, norm, short_conv
     try:
@@ -152,6 +152,18 @@ def gpu_fused_kernels(counter: OpCounter):
     for module, attr, replacement in _decode_kernel_stand_ins(counter):
         saved.append((module, attr, getattr(module, attr)))
         setattr(module, attr, replacement)
+    if hasattr(mla, "_fused_mla"):  # the MLA decode kernels: split + merge, and the indexer's scores
+        from types import SimpleNamespace
+
+        from exl3_triton.kernels.reference import mla as mla_reference
+
+        split = counter.opaque("triton.mla_decode_split", mla_reference.mla_decode_reference)
+        merge = counter.opaque("triton.mla_decode_merge", lambda ctx: ctx)
+        kernels = SimpleNamespace(decode=lambda *a, **kw: merge(split(*a, **kw)),
+                                  index_scores=counter.opaque("triton.mla_index_scores",
+                                                              mla_reference.index_scores_reference))
+        saved.append((mla, "_fused_mla", mla._fused_mla))
+        mla._fused_mla = lambda x: kernels
     try:
         yield
     finally:

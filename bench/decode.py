@@ -6,6 +6,7 @@
     python bench/decode.py --arch openpangu_v2 --synthetic flash --bits 4 --head-bits 8 --batch 1,8 \
         --mtp 3 --forced-accept 0.9
     python bench/decode.py --arch deepseek_v4 --synthetic flash --bits 4 --expert-bits 2 --batch 1,8
+    python bench/decode.py --arch openpangu_v2 --synthetic flash --bits 4 --head-bits 8 --max-seq-len 32768
 
 The model has the real shapes and random trellises (bench/synthetic.py). Decode
 speed: B jobs with random prompts are prefilled, then ``--steps`` decode steps
@@ -104,7 +105,7 @@ def decode_speed(model, batch: int, steps: int, prompt_len: int, max_seq_len: in
     for j in jobs:
         j.cancel()
     gen.step()
-    rec = {"batch": batch, "steps": steps, "capture_steps": captures, "tokens": produced, "seconds": dt, "tokens_per_s": produced / dt,
+    rec = {"batch": batch, "max_seq_len": max_seq_len, "steps": steps, "capture_steps": captures, "tokens": produced, "seconds": dt, "tokens_per_s": produced / dt,
            "ms_per_step": dt / steps * 1000, "graphs": sorted(str(k) for k in gen.runner.graphs)}
     if draft is not None:
         rec["draft"] = gen.draft_stats.as_dict()
@@ -170,6 +171,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="the Generator's max_seq_len (cache capacity per sequence; default: prompt + steps + 32). "
+                        "Decode kernels sized by the capacity rather than the sequence show up with a large one")
     p.add_argument("--mtp", type=int, default=0, help="also time N-token MTP drafting")
     p.add_argument("--forced-accept", type=float, default=None,
                    help="bench only: accept each drafted depth with this probability instead of verifying")
@@ -181,6 +185,11 @@ def main() -> int:
         print("bench/decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
     name = synthetic_name(args.arch, args.synthetic)
+
+    def capacity(needed: int) -> int:
+        if args.max_seq_len is not None and args.max_seq_len < needed:
+            p.error(f"--max-seq-len {args.max_seq_len} is below the {needed} tokens this run needs")
+        return args.max_seq_len or needed
     res = open_results("decode", name, args.out)
     bw = copy_bandwidth()
     t0 = time.perf_counter()
@@ -199,10 +208,10 @@ def main() -> int:
     for rotate_in_kernel in (True, False) if args.rotation_choice else ():  # graph-time launch choice, 1 row
         tuning.GRAPH_ROTATE_IN_KERNEL = rotate_in_kernel
         tuning.gemm_config.cache_clear()
-        rec = decode_speed(model, 1, args.steps, args.prompt_len, args.prompt_len + args.steps + 32)
+        rec = decode_speed(model, 1, args.steps, args.prompt_len, capacity(args.prompt_len + args.steps + 32))
         res.add("graph_rotation_choice", {"rotate_in_kernel": rotate_in_kernel, "tokens_per_s": rec["tokens_per_s"]})
     for b in (int(x) for x in args.batch.split(",")):
-        rec = decode_speed(model, b, args.steps, args.prompt_len, args.prompt_len + args.steps + 32)
+        rec = decode_speed(model, b, args.steps, args.prompt_len, capacity(args.prompt_len + args.steps + 32))
         rec["bound_fraction"] = rec["tokens_per_s"] / (bw / weight_gb) if b == 1 else None
         rec["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
         res.add("decode", rec)
@@ -215,8 +224,8 @@ def main() -> int:
             if args.forced_accept is not None:
                 generator_module.verify_drafts = forced_acceptance(args.forced_accept)
             try:
-                mtp = decode_speed(model, b, args.steps, args.prompt_len, args.prompt_len + 4 * (args.steps + 60) + 32,
-                                   draft=DraftOptions(mode="mtp", num_tokens=args.mtp))
+                mtp = decode_speed(model, b, args.steps, args.prompt_len,
+                                   capacity(args.prompt_len + 4 * (args.steps + 60) + 32), draft=DraftOptions(mode="mtp", num_tokens=args.mtp))
             finally:
                 generator_module.verify_drafts = real_verify
             mtp.update(mtp_tokens=args.mtp, forced_accept=args.forced_accept,

@@ -38,6 +38,7 @@ def load() -> types.SimpleNamespace | None:
             gemm=importlib.import_module(f"{pkg}.triton_gemm"),
             hadamard=importlib.import_module(f"{pkg}.triton_hadamard"),
             mhc=importlib.import_module(f"{pkg}.triton_mhc"),
+            mla=importlib.import_module(f"{pkg}.triton_mla"),
             moe=importlib.import_module(f"{pkg}.triton_moe"),
             mome=importlib.import_module(f"{pkg}.triton_mome"),
             norm=importlib.import_module(f"{pkg}.triton_norm"),

@@ -66,6 +66,9 @@ def test_decode_step_counts_every_layer_and_the_fused_kernels(tiny_pangu):
     # per trunk layer: two mHC sites; three MoME convolutions in MLA
     assert ops["triton.mhc_weights"] == 2 * len(layers)
     assert ops["triton.mome_decode"] == 3 * len(layers)
+    # MLA's decode attention: split + merge per layer, the indexer's scores on the DSA layers
+    assert ops["triton.mla_decode_split"] == ops["triton.mla_decode_merge"] == len(layers)
+    assert ops["triton.mla_index_scores"] == 2
     # the indexer's top-k on the DSA layers, the router's on the MoE layers
     assert ops["aten.topk"] == 2 + 3
     assert res["ops_in_matmuls"] > 0

@@ -29,6 +29,8 @@ roll back by forgetting positions:
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
@@ -52,6 +54,18 @@ def _fused_mome(x: torch.Tensor):
     from ...kernels import triton_ops
 
     return triton_ops.cuda_kernel(x, "mome", "mome_decode_triton")
+
+
+def _fused_mla(x: torch.Tensor):
+    """The Triton MLA decode kernels (kernels/triton_mla.py: ``decode`` and the indexer's
+    ``index_scores``) for ``x``'s device, or None where they cannot run (then the einsum path
+    below, which is their reference on a CPU)."""
+    from ...kernels import triton_ops
+
+    decode = triton_ops.cuda_kernel(x, "mla", "mla_decode_triton")
+    if decode is None:
+        return None
+    return SimpleNamespace(decode=decode, index_scores=triton_ops.cuda_kernel(x, "mla", "index_scores_triton"))
 
 
 class MLAAttention(nn.Module):
@@ -305,6 +319,37 @@ class MLAAttention(nn.Module):
         for name, t in paged.items():
             t.flatten(0, 1).index_copy_(0, dest, new[name].to(t.dtype))
 
+        q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
+        q_idx = w_idx = None
+        if self.indexer is not None:
+            q_idx, w_idx = self.indexer.queries(q_lora, x, cos, sin)
+        fused = _fused_mla(x)
+        if fused is not None:
+            ctx = self._decode_attention_fused(fused, batch, q_abs, q_pe, q_idx, w_idx)
+        else:
+            ctx = self._decode_attention(batch, q_abs, q_pe, q_idx, w_idx)
+        o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(x.dtype)
+        return self.o_proj(conv(2, o_in))
+
+    def _decode_attention_fused(self, fused, batch: ForwardBatch, q_abs, q_pe, q_idx, w_idx) -> torch.Tensor:
+        """The latent context ``[n, heads, rank]`` from the Triton kernels: each row visits only its
+        own visible keys (sinks, then ``pos - window + 1 .. pos`` or ``0 .. pos``); on DSA layers the
+        indexer scores only those candidates and ``torch.topk`` of the scores, laid out by position
+        like ``_decode_attention``'s, picks what the attention reads."""
+        paged, pos = batch.cache.paged[self.layer_idx], batch.positions
+        table = batch.ring_page_table if self.ring else batch.page_table
+        selected = None
+        if self.indexer is not None:
+            scores = fused.index_scores(q_idx, w_idx, paged["kidx"], table, pos, window=self.window)
+            selected = torch.topk(scores, min(self.indexer.top_k, scores.shape[1]), dim=-1).indices
+        return fused.decode(q_abs, q_pe, self.sink_c, self.sink_pe, paged["c"], paged["kpe"], table, pos,
+                            scale=self.scale, window=self.window, selected=selected)
+
+    def _decode_attention(self, batch: ForwardBatch, q_abs, q_pe, q_idx, w_idx) -> torch.Tensor:
+        """The latent context ``[n, heads, rank]`` in PyTorch (the CPU path and the fused kernels'
+        reference): every row gathers all the history its page table can address (the window's
+        on window layers) and masks what it does not see."""
+        paged, pos, n = batch.cache.paged[self.layer_idx], batch.positions, q_abs.shape[0]
         # the same for every layer of this kind in the step (the model clears the memo per step)
         key = ("mla_decode_history", self.ring, self.window)
 
@@ -314,7 +359,6 @@ class MLAAttention(nn.Module):
         where, visible = self._decode_memo(batch, key, history)
         sinks = self.sink_c.shape[0]
         if self.indexer is not None:
-            q_idx, w_idx = self.indexer.queries(q_lora, x, cos, sin)
             not_candidate = self._decode_memo(batch, key + ("not_candidate",), lambda: ~visible)
             lead_shown = self._decode_memo(batch, key + ("lead_shown", sinks), lambda: torch.cat(
                 [visible.new_zeros(n, sinks), visible.new_ones(visible.shape)], dim=1))
@@ -325,7 +369,4 @@ class MLAAttention(nn.Module):
         # sinks first; cat promotes the cached rows to fp32 in the same kernel
         keys_c = torch.cat([self.sink_c.expand(n, -1, -1), paged["c"].flatten(0, 1)[where]], dim=1)
         keys_pe = torch.cat([self.sink_pe.expand(n, -1, -1), paged["kpe"].flatten(0, 1)[where]], dim=1)
-        q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
-        ctx = self._attend(q_abs, q_pe, keys_c, keys_pe, masked, "n")
-        o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(x.dtype)
-        return self.o_proj(conv(2, o_in))
+        return self._attend(q_abs, q_pe, keys_c, keys_pe, masked, "n")
