@@ -41,7 +41,7 @@ from .base import CausalLM
 from .batch import ForwardBatch, running
 from .blocks.lightning_indexer import LightningIndexer
 from .blocks.linear import Linear
-from .blocks.mhc import HyperHead, HyperSite, expand
+from .blocks.mhc import HyperHead, HyperSite, expand, run_sites
 from .blocks.mla import MLAAttention
 from .blocks.mlp import GatedMLP
 from .blocks.moe import RoutedExperts, load_routed_experts
@@ -211,7 +211,7 @@ class PanguDecoderLayer(nn.Module):
         def mlp(y):
             return self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(y).to(self.dtype)).float())
 
-        x = self.mlp_site(self.attn_site(x, attention), mlp)
+        x = run_sites(x, (self.attn_site, attention), (self.mlp_site, mlp))  # fused on CUDA
         if self.block_post_norm is not None:
             x = self.block_post_norm(x.flatten(-2)).view_as(x)
         return x

@@ -11,7 +11,7 @@ In a CUDA graph each such op is (about) one kernel, and at batch 1 a small kerne
 Ops issued inside a ``Linear`` or the routed experts are reported apart ("matmul"): on a
 GPU they are one EXL3 / cuBLAS kernel each, on a CPU a reference decode of many ops.
 CPU and GPU also differ where a module picks a fused kernel on CUDA only (RMSNorm's
-``rms_norm``, the mHC site-weights Triton kernel): the CPU count is an upper bound there.
+``rms_norm``, the mHC site Triton kernels): the CPU count is an upper bound there.
 """
 
 from __future__ import annotations
@@ -107,12 +107,15 @@ class OpCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def gpu_fused_kernels(counter: OpCounter):
     """Take the CUDA-only fused paths on the CPU, each counted as the one kernel it is there:
-    ``F.rms_norm`` (RMSNorm), the mHC site-weights and the MoME decode Triton kernels (run as
+    ``F.rms_norm`` (RMSNorm), the mHC site and the MoME decode Triton kernels (run as
     their PyTorch references)."""
     from exl3_triton.arch.blocks import mhc, mla, norm, short_conv
 
     stand_ins = [(norm, "_fused_rms_norm_for", "fused.rms_norm", getattr(torch.nn.functional, "rms_norm", None)),
                  (mhc, "_fused_weights", "triton.mhc_weights", getattr(mhc, "site_weights_reference", None)),
+                 (mhc, "_fused_site_partials", "triton.mhc_site_partials", getattr(mhc, "site_partials_reference", None)),
+                 (mhc, "_fused_site_enter", "triton.mhc_site_enter", getattr(mhc, "site_enter_reference", None)),
+                 (mhc, "_fused_site_exit", "triton.mhc_site_exit", getattr(mhc, "site_exit_reference", None)),
                  (mla, "_fused_mome", "triton.mome_decode", getattr(short_conv, "mome_decode_reference", None))]
     saved = []
     for module, attr, name, reference in stand_ins:

@@ -55,8 +55,12 @@ def test_decode_step_counts_every_layer_and_the_fused_kernels(tiny_pangu):
     layers = [k for k in res["per_layer"] if k.startswith("layer")]
     assert layers == ["layer0:dsa-dense-postnorm", "layer1:swa-moe", "layer2:swa-moe", "layer3:dsa-moe"]
     ops = res["per_op_outside_matmuls"]
-    # per trunk layer: two mHC sites; three MoME convolutions in MLA
-    assert ops["triton.mhc_weights"] == 2 * len(layers)
+    # per trunk layer: two mHC sites, each entered and left by one kernel, the first site's
+    # projection one kernel of its own (the second's is fused into the first's exit);
+    # three MoME convolutions in MLA
+    assert ops["triton.mhc_site_partials"] == len(layers)
+    assert ops["triton.mhc_site_enter"] == ops["triton.mhc_site_exit"] == 2 * len(layers)
+    assert "triton.mhc_weights" not in ops
     assert ops["triton.mome_decode"] == 3 * len(layers)
     # the indexer's top-k on the DSA layers, the router's on the MoE layers
     assert ops["aten.topk"] == 2 + 3
