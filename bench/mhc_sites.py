@@ -65,17 +65,20 @@ def kernels_on(device: str):
 
 
 @contextlib.contextmanager
-def chunking(k, block_d: int | None, tokens: int | None):
-    """A projection chunk width (``site_chunk``) and tokens per program other than the defaults."""
-    saved = (k.SMALL_BATCH_BLOCK_D, k.LARGE_BATCH_BLOCK_D, k._tokens_per_program)
-    if block_d:
-        k.SMALL_BATCH_BLOCK_D = k.LARGE_BATCH_BLOCK_D = block_d
-    if tokens:
-        k._tokens_per_program = lambda rows, chunks: tokens
+def chunking(k, block_d: int | None = None, tokens: int | None = None, chunk_warps: int | None = None,
+             enter_warps: int | None = None):
+    """A projection chunk width (``site_chunk``), tokens per program or warps other than the defaults."""
+    names = ("SMALL_BATCH_BLOCK_D", "LARGE_BATCH_BLOCK_D", "_tokens_per_program", "CHUNK_WARPS", "ENTER_WARPS")
+    saved = [getattr(k, a) for a in names]
+    for name, value in zip(names, (block_d, block_d, tokens and (lambda rows, chunks: tokens), chunk_warps,
+                                   enter_warps)):
+        if value:
+            setattr(k, name, value)
     try:
         yield
     finally:
-        k.SMALL_BATCH_BLOCK_D, k.LARGE_BATCH_BLOCK_D, k._tokens_per_program = saved
+        for name, value in zip(names, saved):
+            setattr(k, name, value)
 
 
 class Layer:
@@ -182,20 +185,21 @@ def time_kernels(k, layers, device) -> dict:
 
 
 def variants(r: Results, k, name, layers, rows, d, device):
-    """The projection's chunk width and tokens per program: checked, then the layer timed."""
-    for block_d in (16, 32, 64, 128):
-        for tokens in (1, 2, 4, 8, 16):
-            if tokens > rows or block_d > d:
-                continue
-            with chunking(k, block_d, tokens):
-                rec = {"shape": name, "rows": rows, "block_d": block_d, "tokens_per_program": tokens}
-                try:
-                    rec.update(check(layers[0]))
-                    if rec["ok"]:
-                        rec["fused_us"] = time_layers(Layer.fused, layers, device)
-                except Exception as e:  # e.g. out of registers / shared memory at a large tile
-                    rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                r.add("variants", rec)
+    """The projection's chunk width and tokens per program, then the kernels' warps (at the default
+    chunking): each checked, then the layer timed."""
+    options = [{"block_d": b, "tokens": t} for b in (16, 32, 64, 128) for t in (1, 2, 4, 8, 16)
+               if t <= rows and b <= d]
+    options += [{"chunk_warps": w} for w in (2, 8)] + [{"enter_warps": w} for w in (2, 4)]
+    for opts in options:
+        with chunking(k, **opts):
+            rec = {"shape": name, "rows": rows, **opts}
+            try:
+                rec.update(check(layers[0]))
+                if rec["ok"]:
+                    rec["fused_us"] = time_layers(Layer.fused, layers, device)
+            except Exception as e:  # e.g. out of registers / shared memory at a large tile
+                rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            r.add("variants", rec)
 
 
 def main() -> int:

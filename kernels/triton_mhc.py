@@ -226,6 +226,11 @@ SMALL_BATCH_BLOCK_D = 32
 LARGE_BATCH_BLOCK_D = 64
 LARGE_BATCH_ROWS = 64
 COLLAPSE_BLOCK = 256
+# warps of the chunk kernels (partials, exit) and of the enter kernel. Enter is one warp: its 4x4
+# Sinkhorn is 40 tiny dependent reductions, which stay in warp shuffles there (more warps would
+# take a shared-memory round trip and a barrier each), and 1024 collapse values are 32 a lane.
+CHUNK_WARPS = 4
+ENTER_WARPS = 1
 # grids of about this many programs (a few per SM on an H100's 132) before tokens share a program
 TARGET_PROGRAMS = 512
 
@@ -282,7 +287,7 @@ def mhc_site_partials(x: torch.Tensor, phi: torch.Tensor, gamma: torch.Tensor | 
         tok = tokens_per_program or _tokens_per_program(t, s)
         _partials((s, triton.cdiv(t, tok)), x, phi, x if gamma is None else gamma, dots, sumsq, t, d, s,
                   x.stride(0), phi.stride(0), N=n, M=(2 + n) * n, M_PAD=dots.shape[2], BLOCK_D=block,
-                  TOKENS=tok, HAS_GAMMA=gamma is not None, num_warps=4, num_stages=1)
+                  TOKENS=tok, HAS_GAMMA=gamma is not None, num_warps=CHUNK_WARPS, num_stages=1)
     return dots, sumsq
 
 
@@ -306,7 +311,8 @@ def mhc_site_enter(x: torch.Tensor, dots: torch.Tensor, sumsq: torch.Tensor, sca
         block = min(COLLAPSE_BLOCK, triton.next_power_of_2(d))
         _enter((t, triton.cdiv(d, block)), x, dots, sumsq, scale, base, y, pre, post, comb, d, s, x.stride(0),
                y.stride(0), 1.0 / (n * d), float(norm_eps), float(pre_eps), float(eps), N=n, M_PAD=dots.shape[2],
-               S_PAD=triton.next_power_of_2(s), BLOCK_C=block, ITERS=iters, num_warps=4, num_stages=1)
+               S_PAD=triton.next_power_of_2(s), BLOCK_C=block, ITERS=iters, num_warps=ENTER_WARPS,
+               num_stages=1)
     return y, pre, post, comb
 
 
@@ -334,5 +340,5 @@ def mhc_site_exit(x: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: 
               next_gamma if next_gamma is not None else x, dots if nxt else x, sumsq if nxt else x, t, d, s,
               x.stride(0), out.stride(0), new.stride(0), next_phi.stride(0) if nxt else 0,
               N=n, M=(2 + n) * n, M_PAD=triton.next_power_of_2((2 + n) * n), BLOCK_D=block, TOKENS=tok,
-              NEXT=nxt, HAS_GAMMA=next_gamma is not None, num_warps=4, num_stages=1)
+              NEXT=nxt, HAS_GAMMA=next_gamma is not None, num_warps=CHUNK_WARPS, num_stages=1)
     return new, ((dots, sumsq) if next_phi is not None else None)

@@ -106,3 +106,33 @@ def test_site_kernels_name_what_does_not_fit(triton_kernels):
         k.mhc_site_partials(x.half(), site.phi, site.gamma)
     with pytest.raises(ValueError, match="block output"):
         k.mhc_site_exit(x, torch.zeros(2, 16), torch.zeros(2, 4), torch.zeros(2, 4, 4))
+
+
+def test_golden_openpangu_prefix_through_the_site_kernels(triton_kernels, golden, monkeypatch):
+    """The fp32 golden openPangu model (Huawei's reference run) with every mHC site on the Triton
+    kernels, as on CUDA: the logits of a 4-token prefix still match the reference's (a few tokens:
+    the interpreter runs every program of every site)."""
+    from safetensors.torch import load_file
+
+    import exl3_triton
+    from exl3_triton.arch.blocks import mhc
+
+    k = triton_kernels.mhc
+    calls = []
+    for attr, fn in (("_fused_site_partials", k.mhc_site_partials), ("_fused_site_enter", k.mhc_site_enter),
+                     ("_fused_site_exit", k.mhc_site_exit)):
+        def counted(*args, fn=fn, **kw):
+            calls.append(fn.__name__)
+            return fn(*args, **kw)
+        monkeypatch.setattr(mhc, attr, lambda x, counted=counted: counted)
+    model = exl3_triton.load(golden / "openpangu" / "A")
+    ref = load_file(str(golden / "openpangu" / "A" / "golden.safetensors"))
+    net = model.network
+    with torch.inference_mode():
+        logits = net.head(net.forward_hidden(ref["ids"][None, :4])[0])
+    layers = len(net.layers)
+    assert calls.count("mhc_site_partials") == layers and calls.count("mhc_site_exit") == 2 * layers
+    want = ref["logits"][:4].double()
+    err = ((logits.double() - want).norm(dim=-1) / want.norm(dim=-1)).max()
+    assert err < 1e-4, f"max row relative error {err:.3g}"
+    assert torch.equal(logits.argmax(-1), ref["logits"][:4].argmax(-1))
