@@ -93,9 +93,11 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def opaque(self, name: str, fn):
-        """``fn`` counted as one kernel ``name`` (what the GPU runs fused)."""
+        """``fn`` counted as one kernel ``name`` (what the GPU runs fused; inside another such kernel's
+        stand-in, nothing: a fused kernel's reference may call another's, e.g. an RMSNorm)."""
         def run(*args, **kwargs):
-            self.ops.append((tuple(self.modules.stack), name))
+            if not self.paused:
+                self.ops.append((tuple(self.modules.stack), name))
             self.paused += 1
             try:
                 return fn(*args, **kwargs)

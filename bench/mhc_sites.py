@@ -3,13 +3,15 @@
     python bench/mhc_sites.py [--out DIR] [--rows 1,2,4,8,16,64,512] [--shapes flash,dsv4] [--budget SECONDS]
                               [--check-only] [--device cpu --width 64 --rows 1,3]   (logic test, interpreter)
 
-One decode layer has two mHC sites back to back (attention, then MLP). For each shape and row
-count this measures, in CUDA graphs (bench/common.py ``time_graph``), one layer's pair of sites
-with the block replaced by a precomputed output (so only the mHC work is timed):
+One decode layer has two mHC sites back to back (attention, then MLP), each block starting with its
+RMSNorm and a cast to fp16. For each shape and row count this measures, in CUDA graphs
+(bench/common.py ``time_graph``), one layer's pair of sites with the block after its norm replaced
+by a precomputed output (so only the mHC work and the input norms are timed):
 
 * ``pytorch_us``: ``HyperSite.forward_unfused`` twice -- today's path (``F.rms_norm``, the cuBLAS
-  projection, the site-weights Triton kernel, the collapse, the update);
-* ``fused_us``: ``run_sites`` -- partials, enter, exit (+ the next site's partials), enter, exit;
+  projection, the site-weights Triton kernel, the collapse, the update; the block's norm and cast);
+* ``fused_us``: ``run_sites`` -- partials, enter (+ the block's norm), exit (+ the next site's
+  partials), enter, exit;
 * each fused kernel alone, and the chunk width / tokens-per-program variants of the projection.
 
 Each site's ``phi`` is 1 MB at Flash shapes and a model has 92 of them (more than L2), so the
@@ -34,10 +36,12 @@ from common import REPO, Results, environment, rotation_count, time_graph  # noq
 
 from exl3_triton.arch.blocks import mhc  # noqa: E402
 from exl3_triton.arch.blocks.mhc import HyperSite, run_sites  # noqa: E402
+from exl3_triton.arch.blocks.norm import RMSNorm  # noqa: E402
 from exl3_triton.kernels import triton_ops  # noqa: E402
 
 SHAPES = {"flash": (4, 2560, True), "dsv4": (4, 4096, False)}  # streams, hidden size, gamma
 CHECK_RTOL = 1e-4  # relative to the largest value: fp32 sums in another order
+INPUT_RTOL = 2e-3  # the blocks' fp16 inputs: one rounding step apart where the fp32 values straddle one
 
 
 def make_site(streams: int, width: int, gamma: bool, device, seed: int) -> HyperSite:
@@ -88,6 +92,7 @@ class Layer:
         self.sites = (make_site(streams, width, gamma, device, 2 * seed),
                       make_site(streams, width, gamma, device, 2 * seed + 1))
         g = torch.Generator(device=device).manual_seed(seed)
+        self.norms = [RMSNorm(torch.rand(width, generator=g, device=device) + 0.5, 1e-5) for _ in range(2)]
         self.x = torch.randn(rows, streams, width, generator=g, device=device)
         self.outs = [torch.randn(rows, width, generator=g, device=device) for _ in range(2)]
         self.inputs = []  # the block inputs seen (checked against each other)
@@ -99,12 +104,12 @@ class Layer:
                     self.inputs.append(y.clone())
                 return self.outs[k]
             return run
-        return [(site, block(k)) for k, site in enumerate(self.sites)]
+        return [(site, block(k), self.norms[k], torch.float16) for k, site in enumerate(self.sites)]
 
     def pytorch(self, record=False):
         x = self.x
-        for site, block in self.pairs(record):
-            x = site.forward_unfused(x, block)
+        for site, block, norm, dtype in self.pairs(record):
+            x = site.forward_unfused(x, lambda y, block=block, norm=norm, dtype=dtype: block(norm(y).to(dtype)))
         return x
 
     def fused(self, record=False):
@@ -121,7 +126,8 @@ def check(layer: Layer) -> dict:
     got = layer.fused(record=True)
     errs = {"streams_rel_err": rel(got, want), "block_input_rel_err": max(rel(layer.inputs[2 + i], layer.inputs[i])
                                                                             for i in range(2))}
-    errs["ok"] = bool(all(v <= CHECK_RTOL for v in errs.values()) and torch.isfinite(got).all())
+    errs["ok"] = bool(errs["streams_rel_err"] <= CHECK_RTOL and errs["block_input_rel_err"] <= INPUT_RTOL
+                      and torch.isfinite(got).all())
     return errs
 
 
@@ -171,12 +177,15 @@ def time_kernels(k, layers, device) -> dict:
         y, _, post, comb = k.mhc_site_enter(layer.x, *part, s0.scale, s0.base, a.streams, a.iters, a.eps, a.pre_eps,
                                             a.sinkhorn_eps)
         prep.append((layer, part, post, comb, s0, s1))
-    enter = lambda p: k.mhc_site_enter(p[0].x, *p[1], p[4].scale, p[4].base, a.streams, a.iters, a.eps,  # noqa: E731
-                                       a.pre_eps, a.sinkhorn_eps)
+
+    def enter(p, normed):
+        return k.mhc_site_enter(p[0].x, *p[1], p[4].scale, p[4].base, a.streams, a.iters, a.eps, a.pre_eps,
+                                a.sinkhorn_eps, (p[0].norms[0].weight, 1e-5, torch.float16) if normed else None)
     return {
         "partials_us": time_graph(lambda i: k.mhc_site_partials(prep[i][0].x, prep[i][4].phi, prep[i][4].gamma),
                                   len(prep))["median_us"],
-        "enter_us": time_graph(lambda i: enter(prep[i]), len(prep))["median_us"],
+        "enter_us": time_graph(lambda i: enter(prep[i], False), len(prep))["median_us"],
+        "enter_normed_us": time_graph(lambda i: enter(prep[i], True), len(prep))["median_us"],
         "exit_next_us": time_graph(lambda i: k.mhc_site_exit(prep[i][0].x, prep[i][0].outs[0], prep[i][2], prep[i][3],
                                                              prep[i][5].phi, prep[i][5].gamma), len(prep))["median_us"],
         "exit_us": time_graph(lambda i: k.mhc_site_exit(prep[i][0].x, prep[i][0].outs[0], prep[i][2], prep[i][3]),

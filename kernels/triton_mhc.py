@@ -33,13 +33,16 @@ seven launches a site, 92 sites per openPangu-Flash decode step. Here:
    collapse into the block's input ``[D]`` fp32. A program per (token, ``BLOCK_C`` columns):
    each recomputes the 4x4 Sinkhorn (a few hundred instructions, cheaper than another launch
    or a grid-wide dependency) so that the collapse is spread over ``D / BLOCK_C`` programs.
+   Optionally the block's own input RMSNorm and the cast to the model's dtype too (two launches
+   fewer): then one program a token, as that norm reduces over the whole row (``4 x 2560`` fp32
+   = 40 KB read twice, the second time from cache: well under a microsecond of one SM).
 3. ``mhc_site_exit``: the update, and where the next site follows immediately (the MLP site after
    the attention site) that site's partials from the new streams while they are in registers:
    one launch and one read of ``X'`` fewer (the chunks match because both use the same
    ``site_chunk``).
 
-So a layer's two sites take 5 launches (partials, enter, exit+partials, enter, exit) instead of
-about 14. Sums run in a different order than cuBLAS: results agree within fp32 rounding.
+So a layer's two sites with their input norms take 5 launches (partials, enter, exit+partials,
+enter, exit) instead of about 16 (bench/count_ops.py on the tiny synthetic openPangu). Sums run in a different order than cuBLAS: results agree within fp32 rounding.
 All shapes are fixed by the inputs; no host synchronisation (CUDA-graph capture safe).
 """
 
@@ -154,17 +157,26 @@ def _site_partials_kernel(x_ptr, phi_ptr, gamma_ptr, dots_ptr, sumsq_ptr, T, D, 
     kmask = (d < D)[None, :] & (i < N)[:, None]
     phi, gamma = _chunk_phi(phi_ptr, gamma_ptr, k, kmask, stride_phi, M, M_PAD, HAS_GAMMA)
     for tt in range(TOKENS):
-        t = tl.program_id(1) * TOKENS + tt
+        t = (tl.program_id(1) * TOKENS + tt).to(tl.int64)  # t * stride_x passes 2^31 in long prefills
         x = tl.load(x_ptr + t * stride_x + k, mask=_where_token(kmask, t, T), other=0.0).to(tl.float32)
         _store_partials(x, phi, gamma, dots_ptr, sumsq_ptr, t, T, s, S, M_PAD)
 
 
 @triton.jit
+def _collapse(x_ptr, t, stride_x, pre, d, D, N: tl.constexpr):
+    """``sum_i pre[i] * X[t, i, d]`` for the columns ``d`` (0 past ``D``)."""
+    i = tl.arange(0, N)
+    x = tl.load(x_ptr + t * stride_x + i[:, None] * D + d[None, :], mask=(d < D)[None, :] & (i < N)[:, None],
+                other=0.0).to(tl.float32)
+    return tl.sum(pre[:, None] * x, axis=0)
+
+
+@triton.jit
 def _site_enter_kernel(x_ptr, dots_ptr, sumsq_ptr, scale_ptr, base_ptr, y_ptr, pre_ptr, post_ptr, comb_ptr,
-                       D, S, stride_x, stride_y, inv_width, norm_eps, pre_eps, eps,
+                       norm_w_ptr, D, S, stride_x, stride_y, inv_width, norm_eps, pre_eps, eps, block_norm_eps,
                        N: tl.constexpr, M_PAD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-                       ITERS: tl.constexpr):
-    t = tl.program_id(0)
+                       ITERS: tl.constexpr, BLOCK_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     i = tl.arange(0, N)
     ij = i[:, None] * N + i[None, :]
@@ -183,11 +195,24 @@ def _site_enter_kernel(x_ptr, dots_ptr, sumsq_ptr, scale_ptr, base_ptr, y_ptr, p
     tl.store(pre_ptr + t * N + i, pre, mask=first)
     tl.store(post_ptr + t * N + i, post, mask=first)
     tl.store(comb_ptr + t * N * N + ij, comb, mask=(ij * 0 + c) == 0)
-    d = c * BLOCK_C + tl.arange(0, BLOCK_C)
-    dmask = d < D
-    x = tl.load(x_ptr + t * stride_x + i[:, None] * D + d[None, :], mask=dmask[None, :] & (i < N)[:, None],
-                other=0.0).to(tl.float32)
-    tl.store(y_ptr + t * stride_y + d, tl.sum(pre[:, None] * x, axis=0), mask=dmask)
+    cols = tl.arange(0, BLOCK_C)
+    if BLOCK_NORM:
+        # the block's own RMSNorm needs the whole row: this program collapses it twice (the second
+        # time from L1/L2), first for the sum of squares, then normalised and cast to y's dtype
+        acc = tl.zeros([BLOCK_C], tl.float32)
+        for c0 in range(0, D, BLOCK_C):
+            y = _collapse(x_ptr, t, stride_x, pre, c0 + cols, D, N)
+            acc += y * y
+        r = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / D + block_norm_eps)
+        for c0 in range(0, D, BLOCK_C):
+            d = c0 + cols
+            y = _collapse(x_ptr, t, stride_x, pre, d, D, N) * r
+            if HAS_NORM_W:
+                y = y * tl.load(norm_w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+            tl.store(y_ptr + t * stride_y + d, y.to(y_ptr.dtype.element_ty), mask=d < D)
+    else:
+        d = c * BLOCK_C + cols
+        tl.store(y_ptr + t * stride_y + d, _collapse(x_ptr, t, stride_x, pre, d, D, N), mask=d < D)
 
 
 @triton.jit
@@ -204,7 +229,7 @@ def _site_exit_kernel(x_ptr, out_ptr, post_ptr, comb_ptr, new_ptr, phi_ptr, gamm
     if NEXT:
         phi, gamma = _chunk_phi(phi_ptr, gamma_ptr, k, kmask, stride_phi, M, M_PAD, HAS_GAMMA)
     for tt in range(TOKENS):
-        t = tl.program_id(1) * TOKENS + tt
+        t = (tl.program_id(1) * TOKENS + tt).to(tl.int64)  # t * stride_x passes 2^31 in long prefills
         live = _where_token(kmask, t, T)
         x = tl.load(x_ptr + t * stride_x + k, mask=live, other=0.0).to(tl.float32)
         out = tl.load(out_ptr + t * stride_out + d, mask=_where_token(d < D, t, T), other=0.0).to(tl.float32)
@@ -292,26 +317,35 @@ def mhc_site_partials(x: torch.Tensor, phi: torch.Tensor, gamma: torch.Tensor | 
 
 
 def mhc_site_enter(x: torch.Tensor, dots: torch.Tensor, sumsq: torch.Tensor, scale: torch.Tensor,
-                   base: torch.Tensor, streams: int, iters: int, norm_eps: float, pre_eps: float, eps: float
+                   base: torch.Tensor, streams: int, iters: int, norm_eps: float, pre_eps: float, eps: float,
+                   block_norm: tuple[torch.Tensor | None, float, torch.dtype] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Streams ``x [T, N, D]`` and their partials -> the block input ``y [T, D]`` fp32 and
-    ``pre [T, N]``, ``post [T, N]``, ``comb [T, N, N]`` (fp32)."""
+    """Streams ``x [T, N, D]`` and their partials -> the block input ``y [T, D]`` and ``pre [T, N]``,
+    ``post [T, N]``, ``comb [T, N, N]`` (fp32). ``y`` is the collapse in fp32, or with ``block_norm =
+    (weight [D] or None, eps, dtype)`` the block's RMSNorm of it, cast to ``dtype``."""
     x = _streams_3d(x, "mHC streams")
     t, n, d = x.shape
     _check_streams(n)
     if n != streams or dots.shape[:2] != sumsq.shape or dots.shape[0] != t or not dots.is_contiguous():
         raise InvalidArgumentError(f"mHC partials {tuple(dots.shape)}/{tuple(sumsq.shape)} do not fit streams "
-                         f"{tuple(x.shape)} ({streams} expected)")
-    y = torch.empty(t, d, device=x.device, dtype=torch.float32)
+                                   f"{tuple(x.shape)} ({streams} expected)")
+    weight, block_eps, dtype = block_norm if block_norm is not None else (None, 0.0, torch.float32)
+    if weight is not None and (weight.shape != (d,) or not weight.is_contiguous()):
+        raise InvalidArgumentError(f"the block norm's weight must be a contiguous [{d}], got {tuple(weight.shape)}")
+    y = torch.empty(t, d, device=x.device, dtype=dtype)
     pre = torch.empty(t, n, device=x.device, dtype=torch.float32)
     post = torch.empty_like(pre)
     comb = torch.empty(t, n, n, device=x.device, dtype=torch.float32)
     if t:
         s = dots.shape[1]
+        # without the block's norm the collapse is spread over programs of BLOCK_C columns; with it
+        # one program a token loops over the row (its norm is a reduction over all of it)
         block = min(COLLAPSE_BLOCK, triton.next_power_of_2(d))
-        _enter((t, triton.cdiv(d, block)), x, dots, sumsq, scale, base, y, pre, post, comb, d, s, x.stride(0),
-               y.stride(0), 1.0 / (n * d), float(norm_eps), float(pre_eps), float(eps), N=n, M_PAD=dots.shape[2],
-               S_PAD=triton.next_power_of_2(s), BLOCK_C=block, ITERS=iters, num_warps=ENTER_WARPS,
+        grid = (t, 1 if block_norm is not None else triton.cdiv(d, block))
+        _enter(grid, x, dots, sumsq, scale, base, y, pre, post, comb, x if weight is None else weight, d, s,
+               x.stride(0), y.stride(0), 1.0 / (n * d), float(norm_eps), float(pre_eps), float(eps), float(block_eps),
+               N=n, M_PAD=dots.shape[2], S_PAD=triton.next_power_of_2(s), BLOCK_C=block, ITERS=iters,
+               BLOCK_NORM=block_norm is not None, HAS_NORM_W=weight is not None, num_warps=ENTER_WARPS,
                num_stages=1)
     return y, pre, post, comb
 

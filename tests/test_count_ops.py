@@ -40,6 +40,18 @@ def test_rms_norm_counts_as_the_cuda_fused_kernel_or_its_cpu_reference():
                                                        "aten.rsqrt", "aten.mul", "aten.mul", "aten._to_copy"]
 
 
+def test_a_fused_kernels_stand_in_counts_once_whatever_it_calls():
+    counter = count_ops.OpCounter(count_ops._ModuleStack())
+    inner = counter.opaque("fused.inner", lambda x: x * 2)
+    outer = counter.opaque("fused.outer", lambda x: inner(x) + 1)
+    x = torch.ones(2)
+    with torch.inference_mode(), counter:
+        y = outer(x)
+        z = x * 3
+    assert torch.equal(y, torch.full((2,), 3.0)) and torch.equal(z, y)
+    assert [op for _, op in counter.ops] == ["fused.outer", "aten.mul"]
+
+
 @pytest.fixture(scope="module")
 def tiny_pangu():
     from synthetic import SyntheticCheckpoint

@@ -9,6 +9,7 @@ import torch
 
 from exl3_triton.arch.blocks import mhc
 from exl3_triton.arch.blocks.mhc import HyperHead, HyperSite, expand, run_sites, sinkhorn
+from exl3_triton.arch.blocks.norm import RMSNorm
 
 
 def _literal_site(x, phi, scale, base, gamma, block, n, iters=20):
@@ -93,10 +94,14 @@ def test_consecutive_sites_match_the_literal_formula(kind, monkeypatch):
         for attr, fn in zip(("_fused_site_partials", "_fused_site_enter", "_fused_site_exit"), _site_kernels(kind)):
             monkeypatch.setattr(mhc, attr, lambda x, fn=fn: fn)
     called = []
-    got = run_sites(x, *[(HyperSite(*a[:3], n, gamma=a[3]), lambda v, b=b: called.append(v.shape) or b(v))
-                         for a, b in zip(sites, blocks)])
+    # the first block with its input norm handed to the site (fused into the site's kernel on CUDA)
+    norm = RMSNorm(torch.rand(d, generator=g) + 0.5, 1e-5)
+    got = run_sites(x, (HyperSite(*sites[0][:3], n, gamma=sites[0][3]),
+                        lambda v: called.append(v.shape) or blocks[0](v), norm, torch.float32),
+                    (HyperSite(*sites[1][:3], n, gamma=sites[1][3]), lambda v: called.append(v.shape) or blocks[1](v)))
     assert called == [(5, d)] * 2
     want = x
+    blocks[0] = lambda v, b=blocks[0]: b(norm(v))
     for (phi, scale, base, gamma), block in zip(sites, blocks):
         want = _literal_site(want, phi, scale, base, gamma, block, n)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)

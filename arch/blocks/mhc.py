@@ -135,33 +135,40 @@ class HyperSite(nn.Module):
         return self.update(x, block(self.collapse(x, pre)), post, comb)
 
 
-def run_sites(x: torch.Tensor, *sites: tuple[HyperSite, object]) -> torch.Tensor:
-    """Run consecutive ``(site, block)`` pairs on the streams ``x [T, N, D]``: each block at its site,
-    the next site reading the streams the previous one left.
+def run_sites(x: torch.Tensor, *sites: tuple) -> torch.Tensor:
+    """Run consecutive sites on the streams ``x [T, N, D]``: each block at its site, the next site
+    reading the streams the previous one left. A site is ``(site, block)`` -- ``block`` maps the
+    collapsed input ``[T, D]`` fp32 to its output ``[T, D]`` -- or ``(site, block, norm, dtype)``:
+    ``block`` gets ``norm(collapsed).to(dtype)`` (``norm`` an ``RMSNorm``: the block's input norm).
 
     On CUDA a site is three Triton launches (kernels/triton_mhc.py): the norm and projection as
-    chunk partials, the weights and the collapse, and the update -- which, where another site
-    follows here, also computes that site's partials (one launch fewer per pair of sites).
-    Elsewhere each site runs ``HyperSite.forward_unfused``."""
+    chunk partials, the weights and the collapse (with the block's norm and cast), and the update
+    -- which, where another site follows here, also computes that site's partials (one launch
+    fewer per pair of sites). Elsewhere each site runs ``HyperSite.forward_unfused``."""
     kernels = (_fused_site_partials(x), _fused_site_enter(x), _fused_site_exit(x))
     if any(k is None for k in kernels):
-        for site, block in sites:
-            x = site.forward_unfused(x, block)
+        for site, block, *norm in sites:
+            x = site.forward_unfused(x, block if not norm else _normed(block, *norm))
         return x
     partials, enter, exit_ = kernels
     n, d = x.shape[-2:]
-    for site, _ in sites:
+    for site, *_ in sites:
         if site.streams != n or site.phi.shape[1] != n * d:
             raise ValueError(f"mHC site of {site.streams} streams x {site.phi.shape[1] // site.streams} "
                              f"does not fit streams {tuple(x.shape)}")
     part = partials(x, sites[0][0].phi, sites[0][0].gamma)
-    for k, (site, block) in enumerate(sites):
+    for k, (site, block, *norm) in enumerate(sites):
+        block_norm = (norm[0].weight, norm[0].eps, norm[1]) if norm else None
         y, _, post, comb = enter(x, *part, site.scale, site.base, n, site.iters, site.eps, site.pre_eps,
-                                 site.sinkhorn_eps)
+                                 site.sinkhorn_eps, block_norm)
         out = block(y)
         nxt = sites[k + 1][0] if k + 1 < len(sites) else None
         x, part = exit_(x, out, post, comb, None if nxt is None else nxt.phi, None if nxt is None else nxt.gamma)
     return x
+
+
+def _normed(block, norm, dtype: torch.dtype):
+    return lambda y: block(norm(y).to(dtype))
 
 
 # What the three site kernels compute, in PyTorch with one chunk (``S = 1``): bench/count_ops.py runs
@@ -175,13 +182,18 @@ def site_partials_reference(x: torch.Tensor, phi: torch.Tensor, gamma: torch.Ten
 
 
 def site_enter_reference(x: torch.Tensor, dots: torch.Tensor, sumsq: torch.Tensor, scale: torch.Tensor,
-                         base: torch.Tensor, streams: int, iters: int, norm_eps: float, pre_eps: float, eps: float):
-    """Partials -> the block input ``[T, D]`` and ``pre``, ``post``, ``comb``."""
+                         base: torch.Tensor, streams: int, iters: int, norm_eps: float, pre_eps: float, eps: float,
+                         block_norm: tuple[torch.Tensor | None, float, torch.dtype] | None = None):
+    """Partials -> the block input ``[T, D]`` (with ``block_norm = (weight, eps, dtype)``: normed and
+    cast) and ``pre``, ``post``, ``comb``."""
     n, d = x.shape[-2:]
     rinv = torch.rsqrt(sumsq.sum(1, keepdim=True) / (n * d) + norm_eps)
     mix = dots.sum(1)[:, :(2 + n) * n] * rinv
     pre, post, comb = site_weights_reference(mix, scale, base, streams, iters, pre_eps, eps)
-    return HyperSite.collapse(x, pre), pre, post, comb
+    y = HyperSite.collapse(x, pre)
+    if block_norm is not None:
+        y = rms_norm(y, block_norm[0], block_norm[1]).to(block_norm[2])
+    return y, pre, post, comb
 
 
 def site_exit_reference(x: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,

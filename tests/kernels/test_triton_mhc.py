@@ -64,6 +64,28 @@ def test_site_entry_matches_norm_projection_weights_and_collapse(triton_kernels,
     _close(got[0], HyperSite.collapse(x, pre), "block input")
 
 
+@pytest.mark.parametrize("width,rows,weight,dtype", [(64, 2, True, torch.float16), (320, 3, False, torch.float32),
+                                                     (256, 1, True, torch.bfloat16)])
+def test_site_entry_applies_the_blocks_norm(triton_kernels, device, width, rows, weight, dtype):
+    """With the block's RMSNorm fused in (the whole row in one program, past 256 columns in a loop)."""
+    from exl3_triton.arch.blocks.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(width)
+    site = _site(g, 4, width, True)
+    norm = RMSNorm(torch.rand(width, generator=g) + 0.5 if weight else None, 1e-5)
+    x = _streams(g, rows, 4, width)
+    want = norm(HyperSite.collapse(x, site.weights(x)[0])).to(dtype)
+    k = triton_kernels.mhc
+    part = k.mhc_site_partials(x.to(device), site.phi.to(device), site.gamma.to(device))
+    y, *_ = k.mhc_site_enter(x.to(device), *part, site.scale.to(device), site.base.to(device), 4, site.iters,
+                             site.eps, site.pre_eps, site.sinkhorn_eps,
+                             (None if norm.weight is None else norm.weight.to(device), norm.eps, dtype))
+    assert y.dtype == dtype
+    # the same fp32 value up to rounding, then one cast: at most one step of the narrow type apart
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}[dtype]
+    _close(y.float(), want.float(), "normed block input", rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("rows,tokens_per_program,gamma", [(1, None, True), (5, 2, True), (3, 4, False)])
 def test_site_exit_matches_update_and_the_next_sites_partials(triton_kernels, device, rows, tokens_per_program,
                                                              gamma):
