@@ -8,6 +8,6 @@ source "$(dirname "$0")/device_setup.sh"
 OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_mhc.py tests/test_mhc.py 2>&1 | tail -3
-timeout 200 python3 bench/mhc_sites.py --budget 170 --out "$OUT" 2>&1 | grep -E "layer_sites|check_failed|errors|results" | cut -c1-400
+timeout 200 python3 bench/mhc_sites.py --rows 1,8,64 --budget 170 --out "$OUT" 2>&1 | grep -E "layer_sites|check_failed|errors|results" | cut -c1-400
 timeout 180 python3 bench/decode.py --arch openpangu_v2 --synthetic flash --bits 4 --head-bits 8 --batch 1,8 \
     --steps 32 --prefill-len 256 --out "$OUT" 2>&1 | grep -E "decode|check:" | cut -c1-220
