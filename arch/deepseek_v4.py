@@ -49,7 +49,7 @@ from .blocks.compressor import KVCompressor
 from .blocks.dspark import BlockDraft, DSparkConfig, DSparkDrafter
 from .blocks.dsv4_attention import DSV4Attention, GroupedOutput, LightningIndexer
 from .blocks.linear import Linear
-from .blocks.mhc import HyperHead, HyperSite, expand
+from .blocks.mhc import HyperHead, HyperSite, expand, run_sites
 from .blocks.mlp import GatedMLP
 from .blocks.moe import load_routed_experts
 from .blocks.norm import RMSNorm
@@ -367,8 +367,8 @@ class DSV4DecoderLayer(nn.Module):
     def sites(self, x: torch.Tensor, attend, ids: torch.Tensor) -> torch.Tensor:
         """Both mHC sites on flat rows ``x [R, N, D]``; ``attend`` maps the normed attention input to its output
         (the trunk attends causally, the DSpark drafter over its main-kv and block)."""
-        x = self.attn_site(x, lambda y: attend(self.input_layernorm(y).to(self.dtype)).float())
-        return self.ffn_site(x, lambda y: self.moe(self.ffn_norm(y).to(self.dtype), ids).float())
+        return run_sites(x, (self.attn_site, lambda h: attend(h).float(), self.input_layernorm, self.dtype),
+                         (self.ffn_site, lambda h: self.moe(h, ids).float(), self.ffn_norm, self.dtype))
 
 
 class DSV4MtpBlock(nn.Module):

@@ -41,7 +41,7 @@ from .base import CausalLM
 from .batch import ForwardBatch, running
 from .blocks.lightning_indexer import LightningIndexer
 from .blocks.linear import Linear
-from .blocks.mhc import HyperHead, HyperSite, expand
+from .blocks.mhc import HyperHead, HyperSite, expand, run_sites
 from .blocks.mla import MLAAttention
 from .blocks.mlp import GatedMLP
 from .blocks.moe import RoutedExperts, load_routed_experts
@@ -204,14 +204,15 @@ class PanguDecoderLayer(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
-        def attention(y):
-            a = self.self_attn(self.input_layernorm(y).to(self.dtype), positions, batch)
-            return self.post_attention_layernorm(a.float())
+        def attention(h):  # h: input_layernorm(collapsed streams) in the model's dtype
+            return self.post_attention_layernorm(self.self_attn(h, positions, batch).float())
 
-        def mlp(y):
-            return self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(y).to(self.dtype)).float())
+        def mlp(h):
+            return self.post_mlp_layernorm(self.mlp(h).float())
 
-        x = self.mlp_site(self.attn_site(x, attention), mlp)
+        # on CUDA the sites' Triton kernels apply the input norms (mhc.run_sites)
+        x = run_sites(x, (self.attn_site, attention, self.input_layernorm, self.dtype),
+                      (self.mlp_site, mlp, self.pre_mlp_layernorm, self.dtype))
         if self.block_post_norm is not None:
             x = self.block_post_norm(x.flatten(-2)).view_as(x)
         return x

@@ -12,7 +12,7 @@ In a CUDA graph each such op is (about) one kernel, and at batch 1 a small kerne
 Ops issued inside a ``Linear`` or the routed experts are reported apart ("matmul"): on a
 GPU they are one EXL3 / cuBLAS kernel each, on a CPU a reference decode of many ops.
 CPU and GPU also differ where a module picks a fused kernel on CUDA only (RMSNorm's
-``rms_norm``, the mHC site-weights Triton kernel): the CPU count is an upper bound there.
+``rms_norm``, the mHC site Triton kernels): the CPU count is an upper bound there.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class OpCounter(TorchDispatchMode):
 
     def opaque(self, name: str, fn):
         """``fn`` counted as one kernel ``name`` (what the GPU runs fused; nothing inside it counts,
-        other stand-ins included)."""
+        other stand-ins included: a fused kernel's reference may call another's, e.g. an RMSNorm)."""
         def run(*args, **kwargs):
             if not self.paused:
                 self.ops.append((tuple(self.modules.stack), name))
@@ -127,7 +127,7 @@ def _decode_kernel_stand_ins(counter: OpCounter):
 @contextlib.contextmanager
 def gpu_fused_kernels(counter: OpCounter):
     """Take the CUDA-only fused paths on the CPU, each counted as the one kernel it is there:
-    ``F.rms_norm`` (RMSNorm), the mHC site-weights, the MoME decode and the MLA decode Triton kernels,
+    ``F.rms_norm`` (RMSNorm), the mHC site kernels, the MoME decode and the MLA decode Triton kernels,
     the residual add + norms, the gated activation, the logit softcap, the fused RoPE (+ head norms) +
     cache store and the paged decode attention (run as their PyTorch references)."""
     from exl3_triton.arch.blocks import mhc, mla, mlp, norm, short_conv
@@ -143,6 +143,9 @@ def gpu_fused_kernels(counter: OpCounter):
                   getattr(mlp, "gated_activation_reference", None)),
                  (softcap, "_fused_softcap", "triton.softcap", getattr(softcap, "softcap_reference", None)),
                  (mhc, "_fused_weights", "triton.mhc_weights", getattr(mhc, "site_weights_reference", None)),
+                 (mhc, "_fused_site_partials", "triton.mhc_site_partials", getattr(mhc, "site_partials_reference", None)),
+                 (mhc, "_fused_site_enter", "triton.mhc_site_enter", getattr(mhc, "site_enter_reference", None)),
+                 (mhc, "_fused_site_exit", "triton.mhc_site_exit", getattr(mhc, "site_exit_reference", None)),
                  (mla, "_fused_mome", "triton.mome_decode", getattr(short_conv, "mome_decode_reference", None))]
     saved = []
     for module, attr, name, reference in stand_ins:

@@ -40,6 +40,18 @@ def test_rms_norm_counts_as_the_cuda_fused_kernel_or_its_cpu_reference():
                                                        "aten.rsqrt", "aten.mul", "aten.mul", "aten._to_copy"]
 
 
+def test_a_fused_kernels_stand_in_counts_once_whatever_it_calls():
+    counter = count_ops.OpCounter(count_ops._ModuleStack())
+    inner = counter.opaque("fused.inner", lambda x: x * 2)
+    outer = counter.opaque("fused.outer", lambda x: inner(x) + 1)
+    x = torch.ones(2)
+    with torch.inference_mode(), counter:
+        y = outer(x)
+        z = x * 3
+    assert torch.equal(y, torch.full((2,), 3.0)) and torch.equal(z, y)
+    assert [op for _, op in counter.ops] == ["fused.outer", "aten.mul"]
+
+
 def _tiny_model(name: str):
     from synthetic import SyntheticCheckpoint
 
@@ -63,8 +75,12 @@ def _decode_step(model):
 def test_decode_step_counts_every_layer_and_the_fused_kernels(tiny_pangu):
     res, layers, ops = _decode_step(tiny_pangu)
     assert layers == ["layer0:dsa-dense-postnorm", "layer1:swa-moe", "layer2:swa-moe", "layer3:dsa-moe"]
-    # per trunk layer: two mHC sites; three MoME convolutions in MLA
-    assert ops["triton.mhc_weights"] == 2 * len(layers)
+    # per trunk layer: two mHC sites, each entered and left by one kernel, the first site's
+    # projection one kernel of its own (the second's is fused into the first's exit);
+    # three MoME convolutions in MLA
+    assert ops["triton.mhc_site_partials"] == len(layers)
+    assert ops["triton.mhc_site_enter"] == ops["triton.mhc_site_exit"] == 2 * len(layers)
+    assert "triton.mhc_weights" not in ops
     assert ops["triton.mome_decode"] == 3 * len(layers)
     # MLA's decode attention: split + merge per layer, the indexer's scores on the DSA layers
     assert ops["triton.mla_decode_split"] == ops["triton.mla_decode_merge"] == len(layers)

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from exl3_triton.arch.blocks.mhc import HyperHead, HyperSite, expand, sinkhorn
+from exl3_triton.arch.blocks import mhc
+from exl3_triton.arch.blocks.mhc import HyperHead, HyperSite, expand, run_sites, sinkhorn
+from exl3_triton.arch.blocks.norm import RMSNorm
 
 
 def _literal_site(x, phi, scale, base, gamma, block, n, iters=20):
@@ -60,6 +62,49 @@ def test_site_matches_the_literal_formula(with_gamma):
     got = site(x, block)
     want = _literal_site(x, phi, scale, base, gamma, block, n)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _site_kernels(kind: str):
+    """The three site kernels ``run_sites`` takes on CUDA, as run here: the Triton kernels under the
+    interpreter, or the PyTorch references bench/count_ops.py stands in with."""
+    if kind == "triton":
+        from exl3_triton.kernels import triton_ops
+
+        k = triton_ops.load().mhc
+        return k.mhc_site_partials, k.mhc_site_enter, k.mhc_site_exit
+    return mhc.site_partials_reference, mhc.site_enter_reference, mhc.site_exit_reference
+
+
+@pytest.mark.parametrize("kind", ["pytorch", "references", "triton"])
+def test_consecutive_sites_match_the_literal_formula(kind, monkeypatch):
+    """Two sites in a row (attention then MLP): the fused path hands the second site's partials
+    from the first site's update."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 4, 40
+    x = torch.randn(5, n, d, generator=g) * 2
+    sites, blocks = [], []
+    for with_gamma in (True, False):
+        phi = torch.randn((2 + n) * n, n * d, generator=g) * 0.3
+        scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + n) * n, generator=g)
+        gamma = torch.rand(n * d, generator=g) + 0.5 if with_gamma else None
+        w = torch.randn(d, d, generator=g) / d ** 0.5
+        sites.append((phi, scale, base, gamma))
+        blocks.append(lambda v, w=w: torch.tanh(v @ w) * 3)
+    if kind != "pytorch":
+        for attr, fn in zip(("_fused_site_partials", "_fused_site_enter", "_fused_site_exit"), _site_kernels(kind)):
+            monkeypatch.setattr(mhc, attr, lambda x, fn=fn: fn)
+    called = []
+    # the first block with its input norm handed to the site (fused into the site's kernel on CUDA)
+    norm = RMSNorm(torch.rand(d, generator=g) + 0.5, 1e-5)
+    got = run_sites(x, (HyperSite(*sites[0][:3], n, gamma=sites[0][3]),
+                        lambda v: called.append(v.shape) or blocks[0](v), norm, torch.float32),
+                    (HyperSite(*sites[1][:3], n, gamma=sites[1][3]), lambda v: called.append(v.shape) or blocks[1](v)))
+    assert called == [(5, d)] * 2
+    want = x
+    blocks[0] = lambda v, b=blocks[0]: b(norm(v))
+    for (phi, scale, base, gamma), block in zip(sites, blocks):
+        want = _literal_site(want, phi, scale, base, gamma, block, n)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
 def test_sinkhorn_is_doubly_stochastic():

@@ -31,12 +31,23 @@ def _normalised(x: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torc
     return rms_norm(x.flatten(-2).float(), gamma, eps)
 
 
-def _fused_weights(x: torch.Tensor):
-    """The Triton site-weights kernel (kernels/triton_mhc.py) for ``x``'s device, or None where it
-    cannot run (then ``site_weights_reference``; bench/count_ops.py stands in for it on a CPU)."""
-    from ...kernels import triton_ops
+def _triton_kernel(name: str):
+    """A getter ``x -> kernels/triton_mhc.py's `name` for x's device``, None where it cannot run (the
+    PyTorch path then; bench/count_ops.py stands in for these getters on a CPU)."""
+    def get(x: torch.Tensor):
+        from ...kernels import triton_ops
 
-    return triton_ops.cuda_kernel(x, "mhc", "mhc_weights_triton")
+        return triton_ops.cuda_kernel(x, "mhc", name)
+    get.__name__ = f"_fused_{name}"
+    return get
+
+
+# the site weights alone (``site_weights_reference``)
+_fused_weights = _triton_kernel("mhc_weights_triton")
+# a whole site in three launches (``run_sites``; references: ``site_*_reference`` below)
+_fused_site_partials = _triton_kernel("mhc_site_partials")
+_fused_site_enter = _triton_kernel("mhc_site_enter")
+_fused_site_exit = _triton_kernel("mhc_site_exit")
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float = 1e-6) -> torch.Tensor:
@@ -116,8 +127,80 @@ class HyperSite(nn.Module):
 
     def forward(self, x: torch.Tensor, block) -> torch.Tensor:
         """Run ``block`` (``[T, D] -> [T, D]``) at this site of the residual streams ``x [T, N, D]``."""
+        return run_sites(x, (self, block))
+
+    def forward_unfused(self, x: torch.Tensor, block) -> torch.Tensor:
+        """``forward`` as separate PyTorch ops (the CPU path, and the oracle of the fused one)."""
         pre, post, comb = self.weights(x)
         return self.update(x, block(self.collapse(x, pre)), post, comb)
+
+
+def run_sites(x: torch.Tensor, *sites: tuple) -> torch.Tensor:
+    """Run consecutive sites on the streams ``x [T, N, D]``: each block at its site, the next site
+    reading the streams the previous one left. A site is ``(site, block)`` -- ``block`` maps the
+    collapsed input ``[T, D]`` fp32 to its output ``[T, D]`` -- or ``(site, block, norm, dtype)``:
+    ``block`` gets ``norm(collapsed).to(dtype)`` (``norm`` an ``RMSNorm``: the block's input norm).
+
+    On CUDA a site is three Triton launches (kernels/triton_mhc.py): the norm and projection as
+    chunk partials, the weights and the collapse (with the block's norm and cast), and the update
+    -- which, where another site follows here, also computes that site's partials (one launch
+    fewer per pair of sites). Elsewhere each site runs ``HyperSite.forward_unfused``."""
+    kernels = (_fused_site_partials(x), _fused_site_enter(x), _fused_site_exit(x))
+    if any(k is None for k in kernels):
+        for site, block, *norm in sites:
+            x = site.forward_unfused(x, block if not norm else _normed(block, *norm))
+        return x
+    partials, enter, exit_ = kernels
+    n, d = x.shape[-2:]
+    for site, *_ in sites:
+        if site.streams != n or site.phi.shape[1] != n * d:
+            raise ValueError(f"mHC site of {site.streams} streams x {site.phi.shape[1] // site.streams} "
+                             f"does not fit streams {tuple(x.shape)}")
+    part = partials(x, sites[0][0].phi, sites[0][0].gamma)
+    for k, (site, block, *norm) in enumerate(sites):
+        block_norm = (norm[0].weight, norm[0].eps, norm[1]) if norm else None
+        y, _, post, comb = enter(x, *part, site.scale, site.base, n, site.iters, site.eps, site.pre_eps,
+                                 site.sinkhorn_eps, block_norm)
+        out = block(y)
+        nxt = sites[k + 1][0] if k + 1 < len(sites) else None
+        x, part = exit_(x, out, post, comb, None if nxt is None else nxt.phi, None if nxt is None else nxt.gamma)
+    return x
+
+
+def _normed(block, norm, dtype: torch.dtype):
+    return lambda y: block(norm(y).to(dtype))
+
+
+# What the three site kernels compute, in PyTorch with one chunk (``S = 1``): bench/count_ops.py runs
+# these in their place on a CPU. The kernels are checked against ``HyperSite``'s own PyTorch path.
+
+def site_partials_reference(x: torch.Tensor, phi: torch.Tensor, gamma: torch.Tensor | None):
+    """``x [T, N, D]`` -> ``dots [T, 1, M]`` of ``(x * gamma) @ phi^T`` and ``sumsq [T, 1]`` of ``x^2``."""
+    flat = x.flatten(-2).float()
+    weighted = flat if gamma is None else flat * gamma
+    return (weighted @ phi.T).unsqueeze(1), flat.pow(2).sum(-1, keepdim=True)
+
+
+def site_enter_reference(x: torch.Tensor, dots: torch.Tensor, sumsq: torch.Tensor, scale: torch.Tensor,
+                         base: torch.Tensor, streams: int, iters: int, norm_eps: float, pre_eps: float, eps: float,
+                         block_norm: tuple[torch.Tensor | None, float, torch.dtype] | None = None):
+    """Partials -> the block input ``[T, D]`` (with ``block_norm = (weight, eps, dtype)``: normed and
+    cast) and ``pre``, ``post``, ``comb``."""
+    n, d = x.shape[-2:]
+    rinv = torch.rsqrt(sumsq.sum(1, keepdim=True) / (n * d) + norm_eps)
+    mix = dots.sum(1)[:, :(2 + n) * n] * rinv
+    pre, post, comb = site_weights_reference(mix, scale, base, streams, iters, pre_eps, eps)
+    y = HyperSite.collapse(x, pre)
+    if block_norm is not None:
+        y = rms_norm(y, block_norm[0], block_norm[1]).to(block_norm[2])
+    return y, pre, post, comb
+
+
+def site_exit_reference(x: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                        next_phi: torch.Tensor | None = None, next_gamma: torch.Tensor | None = None):
+    """The update, and the next site's partials where ``next_phi`` is given."""
+    new = HyperSite.update(x, out, post, comb)
+    return new, None if next_phi is None else site_partials_reference(new, next_phi, next_gamma)
 
 
 class HyperHead(nn.Module):
