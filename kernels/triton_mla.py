@@ -38,7 +38,10 @@ from .launch import FastLauncher
 BLOCK_H = 16  # heads per program: the smallest tl.dot M
 BLOCK_N = 16  # keys per block
 SPLITS = 32  # most programs per (row, head block) along the keys
-MIN_SPLIT = 128  # fewest keys a split takes: a short row is not cut into many tiny partial sums
+# fewest keys a split takes. Measured (bench/mla_decode.py --sweep, H100, Flash shapes, batch 1): 32 keys gave
+# 51-60 us per sliding layer and 242 us per DSA layer (with its index scores and top-k at a 32k capacity)
+# against 166-182 / 299 us with 128: a program walks its keys slowly, so more, shorter splits win.
+MIN_SPLIT = 32
 PRECISION = "tf32x3"  # fp32 products at nearly fp32 accuracy on tensor cores (the reference is fp32)
 NUM_STAGES = 1
 INDEX_BLOCK_N = 64

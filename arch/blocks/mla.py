@@ -323,7 +323,10 @@ class MLAAttention(nn.Module):
         q_idx = w_idx = None
         if self.indexer is not None:
             q_idx, w_idx = self.indexer.queries(q_lora, x, cos, sin)
-        fused = _fused_mla(x)
+        # the kernels on global layers, whose PyTorch path costs in proportion to the cache capacity; a
+        # window layer's PyTorch path is fixed by its window and as fast at Flash's shapes (bench/mla_decode.py,
+        # H100: sliding window 512, 46-78 us PyTorch, 51-60 us kernels; docs/performance.md)
+        fused = _fused_mla(x) if self.window is None else None
         if fused is not None:
             ctx = self._decode_attention_fused(fused, batch, q_abs, q_pe, q_idx, w_idx)
         else:
