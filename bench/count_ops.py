@@ -128,9 +128,9 @@ def _decode_kernel_stand_ins(counter: OpCounter):
 def gpu_fused_kernels(counter: OpCounter):
     """Take the CUDA-only fused paths on the CPU, each counted as the one kernel it is there:
     ``F.rms_norm`` (RMSNorm), the mHC site kernels, the MoME decode and the MLA decode Triton kernels,
-    the residual add + norms, the gated activation, the logit softcap, the fused RoPE (+ head norms) +
-    cache store and the paged decode attention (run as their PyTorch references)."""
-    from exl3_triton.arch.blocks import mhc, mla, mlp, norm, short_conv
+    the residual add + norms, the gated activation, the logit softcap, the router's selection, the fused
+    RoPE (+ head norms) + cache store and the paged decode attention (run as their PyTorch references)."""
+    from exl3_triton.arch.blocks import mhc, mla, mlp, norm, routing, short_conv
     try:
         from exl3_triton.arch.blocks import residual_norm, softcap
     except ImportError:  # a tree from before the fused residual norm (counting a baseline)
@@ -146,7 +146,8 @@ def gpu_fused_kernels(counter: OpCounter):
                  (mhc, "_fused_site_partials", "triton.mhc_site_partials", getattr(mhc, "site_partials_reference", None)),
                  (mhc, "_fused_site_enter", "triton.mhc_site_enter", getattr(mhc, "site_enter_reference", None)),
                  (mhc, "_fused_site_exit", "triton.mhc_site_exit", getattr(mhc, "site_exit_reference", None)),
-                 (mla, "_fused_mome", "triton.mome_decode", getattr(short_conv, "mome_decode_reference", None))]
+                 (mla, "_fused_mome", "triton.mome_decode", getattr(short_conv, "mome_decode_reference", None)),
+                 (routing, "_fused_selection", "triton.router_select", getattr(routing, "select_reference", None))]
     saved = []
     for module, attr, name, reference in stand_ins:
         if hasattr(module, attr) and reference is not None:  # older trees lack some (counting a baseline)

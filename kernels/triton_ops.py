@@ -43,6 +43,7 @@ def load() -> types.SimpleNamespace | None:
             mome=importlib.import_module(f"{pkg}.triton_mome"),
             norm=importlib.import_module(f"{pkg}.triton_norm"),
             rope=importlib.import_module(f"{pkg}.triton_rope"),
+            router=importlib.import_module(f"{pkg}.triton_router"),
             viterbi=importlib.import_module(f"{pkg}.triton_viterbi"),
         )
     except Exception as e:  # ImportError, or a Triton that does not work on this platform

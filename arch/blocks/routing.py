@@ -13,6 +13,27 @@ import torch
 from torch import nn
 
 
+def _fused_selection(logits: torch.Tensor):
+    """The Triton selection kernel (kernels/triton_router.py) for ``logits``' device, or None where
+    it cannot run (then the PyTorch ops below, its reference)."""
+    from ...kernels import triton_ops
+
+    return triton_ops.cuda_kernel(logits, "router", "sigmoid_topk_triton")
+
+
+def select_reference(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scaling: float,
+                     normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits ``[T, E]`` (fp32) -> expert ids ``[T, k]`` (long), weights ``[T, k]`` (fp32)."""
+    scores = torch.sigmoid(logits)
+    choice = scores if bias is None else scores + bias
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(-1, ids)
+    if normalise:
+        # the reference clamps the sum (HW-CALIB clamp_min(1e-12))
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+    return ids, weights * scaling
+
+
 class SigmoidBiasRouter(nn.Module):
     def __init__(self, gate: torch.Tensor, bias: torch.Tensor | None, top_k: int, *, scaling: float = 1.0,
                  normalise: bool = True):
@@ -25,11 +46,7 @@ class SigmoidBiasRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [T, H]`` -> expert ids ``[T, k]`` (long), weights ``[T, k]`` (fp32)."""
-        scores = torch.sigmoid(nn.functional.linear(x.float(), self.gate))
-        choice = scores if self.bias is None else scores + self.bias
-        ids = torch.topk(choice, self.top_k, dim=-1).indices
-        weights = scores.gather(-1, ids)
-        if self.normalise:
-            # the reference clamps the sum (HW-CALIB clamp_min(1e-12))
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
-        return ids, weights * self.scaling
+        logits = nn.functional.linear(x.float(), self.gate)
+        # one kernel on CUDA for the selection (decode steps run it once per MoE layer)
+        select = _fused_selection(logits) or select_reference
+        return select(logits, self.bias, self.top_k, self.scaling, self.normalise)
