@@ -256,6 +256,11 @@ COLLAPSE_BLOCK = 256
 # take a shared-memory round trip and a barrier each), and 1024 collapse values are 32 a lane.
 CHUNK_WARPS = 4
 ENTER_WARPS = 1
+# With the block's input norm the entry program walks the whole row twice: in one step of up to this many
+# columns with NORM_ENTER_WARPS warps. Measured (bench/mhc_enter_sweep.py, H100, Flash shapes, CUDA graphs):
+# 256 columns with 1 warp 9.8 us (batch 1) / 11.5 us (batch 8); 4096 with 4 warps 7.1 / 8.1 us.
+NORM_COLLAPSE_BLOCK = 4096
+NORM_ENTER_WARPS = 4
 # grids of about this many programs (a few per SM on an H100's 132) before tokens share a program
 TARGET_PROGRAMS = 512
 
@@ -340,12 +345,13 @@ def mhc_site_enter(x: torch.Tensor, dots: torch.Tensor, sumsq: torch.Tensor, sca
         s = dots.shape[1]
         # without the block's norm the collapse is spread over programs of BLOCK_C columns; with it
         # one program a token loops over the row (its norm is a reduction over all of it)
-        block = min(COLLAPSE_BLOCK, triton.next_power_of_2(d))
+        block = min(NORM_COLLAPSE_BLOCK if block_norm is not None else COLLAPSE_BLOCK, triton.next_power_of_2(d))
         grid = (t, 1 if block_norm is not None else triton.cdiv(d, block))
         _enter(grid, x, dots, sumsq, scale, base, y, pre, post, comb, x if weight is None else weight, d, s,
                x.stride(0), y.stride(0), 1.0 / (n * d), float(norm_eps), float(pre_eps), float(eps), float(block_eps),
                N=n, M_PAD=dots.shape[2], S_PAD=triton.next_power_of_2(s), BLOCK_C=block, ITERS=iters,
-               BLOCK_NORM=block_norm is not None, HAS_NORM_W=weight is not None, num_warps=ENTER_WARPS,
+               BLOCK_NORM=block_norm is not None, HAS_NORM_W=weight is not None,
+               num_warps=NORM_ENTER_WARPS if block_norm is not None else ENTER_WARPS,
                num_stages=1)
     return y, pre, post, comb
 
