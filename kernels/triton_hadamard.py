@@ -96,6 +96,9 @@ MANY_ROWS = 2048
 MANY_ROWS_SCHEDULE = dict(block_r=64, row_blocks=4, h_in_registers=True, num_warps=4)
 
 
+FEW_ROWS_SCHEDULE = dict(row_blocks=1, h_in_registers=False, num_warps=4)  # up to 16 rows: the factored form
+
+
 def _launch(x2: torch.Tensor, rows: int, pre, post, out_dtype, round_fp16: bool, x_rows=None, pre_rows=None,
             bias=None, schedule: dict | None = None):
     c = x2.shape[-1]
@@ -105,8 +108,11 @@ def _launch(x2: torch.Tensor, rows: int, pre, post, out_dtype, round_fp16: bool,
         x2 = x2.contiguous()
     y = torch.empty((rows, c), dtype=out_dtype, device=x2.device)
     full_dot = rows > 16  # measured: the factored form is slow on large blocks (bench/kernels.py, large_batch_parts)
-    default = MANY_ROWS_SCHEDULE if rows >= MANY_ROWS else ROTATION_SCHEDULE
-    sched = {**default, **(schedule or {})} if full_dot else dict(row_blocks=1, h_in_registers=False, num_warps=4)
+    if not full_dot:
+        sched = FEW_ROWS_SCHEDULE
+    else:  # merged only when a caller (the bench) overrides part of it: this runs on every eager call
+        default = MANY_ROWS_SCHEDULE if rows >= MANY_ROWS else ROTATION_SCHEDULE
+        sched = {**default, **schedule} if schedule else default
     block_r = (sched["block_r"] or (128 if rows >= 1024 else 64)) if full_dot else 16
     row_blocks = max(1, min(sched["row_blocks"], -(-rows // block_r)))
     gather = x_rows is not None
