@@ -24,7 +24,6 @@ and the rollback of rejected positions still do all their real work. Results: JS
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -180,9 +179,6 @@ def main() -> int:
                    help="bench only: accept each drafted depth with this probability instead of verifying")
     p.add_argument("--prefill-rotation-ab", action="store_true",
                    help="also time the prefill with the previous and the current many-row rotation schedule, alternating")
-    p.add_argument("--pdl-ab", action="store_true",
-                   help="decode at each batch size with programmatic dependent launch off and on, alternating "
-                        "(EXL3_TRITON_PDL=0/1; each run captures its own graphs), twice each")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -214,15 +210,6 @@ def main() -> int:
         tuning.gemm_config.cache_clear()
         rec = decode_speed(model, 1, args.steps, args.prompt_len, capacity(args.prompt_len + args.steps + 32))
         res.add("graph_rotation_choice", {"rotate_in_kernel": rotate_in_kernel, "tokens_per_s": rec["tokens_per_s"]})
-    for b in (int(x) for x in args.batch.split(",")) if args.pdl_ab else ():
-        for rep in range(2):
-            for pdl in ("0", "1"):
-                os.environ["EXL3_TRITON_PDL"] = pdl
-                rec = decode_speed(model, b, args.steps, args.prompt_len, capacity(args.prompt_len + args.steps + 32))
-                res.add("pdl_ab", {"pdl": pdl == "1", "repeat": rep, "batch": b, "tokens_per_s": rec["tokens_per_s"],
-                                   "ms_per_step": rec["ms_per_step"]})
-                torch.cuda.empty_cache()
-        os.environ.pop("EXL3_TRITON_PDL")
     for b in (int(x) for x in args.batch.split(",")):
         rec = decode_speed(model, b, args.steps, args.prompt_len, capacity(args.prompt_len + args.steps + 32))
         rec["bound_fraction"] = rec["tokens_per_s"] / (bw / weight_gb) if b == 1 else None

@@ -139,7 +139,7 @@ def main_loop(sass: str) -> dict:
 
 # the one-row variants' switches, off (kernels/triton_gemm.py, GemmConfig.prefetch_steps etc.)
 LANE_MAJOR = lanes_arrangement()  # GemmConfig.lane_major for the installed Triton
-ONE_ROW_DEFAULTS = dict(PREFETCH=0, LANES=0, EARLY_LOAD=False, ASYNC_STAGES=0, GROUPED=False, PDL=False)
+ONE_ROW_DEFAULTS = dict(PREFETCH=0, LANES=0, EARLY_LOAD=False, ASYNC_STAGES=0, GROUPED=False)
 
 
 def gemm_variants():
@@ -171,7 +171,7 @@ def gemm_variants():
 
 # the MoE decode kernel's MoeDecodeConfig switches, off (every constexpr is named: a missing one would be compiled
 # as a runtime argument)
-MOE_DECODE_DEFAULTS = dict(PREFETCH=0, LANES=0, EARLY_LOAD=False, COL_BLOCKS=1, ROTATE_IN_KERNEL=True, PDL=False)
+MOE_DECODE_DEFAULTS = dict(PREFETCH=0, LANES=0, EARLY_LOAD=False, COL_BLOCKS=1, ROTATE_IN_KERNEL=True)
 
 
 def moe_variants():

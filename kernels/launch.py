@@ -14,22 +14,9 @@ equality to 1 and width. Under the interpreter, or while a launch hook is
 installed (profilers), every call takes Triton's normal path.
 
 Kernels launched this way must declare their constexpr parameters last.
-
-**Programmatic dependent launch** (Hopper and later, ``programmatic_launch``): a kernel
-launched with ``launch_pdl=True`` may start while the kernel before it on the stream is
-still running, once that one has called ``gdc_launch_dependents()`` (or finished). Such a
-kernel must call ``gdc_wait()`` before it reads anything an earlier kernel wrote and before
-it writes anything (the wait returns once the previous kernel has completed and its writes
-are visible); what it does before the wait may only read constants such as weights. That
-lets a GEMV fetch its first trellis words while the previous kernel finishes, and hides
-the launch gap between the kernels of a CUDA graph. Every kernel launched this way calls
-``gdc_wait()`` unconditionally, so the ordering stays transitive along the stream.
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 
@@ -73,20 +60,6 @@ def _current_stream(device: int) -> int:
         return torch.cuda.current_stream(device).cuda_stream
 
 
-@functools.lru_cache(maxsize=None)
-def _pdl_capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def programmatic_launch(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch with programmatic dependent launch: CUDA devices of
-    compute capability 9.0 or later, unless ``EXL3_TRITON_PDL=0`` (read at each call, so a
-    benchmark can compare both in one process; a captured graph keeps what it was captured with)."""
-    if device.type != "cuda" or os.environ.get("EXL3_TRITON_PDL", "1") == "0":
-        return False
-    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
-
-
 class FastLauncher:
     """Wraps one ``@triton.jit`` function; call as ``launcher(grid, *args, num_warps=, num_stages=, **constexprs)``.
 
@@ -105,18 +78,14 @@ class FastLauncher:
             self.constexpr_names = tuple(p.name for p in params if p.is_constexpr)
 
     def __call__(self, grid, *args, num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = None,
-                 launch_pdl: bool = False, **constexprs):
-        """``maxnreg``: cap on registers per thread (Triton's NVIDIA option; None: the compiler's choice).
-        ``launch_pdl``: launch with programmatic dependent launch (see the module's docstring; the
-        kernel must then call ``gdc_wait()``)."""
+                 **constexprs):
+        """``maxnreg``: cap on registers per thread (Triton's NVIDIA option; None: the compiler's choice)."""
         options = {} if maxnreg is None else {"maxnreg": maxnreg}
-        if launch_pdl:
-            options["launch_pdl"] = True
         if self.interpret:
             return self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
         device = torch.cuda.current_device()
         cvals = tuple([constexprs[name] for name in self.constexpr_names])
-        key = (cvals, num_warps, num_stages, maxnreg, launch_pdl, device, _launch_key(args))
+        key = (cvals, num_warps, num_stages, maxnreg, device, _launch_key(args))
         kernel = self.cache.get(key)
         if kernel is None or _hooks_active():
             kernel = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **options, **constexprs)

@@ -26,10 +26,9 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..errors import InvalidArgumentError
-from .launch import FastLauncher, programmatic_launch
+from .launch import FastLauncher
 from .triton_decode import (HAD_SCALE, decode_words, decode_words_rank7, hadamard_rows, lane_layout, load_rows_rank7,
                             load_tile_words)
 from .triton_gemv import async_gemv, lanes_arrangement, lanes_block_fp16, ring_gemv, ring_prologue, ring_words
@@ -200,15 +199,11 @@ def _exl3_gemm_kernel(
     # concatenated linears (Exl3Weight.out_splits): group_ptr[column block] is the member, whose input
     # is rotated with its own suh row (in the kernel) or found x_group_stride elements further on
     GROUPED: tl.constexpr,
-    # programmatic dependent launch (kernels/launch.py): weights may be read before gdc_wait, nothing else
-    PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     nb = N // 128
-    if PDL:  # the next kernel's programs may take SM slots as ours leave
-        gdc_launch_dependents()
     if GROUPED:
         member = tl.load(group_ptr + pid_n)
         suh_ptr += member * K
@@ -221,8 +216,6 @@ def _exl3_gemm_kernel(
     if RING and EARLY_LOAD:  # the first trellis loads fly while the prologue rotates x
         (wa0, wa1, wa2, wb0, wb1, wb2, wc0, wc1, wc2, wd0, wd1, wd2) = ring_prologue(
             t32_ptr, kt_begin, k_tiles_per_split // BTK, pid_n * 8, TN, W32, KA, HALF, NLOAD, BTK, PREFETCH + 1, LANES)
-    if PDL:  # x, the workspace, the counters and y belong to the stream's order from here on
-        gdc_wait()
 
     if ROTATE_IN_KERNEL:  # this program's private copy of its rows' rotated K-slice
         scratch_row0 = (pid_m * nb + pid_n) * BLOCK_M
@@ -443,7 +436,6 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
     y = torch.empty((m, n), dtype=x.dtype, device=dev) if out is None else out.view(m, n)
     consts = launch_constants(w)
     chunks = k_tiles // split // 8
-    pdl = programmatic_launch(dev)
     _gemm(
         (nb, split, grid_m),
         x2, scratch, consts["t32"], w.suh, w.svh, w.bias if w.bias is not None else w.svh, y, ws, locks, h32,
@@ -453,9 +445,8 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
         BLOCK_M=block_m, BTK=cfg.btk, SPLIT_K=split, ROTATE_IN_KERNEL=rotate_in_kernel,
         NCH=next_power_of_2(chunks), FIN_ROWS=min(block_m, 4), HAS_BIAS=w.bias is not None,
         PREFETCH=cfg.prefetch_steps or 0, LANES=lanes_arrangement() if cfg.lane_major else 0, EARLY_LOAD=cfg.early_load,
-        ASYNC_STAGES=cfg.async_stages or 0, GROUPED=grouped, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers, launch_pdl=pdl,
-        **consts["fmt"],
+        ASYNC_STAGES=cfg.async_stages or 0, GROUPED=grouped,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers, **consts["fmt"],
     )
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 

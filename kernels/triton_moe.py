@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..errors import InvalidArgumentError
-from .launch import FastLauncher, programmatic_launch
+from .launch import FastLauncher
 from . import tuning
 from .tuning import moe_decode_config
 from .triton_decode import lane_layout
@@ -116,16 +115,10 @@ def _exl3_moe_decode_kernel(
     # (else x_ptr holds each slot's rotated row, from a separate launch)
     PREFETCH: tl.constexpr = 0, LANES: tl.constexpr = 0, EARLY_LOAD: tl.constexpr = False,
     COL_BLOCKS: tl.constexpr = 1, ROTATE_IN_KERNEL: tl.constexpr = True,
-    # programmatic dependent launch (kernels/launch.py); the expert ids come from the router, so only the launch
-    # overlaps the previous kernel
-    PDL: tl.constexpr = False,
 ):
     pid_c = tl.program_id(0)
     slot = tl.program_id(1)
     pid_s = tl.program_id(2)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
     nb = N // 128
     token = slot // TOPK
     kt_begin = pid_s * k_tiles_per_split
@@ -364,7 +357,6 @@ def exl3_moe_triton(
                                split_k if split_k is not None else decode.split_k)
         if (t if reduce else slots) * nb > LOCK_SLOTS:
             raise ValueError("too many output blocks for the MoE counters")
-        pdl = programmatic_launch(dev)
         y = (torch.empty((t if reduce else slots, n), dtype=x.dtype, device=dev) if out is None
              else out.view(t if reduce else slots, n))
         ws = torch.empty((slots * split, n), dtype=torch.float32, device=dev) if (reduce or split > 1) else h32
@@ -385,8 +377,8 @@ def exl3_moe_triton(
             TOPK_P2=next_power_of_2(top_k), SPLIT_GROUP=reduction_group(split, top_k) if reduce else 1,
             NCH=next_power_of_2(k_tiles // split // 8), PREFETCH=decode.prefetch_steps or 0,
             LANES=lanes_arrangement() if decode.lane_major else 0, EARLY_LOAD=decode.early_load,
-            COL_BLOCKS=col_blocks, ROTATE_IN_KERNEL=decode.rotate_in_kernel, PDL=pdl,
-            num_warps=decode.num_warps, num_stages=1, launch_pdl=pdl, **fmt,
+            COL_BLOCKS=col_blocks, ROTATE_IN_KERNEL=decode.rotate_in_kernel,
+            num_warps=decode.num_warps, num_stages=1, **fmt,
         )
         return y if reduce else y.reshape(t, top_k, n)
 
