@@ -82,6 +82,9 @@ def gemv_variant_configs() -> dict:
         "lanes async3 btk2 w4": replace(today, async_stages=3, lane_major=True, btk=2),  # larger steps
         "lanes async3 btk2 w8": replace(today, async_stages=3, lane_major=True, btk=2, num_warps=8),
         "lanes async4 w2": replace(today, async_stages=4, lane_major=True, num_warps=2),  # fewer warps
+        # the default capped at 64 registers (no spills, compiled for sm_90 with Triton 3.6): 8 programs per SM
+        # instead of 7, so 1024 programs are one wave, not 1.11 (Nsight Compute, docs/performance.md)
+        "lanes ring3 early r64": replace(today, prefetch_steps=3, lane_major=True, early_load=True, max_registers=64),
     }
 
 
@@ -126,6 +129,7 @@ class Bench:
         self.device = device  # "cpu" only for the logic test of the sections (Triton's interpreter)
         self.best: dict[str, GemmConfig] = {}
         self.moe_bits = (4, 2)  # moe_variants' bit widths (--moe-bits)
+        self.only_variants: list[str] = []  # gemv_variants: these names (and today's) only (--variants)
 
     def out_of_time(self) -> bool:
         return self.r.elapsed() > self.budget
@@ -263,6 +267,8 @@ class Bench:
         fp16 torch.matmul in the same run; then the K-split count for the fastest variant, since
         deeper prefetching changes how many programs per SM are worth having."""
         configs = gemv_variant_configs()
+        if self.only_variants:
+            configs = {name: cfg for name, cfg in configs.items() if name in self.only_variants or name == "today"}
         for k, n, bits in shapes:
             if self.out_of_time():
                 return
@@ -612,6 +618,7 @@ def main() -> int:
                         "moe_variants (MoE decode schedules, issues 3 and 8)")
     parser.add_argument("--budget", type=float, default=500, help="seconds after which remaining sections are skipped")
     parser.add_argument("--moe-bits", default="4,2", help="bit widths of the moe_variants section, in order")
+    parser.add_argument("--variants", default="", help="gemv_variants: only these (comma-separated names) and today's")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -620,6 +627,7 @@ def main() -> int:
     out_dir = Path(args.out) if args.out else REPO / "bench" / "results"
     name = f"kernels-{meta['date']}-{meta['gpu'].replace(' ', '_')}.json"
     bench = Bench(Results(out_dir / name, meta), args.budget)
+    bench.only_variants = [v for v in args.variants.split(",") if v]
     bench.moe_bits = tuple(float(b) if "." in b else int(b) for b in args.moe_bits.split(","))
     for section in args.sections.split(","):
         if bench.out_of_time():
