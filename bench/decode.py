@@ -158,6 +158,32 @@ def prefill_speed(model, length: int) -> dict:
     return {"prompt_tokens": length, "seconds": dt, "tokens_per_s": length / dt, "ttft_ms": dt * 1000}
 
 
+def ab_tuning(res, model, args, capacity) -> None:
+    """``--ab-tuning NAME=VALUE``: the same decode with a tuning constant at its default and at VALUE."""
+    import ast
+
+    from exl3_triton.kernels import tuning
+
+    name, _, value = args.ab_tuning.partition("=")
+    if not hasattr(tuning, name):
+        raise SystemExit(f"--ab-tuning: kernels/tuning.py has no {name!r}")
+    default, other = getattr(tuning, name), ast.literal_eval(value)
+    for b in (int(x) for x in args.batch.split(",")):
+        for rep in range(2):
+            for setting in (default, other):
+                setattr(tuning, name, setting)
+                for cached in (tuning.moe_decode_config, tuning.gemm_config):
+                    cached.cache_clear()
+                rec = decode_speed(model, b, args.steps, args.prompt_len, capacity(args.prompt_len + args.steps + 32))
+                res.add("ab_tuning", {"name": name, "value": repr(setting), "default": setting is default,
+                                      "repeat": rep, "batch": b, "tokens_per_s": rec["tokens_per_s"],
+                                      "ms_per_step": rec["ms_per_step"]})
+                torch.cuda.empty_cache()
+    setattr(tuning, name, default)
+    for cached in (tuning.moe_decode_config, tuning.gemm_config):
+        cached.cache_clear()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default=None, help="model family of a synthetic size name (gemma4 + 31b = gemma4-31b)")
@@ -179,6 +205,9 @@ def main() -> int:
                    help="bench only: accept each drafted depth with this probability instead of verifying")
     p.add_argument("--prefill-rotation-ab", action="store_true",
                    help="also time the prefill with the previous and the current many-row rotation schedule, alternating")
+    p.add_argument("--ab-tuning", default=None, metavar="NAME=VALUE",
+                   help="decode at each batch size with kernels/tuning.py's NAME at its default and at VALUE (a Python "
+                        "literal), alternating, twice each (new graphs each run)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -210,6 +239,8 @@ def main() -> int:
         tuning.gemm_config.cache_clear()
         rec = decode_speed(model, 1, args.steps, args.prompt_len, capacity(args.prompt_len + args.steps + 32))
         res.add("graph_rotation_choice", {"rotate_in_kernel": rotate_in_kernel, "tokens_per_s": rec["tokens_per_s"]})
+    if args.ab_tuning:
+        ab_tuning(res, model, args, capacity)
     for b in (int(x) for x in args.batch.split(",")):
         rec = decode_speed(model, b, args.steps, args.prompt_len, capacity(args.prompt_len + args.steps + 32))
         rec["bound_fraction"] = rec["tokens_per_s"] / (bw / weight_gb) if b == 1 else None

@@ -350,7 +350,7 @@ def exl3_moe_triton(
 
     if schedule == "decode":
         if decode is None:
-            decode = moe_decode_config(k, n)
+            decode = moe_decode_config(k, n, slots)
         reduce = routing_weights is not None
         col_blocks = _largest_divisor(nb, decode.col_blocks)
         split = choose_split_k(k_tiles // 8, nb // col_blocks * slots, sm_count(dev),

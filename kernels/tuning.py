@@ -63,17 +63,27 @@ TWO_ROWS_TENSOR_CORES = 4096 * 14336
 # one token (19.9 / 21.1 us on openPangu) but slower at 8 (99 vs 83): left to the automatic split.
 MOE_DECODE = dict(btk=1, num_warps=4, early_load=True, **ONE_ROW_LOOP)
 
+# Up to this many slots (one token's experts; 16 for its gate + up stacked in one launch), the MoE decode aims
+# for this many K slices per slot instead of the programs-per-SM rule, which splits short slices 8-20 ways:
+# fewer, longer programs and a shorter reduction. Measured at one token in the table above: openPangu gate/up
+# 23.3 -> 19.9 us, down 25.6 -> 21.1, DeepSeek-V4 gate/up 37.4 -> 36.5 ("ring3 early sk4"); at 4-8 tokens it
+# loses, hence the bound. (0 turns the rule off; bench/decode.py --ab-tuning MOE_FEW_SLOTS=0 compares.)
+MOE_FEW_SLOTS = 16
+MOE_FEW_SLOTS_SPLIT = 4
+
 # Up to this many slots (tokens x selected experts) a MoE projection takes the decode schedule (one row per
 # slot, FMAs); above, the grouped one (slots sorted by expert, tensor-core blocks).
 MOE_DECODE_MAX_SLOTS = 64
 
 
 @functools.lru_cache(maxsize=None)
-def moe_decode_config(in_features: int, out_features: int):
-    """The MoE decode schedule (``triton_moe.MoeDecodeConfig``) for experts of this shape."""
+def moe_decode_config(in_features: int, out_features: int, slots: int = MOE_DECODE_MAX_SLOTS):
+    """The MoE decode schedule (``triton_moe.MoeDecodeConfig``) for experts of this shape and ``slots``
+    (tokens x experts per token) in the launch."""
     from . import triton_ops
 
-    return triton_ops.load().moe.MoeDecodeConfig(**MOE_DECODE)
+    few = dict(split_k=MOE_FEW_SLOTS_SPLIT) if slots <= MOE_FEW_SLOTS else {}
+    return triton_ops.load().moe.MoeDecodeConfig(**{**MOE_DECODE, **few})
 
 
 def fused_max_rows(in_features: int, out_features: int) -> int:

@@ -90,3 +90,15 @@ def test_default_decode_config_comes_from_tuning(triton_kernels):
     from exl3_triton.kernels import tuning
 
     assert tuning.moe_decode_config(2560, 1024) == triton_kernels.moe.MoeDecodeConfig(**tuning.MOE_DECODE)
+
+
+def test_few_slots_take_fewer_longer_k_slices(triton_kernels):
+    """One token's experts (and its gate + up stack) aim for MOE_FEW_SLOTS_SPLIT K slices; more slots keep the
+    programs-per-SM rule (split_k None)."""
+    from exl3_triton.kernels import tuning
+
+    few = tuning.moe_decode_config(2560, 1024, 8)
+    stacked = tuning.moe_decode_config(2560, 1024, 16)
+    many = tuning.moe_decode_config(2560, 1024, 32)
+    assert few.split_k == stacked.split_k == tuning.MOE_FEW_SLOTS_SPLIT == 4
+    assert many.split_k is None and many == triton_kernels.moe.MoeDecodeConfig(**tuning.MOE_DECODE)
