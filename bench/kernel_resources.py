@@ -171,7 +171,7 @@ def gemm_variants():
 
 # the MoE decode kernel's MoeDecodeConfig switches, off (every constexpr is named: a missing one would be compiled
 # as a runtime argument)
-MOE_DECODE_DEFAULTS = dict(PREFETCH=0, LANES=0, EARLY_LOAD=False, COL_BLOCKS=1, ROTATE_IN_KERNEL=True)
+MOE_DECODE_DEFAULTS = dict(PREFETCH=0, LANES=0, EARLY_LOAD=False, COL_BLOCKS=1, ROTATE_IN_KERNEL=True, MEMBERS=1)
 
 
 def moe_variants():

@@ -111,13 +111,16 @@ def exl3_moe(
     routing_weights: torch.Tensor | None = None,
     backend: str | None = None,
     schedule: str | None = None,
+    members: int = 1,
 ) -> torch.Tensor:
-    """Apply each token's selected experts (see ``kernels.reference.moe.exl3_moe_ref`` for shapes).
-    ``schedule`` (Triton): "decode", "grouped" or None (by the number of slots)."""
+    """Apply each token's selected experts (see ``kernels.reference.moe.exl3_moe_ref`` for shapes and
+    ``members``, stacks such as gate + up in one launch). ``schedule`` (Triton): "decode", "grouped" or
+    None (by the number of slots)."""
     if resolve_backend(backend, x.device) == "triton" and _triton_shapes_ok(experts.in_features,
                                                                             experts.out_features):
-        return triton_ops.load().moe.exl3_moe_triton(x, experts, expert_ids, routing_weights, schedule=schedule)
-    return exl3_moe_ref(x, experts, expert_ids, routing_weights)
+        return triton_ops.load().moe.exl3_moe_triton(x, experts, expert_ids, routing_weights, schedule=schedule,
+                                                     members=members)
+    return exl3_moe_ref(x, experts, expert_ids, routing_weights, members=members)
 
 
 def paged_attention(

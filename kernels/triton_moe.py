@@ -41,6 +41,7 @@ from .triton_gemm import (
     rotate_row_slice_into_scratch,
     sm_count,
 )
+from .reference.moe import member_ids
 from .weights import Exl3ExpertStack
 
 
@@ -105,7 +106,7 @@ def _finish_column_block(acc, pid_n, cols, slot, token, e_safe, pid_s, ids_ptr, 
 @triton.jit
 def _exl3_moe_decode_kernel(
     x_ptr, scratch_ptr, ids_ptr, rw_ptr, t32_ptr, suh_ptr, svh_ptr, y_ptr, ws_ptr, lock_ptr, h32_ptr,
-    N, K, TN, k_tiles_per_split, expert_w32, stride_xm, stride_ym,
+    N, K, TN, k_tiles_per_split, expert_w32, stride_xm, stride_ym, member_experts,
     W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
     CB: tl.constexpr, USE_PTX: tl.constexpr,
     TOPK: tl.constexpr, X_PER_SLOT: tl.constexpr, REDUCE: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -115,6 +116,9 @@ def _exl3_moe_decode_kernel(
     # (else x_ptr holds each slot's rotated row, from a separate launch)
     PREFETCH: tl.constexpr = 0, LANES: tl.constexpr = 0, EARLY_LOAD: tl.constexpr = False,
     COL_BLOCKS: tl.constexpr = 1, ROTATE_IN_KERNEL: tl.constexpr = True,
+    # MEMBERS > 1: the stack is that many equal parts (gate and up experts) and ids_ptr holds TOPK // MEMBERS ids
+    # per token; slot j of a token reads part j // (TOPK // MEMBERS) (exl3_moe_ref's ``members``)
+    MEMBERS: tl.constexpr = 1,
 ):
     pid_c = tl.program_id(0)
     slot = tl.program_id(1)
@@ -122,7 +126,13 @@ def _exl3_moe_decode_kernel(
     nb = N // 128
     token = slot // TOPK
     kt_begin = pid_s * k_tiles_per_split
-    e = tl.load(ids_ptr + slot)
+    if MEMBERS > 1:
+        PER: tl.constexpr = TOPK // MEMBERS
+        j = slot % TOPK
+        e = tl.load(ids_ptr + token * PER + j % PER)
+        e = tl.where(e >= 0, e + (j // PER) * member_experts, e)
+    else:
+        e = tl.load(ids_ptr + slot)
     e_safe = tl.maximum(e, 0)
     RING: tl.constexpr = PREFETCH > 0
 
@@ -321,8 +331,13 @@ def exl3_moe_triton(
     out: torch.Tensor | None = None,
     lane_major: bool = True,
     decode: MoeDecodeConfig | None = None,
+    members: int = 1,
 ) -> torch.Tensor:
     """Same contract as ``exl3_moe_ref``; ``schedule`` is "decode", "grouped" or None (by size).
+
+    ``members`` (a stack of equal parts, e.g. gate + up): the decode kernel derives each slot's expert from
+    the token's ids itself, so a decode step launches nothing to build the stacked ids; the other paths
+    build them (``member_ids``). Expert ids may be int32 or int64 (read as they are).
 
     ``out`` (decode schedule): a contiguous tensor of the result's shape to write into.
     ``decode``: the decode schedule's ``MoeDecodeConfig`` (None: ``kernels/tuning.py``'s); ``split_k``, when
@@ -332,25 +347,32 @@ def exl3_moe_triton(
     """
     _check(x, experts, expert_ids)
     t, top_k = expert_ids.shape
+    top_k *= members  # slots per token
     k, n = experts.in_features, experts.out_features
     per_slot = x.dim() == 3
+    if members > 1 and (per_slot or routing_weights is not None or experts.num_experts % members):
+        raise ValueError(f"{experts.key}: members={members} needs one input row per token, no routing weights "
+                         f"and a stack of {members} equal parts ({experts.num_experts} experts)")
     xs = x.reshape(t * top_k if per_slot else t, k)
     if xs.stride(-1) != 1:
         xs = xs.contiguous()
     slots = t * top_k
     if schedule is None:
         schedule = "decode" if slots <= tuning.MOE_DECODE_MAX_SLOTS else "grouped"
+    if decode is None and schedule == "decode":
+        decode = moe_decode_config(k, n, slots)
+    if members > 1 and (schedule != "decode" or not decode.rotate_in_kernel):  # these read one id per slot
+        expert_ids = member_ids(expert_ids, experts.num_experts // members, members)
+        members = 1
     fmt = _format(experts, x, use_ptx)
     locks, h32 = device_buffers(x.device)
-    ids32 = expert_ids.to(torch.int32).contiguous()
+    ids = expert_ids.contiguous()
     t32 = experts.trellis.view(torch.int32)
     expert_w32 = t32[0].numel()
     nb, k_tiles, dev = n // 128, k // 16, x.device
     rw = routing_weights.float().contiguous() if routing_weights is not None else h32
 
     if schedule == "decode":
-        if decode is None:
-            decode = moe_decode_config(k, n, slots)
         reduce = routing_weights is not None
         col_blocks = _largest_divisor(nb, decode.col_blocks)
         split = choose_split_k(k_tiles // 8, nb // col_blocks * slots, sm_count(dev),
@@ -367,17 +389,17 @@ def exl3_moe_triton(
 
             x_rows = torch.arange(slots, device=dev)
             src = exl3_input_rotate_gathered(xs, experts.suh, x_rows if per_slot else x_rows // top_k,
-                                             ids32.reshape(-1).clamp(min=0))
+                                             ids.reshape(-1).clamp(min=0))
             scratch = h32
         _decode(
             (nb // col_blocks, slots, split),
-            src, scratch, ids32, rw, t32, experts.suh, experts.svh, y, ws, locks, h32,
-            n, k, n // 16, k_tiles // split, expert_w32, src.stride(0), y.stride(0),
+            src, scratch, ids, rw, t32, experts.suh, experts.svh, y, ws, locks, h32,
+            n, k, n // 16, k_tiles // split, expert_w32, src.stride(0), y.stride(0), experts.num_experts // members,
             TOPK=top_k, X_PER_SLOT=per_slot, REDUCE=reduce, SPLIT_K=split, BTK=decode.btk,
             TOPK_P2=next_power_of_2(top_k), SPLIT_GROUP=reduction_group(split, top_k) if reduce else 1,
             NCH=next_power_of_2(k_tiles // split // 8), PREFETCH=decode.prefetch_steps or 0,
             LANES=lanes_arrangement() if decode.lane_major else 0, EARLY_LOAD=decode.early_load,
-            COL_BLOCKS=col_blocks, ROTATE_IN_KERNEL=decode.rotate_in_kernel,
+            COL_BLOCKS=col_blocks, ROTATE_IN_KERNEL=decode.rotate_in_kernel, MEMBERS=members,
             num_warps=decode.num_warps, num_stages=1, **fmt,
         )
         return y if reduce else y.reshape(t, top_k, n)

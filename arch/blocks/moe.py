@@ -105,10 +105,9 @@ class RoutedExperts(nn.Module):
         xp = nn.functional.pad(x, (0, pad_in)) if pad_in else x
         i = self.intermediate_size
         if self.gate_up is not None:  # one launch: slots [0, k) read the gate experts, [k, 2k) the up ones
-            e, k = self.gate.num_experts, expert_ids.shape[1]
-            both_ids = torch.cat([expert_ids, torch.where(expert_ids >= 0, expert_ids + e, expert_ids)], dim=1)
+            k = expert_ids.shape[1]
             # the schedule the two launches would have had (measured per slot count, kernels/triton_moe.py)
-            gu = kernels.exl3_moe(xp, self.gate_up, both_ids, backend=self.backend,
+            gu = kernels.exl3_moe(xp, self.gate_up, expert_ids, backend=self.backend, members=2,
                                   schedule="decode" if expert_ids.numel() <= tuning.MOE_DECODE_MAX_SLOTS else "grouped")
             g, u = gu[:, :k, :i], gu[:, k:, :i]
         else:

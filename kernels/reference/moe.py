@@ -8,11 +8,22 @@ from ..weights import Exl3ExpertStack
 from .linear import exl3_matmul_ref
 
 
+def member_ids(expert_ids: torch.Tensor, experts: int, members: int) -> torch.Tensor:
+    """``[T, k]`` ids into each of ``members`` equal parts of a stack of ``members * experts``
+    (e.g. gate ``e`` and up ``E + e``) -> ``[T, members * k]``: member ``m``'s slots read ``id + m * experts``;
+    negative ids stay negative (skipped)."""
+    if members == 1:
+        return expert_ids
+    shifted = [torch.where(expert_ids >= 0, expert_ids + m * experts, expert_ids) for m in range(1, members)]
+    return torch.cat([expert_ids, *shifted], dim=1)
+
+
 def exl3_moe_ref(
     x: torch.Tensor,
     experts: Exl3ExpertStack,
     expert_ids: torch.Tensor,
     routing_weights: torch.Tensor | None = None,
+    members: int = 1,
 ) -> torch.Tensor:
     """Apply each token's selected experts.
 
@@ -20,7 +31,16 @@ def exl3_moe_ref(
     input per selected expert, e.g. down). expert_ids: ``[T, top_k]`` (negative =
     skip). Without ``routing_weights`` returns ``[T, top_k, n]``; with them
     (``[T, top_k]``) returns the weighted sum ``[T, n]``.
+
+    ``members`` > 1: ``experts`` is that many stacks of equal size one after another (gate and up
+    experts in one stack) and each token's ids select in every one of them (``member_ids``): the
+    result is ``[T, members * top_k, n]``, member by member (x one row per token, no weights).
     """
+    if members > 1:
+        if routing_weights is not None or x.dim() == 3 or experts.num_experts % members:
+            raise ValueError(f"{experts.key}: members={members} needs one input row per token, no routing "
+                             f"weights and a stack of {members} equal parts ({experts.num_experts} experts)")
+        expert_ids = member_ids(expert_ids, experts.num_experts // members, members)
     t, top_k = expert_ids.shape
     per_slot = x.dim() == 3
     out = torch.zeros(t, top_k, experts.out_features, dtype=torch.float32, device=x.device)

@@ -102,3 +102,40 @@ def test_few_slots_take_fewer_longer_k_slices(triton_kernels):
     many = tuning.moe_decode_config(2560, 1024, 32)
     assert few.split_k == stacked.split_k == tuning.MOE_FEW_SLOTS_SPLIT == 4
     assert many.split_k is None and many == triton_kernels.moe.MoeDecodeConfig(**tuning.MOE_DECODE)
+
+
+def test_reference_members_read_each_part_of_the_stack(device):
+    """``members=2`` (gate + up stacked): member m's slots use expert ``id + m * E``; -1 stays skipped. The oracle:
+    the two halves of the stack applied separately."""
+    g = torch.Generator().manual_seed(5)
+    stack = _stack(4, 128, 128, 4, Codebook.MCG, device)
+    halves = [Exl3ExpertStack(stack.trellis[i:i + 2], stack.suh[i:i + 2], stack.svh[i:i + 2], 4, Codebook.MCG,
+                              key=f"half{i}") for i in (0, 2)]
+    ids = torch.tensor([[1, -1], [0, 1]], device=device)
+    x = torch.randn(2, 128, generator=g).to(device).half()
+    both = exl3_moe_ref(x.float(), stack, ids, members=2)
+    assert both.shape == (2, 4, 128)
+    for m, half in enumerate(halves):
+        assert torch.equal(both[:, 2 * m:2 * m + 2], exl3_moe_ref(x.float(), half, ids))
+    with pytest.raises(ValueError, match="members"):
+        exl3_moe_ref(x.float(), stack, ids, torch.ones(2, 2, device=device), members=2)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("path", ["decode", "decode rotation launch", "grouped"])
+def test_members_match_reference(triton_kernels, device, id_dtype, path):
+    """The decode kernel derives each slot's expert from the token's ids itself (no stacked ids are built);
+    the rotation-launch and grouped paths build them. int32 and int64 ids are read as they are."""
+    moe = triton_kernels.moe
+    g = torch.Generator().manual_seed(7)
+    stack = _stack(4, 128, 128, 4, Codebook.MCG, device)
+    ids = torch.tensor([[1, -1], [0, 1]], device=device, dtype=id_dtype)
+    x = torch.randn(2, 128, generator=g).to(device).half()
+    cfg = moe.MoeDecodeConfig(**(dict(RING, rotate_in_kernel=False, early_load=False)
+                                 if path == "decode rotation launch" else RING))
+    schedule = "grouped" if path == "grouped" else "decode"
+    got = moe.exl3_moe_triton(x, stack, ids, schedule=schedule, decode=cfg, members=2)
+    want = exl3_moe_ref(x.float(), stack, ids.long(), members=2)
+    assert got.shape == want.shape == (2, 4, 128)
+    assert rel_err(got, want) < MATMUL_TOL
+    assert torch.all(got[0, 1] == 0) and torch.all(got[0, 3] == 0)  # the skipped slot, in both members
