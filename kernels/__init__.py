@@ -112,15 +112,16 @@ def exl3_moe(
     backend: str | None = None,
     schedule: str | None = None,
     members: int = 1,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply each token's selected experts (see ``kernels.reference.moe.exl3_moe_ref`` for shapes and
-    ``members``, stacks such as gate + up in one launch). ``schedule`` (Triton): "decode", "grouped" or
+    ``members``, stacks such as gate + up in one launch, and ``base``, added to the weighted sum). ``schedule`` (Triton): "decode", "grouped" or
     None (by the number of slots)."""
     if resolve_backend(backend, x.device) == "triton" and _triton_shapes_ok(experts.in_features,
                                                                             experts.out_features):
         return triton_ops.load().moe.exl3_moe_triton(x, experts, expert_ids, routing_weights, schedule=schedule,
-                                                     members=members)
-    return exl3_moe_ref(x, experts, expert_ids, routing_weights, members=members)
+                                                     members=members, base=base)
+    return exl3_moe_ref(x, experts, expert_ids, routing_weights, members=members, base=base)
 
 
 def paged_attention(

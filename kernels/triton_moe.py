@@ -65,8 +65,9 @@ def _slots_output(ws_ptr, slots, valid, experts, scales, SPLIT_K: tl.constexpr, 
 
 @triton.jit
 def _finish_column_block(acc, pid_n, cols, slot, token, e_safe, pid_s, ids_ptr, rw_ptr, svh_ptr, y_ptr, ws_ptr,
-                         lock_ptr, h32_ptr, N, nb, stride_ym, TOPK: tl.constexpr, REDUCE: tl.constexpr,
-                         SPLIT_K: tl.constexpr, TOPK_P2: tl.constexpr, SPLIT_GROUP: tl.constexpr):
+                         lock_ptr, h32_ptr, N, nb, stride_ym, base_ptr, stride_bm, TOPK: tl.constexpr,
+                         REDUCE: tl.constexpr, SPLIT_K: tl.constexpr, TOPK_P2: tl.constexpr,
+                         SPLIT_GROUP: tl.constexpr, HAS_BASE: tl.constexpr):
     """One program's ``[1, 128]`` partial of column block ``pid_n``: stored as the slot's output (no split, no
     routing weights), or put in the workspace, where the last of the programs that share the output block
     (a slot's K slices; with routing weights all of the token's slots) adds them in a fixed order. ``cols``: the
@@ -91,10 +92,13 @@ def _finish_column_block(acc, pid_n, cols, slot, token, e_safe, pid_s, ids_ptr, 
                 slots_j = token * TOPK + j
                 e_j = tl.load(ids_ptr + slots_j, mask=j < TOPK, other=-1)
                 used = e_j >= 0
-                rw_j = tl.load(rw_ptr + slots_j, mask=used, other=0.0)
+                rw_j = tl.load(rw_ptr + slots_j, mask=used, other=0.0).to(tl.float32)
                 y = _slots_output(ws_ptr, slots_j, used, tl.maximum(e_j, 0), rw_j, SPLIT_K, SPLIT_GROUP, N, cols,
                                   svh_ptr, h32_ptr, TOPK_P2)
-                tl.store(y_ptr + token * stride_ym + cols[None, :], tl.sum(y, axis=0)[None, :].to(y_ptr.dtype.element_ty))
+                total = tl.sum(y, axis=0)[None, :]
+                if HAS_BASE:  # e.g. the shared expert's output: one rounding to the output dtype for both
+                    total += tl.load(base_ptr + token * stride_bm + cols[None, :]).to(tl.float32)
+                tl.store(y_ptr + token * stride_ym + cols[None, :], total.to(y_ptr.dtype.element_ty))
             else:
                 one = tl.arange(0, 1)
                 y = _slots_output(ws_ptr, slot + one, one == 0, e_safe + one, tl.full((1,), 1.0, tl.float32),
@@ -106,7 +110,7 @@ def _finish_column_block(acc, pid_n, cols, slot, token, e_safe, pid_s, ids_ptr, 
 @triton.jit
 def _exl3_moe_decode_kernel(
     x_ptr, scratch_ptr, ids_ptr, rw_ptr, t32_ptr, suh_ptr, svh_ptr, y_ptr, ws_ptr, lock_ptr, h32_ptr,
-    N, K, TN, k_tiles_per_split, expert_w32, stride_xm, stride_ym, member_experts,
+    N, K, TN, k_tiles_per_split, expert_w32, stride_xm, stride_ym, member_experts, base_ptr, stride_bm,
     W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
     CB: tl.constexpr, USE_PTX: tl.constexpr,
     TOPK: tl.constexpr, X_PER_SLOT: tl.constexpr, REDUCE: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -119,6 +123,8 @@ def _exl3_moe_decode_kernel(
     # MEMBERS > 1: the stack is that many equal parts (gate and up experts) and ids_ptr holds TOPK // MEMBERS ids
     # per token; slot j of a token reads part j // (TOPK // MEMBERS) (exl3_moe_ref's ``members``)
     MEMBERS: tl.constexpr = 1,
+    # with REDUCE: base_ptr [T, N] (x's dtype) is added to each token's weighted sum
+    HAS_BASE: tl.constexpr = False,
 ):
     pid_c = tl.program_id(0)
     slot = tl.program_id(1)
@@ -174,7 +180,8 @@ def _exl3_moe_decode_kernel(
                 acc = decode_matmul(src_ptr, src_row, True, stride_src, t32_e, kt_begin, k_tiles_per_split, pid_n * 8,
                                     TN, W32, KA, HALF, NLOAD, CB, USE_PTX, 1, BTK)
         _finish_column_block(acc, pid_n, cols, slot, token, e_safe, pid_s, ids_ptr, rw_ptr, svh_ptr, y_ptr, ws_ptr,
-                             lock_ptr, h32_ptr, N, nb, stride_ym, TOPK, REDUCE, SPLIT_K, TOPK_P2, SPLIT_GROUP)
+                             lock_ptr, h32_ptr, N, nb, stride_ym, base_ptr, stride_bm, TOPK, REDUCE, SPLIT_K, TOPK_P2,
+                             SPLIT_GROUP, HAS_BASE)
 
 
 @triton.jit
@@ -310,6 +317,14 @@ def _check(x: torch.Tensor, experts: Exl3ExpertStack, expert_ids: torch.Tensor):
         raise ValueError(f"expert_ids must be [tokens, top_k], got {list(expert_ids.shape)}")
 
 
+def _check_base(base: torch.Tensor | None, routing_weights, tokens: int, n: int) -> None:
+    if base is None:
+        return
+    if routing_weights is None or base.shape != (tokens, n) or base.stride(-1) != 1:
+        raise ValueError(f"MoE base {tuple(base.shape)}: needs routing weights and a [tokens={tokens}, {n}] tensor "
+                         f"with contiguous rows")
+
+
 def _format(experts: Exl3ExpertStack, x: torch.Tensor, use_ptx: bool | None) -> dict:
     layout = lane_layout(experts.bits)
     return dict(W32=layout.w32, KA=layout.ka, HALF=layout.half, NLOAD=layout.nload, CB=int(experts.codebook),
@@ -332,12 +347,14 @@ def exl3_moe_triton(
     lane_major: bool = True,
     decode: MoeDecodeConfig | None = None,
     members: int = 1,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``exl3_moe_ref``; ``schedule`` is "decode", "grouped" or None (by size).
 
     ``members`` (a stack of equal parts, e.g. gate + up): the decode kernel derives each slot's expert from
     the token's ids itself, so a decode step launches nothing to build the stacked ids; the other paths
-    build them (``member_ids``). Expert ids may be int32 or int64 (read as they are).
+    build them (``member_ids``). Expert ids may be int32 or int64 (read as they are), routing weights any
+    float dtype. ``base [T, n]`` (with routing weights): added to each token's sum (``exl3_moe_ref``).
 
     ``out`` (decode schedule): a contiguous tensor of the result's shape to write into.
     ``decode``: the decode schedule's ``MoeDecodeConfig`` (None: ``kernels/tuning.py``'s); ``split_k``, when
@@ -370,7 +387,8 @@ def exl3_moe_triton(
     t32 = experts.trellis.view(torch.int32)
     expert_w32 = t32[0].numel()
     nb, k_tiles, dev = n // 128, k // 16, x.device
-    rw = routing_weights.float().contiguous() if routing_weights is not None else h32
+    rw = routing_weights.contiguous() if routing_weights is not None else h32
+    _check_base(base, routing_weights, t, n)
 
     if schedule == "decode":
         reduce = routing_weights is not None
@@ -395,11 +413,12 @@ def exl3_moe_triton(
             (nb // col_blocks, slots, split),
             src, scratch, ids, rw, t32, experts.suh, experts.svh, y, ws, locks, h32,
             n, k, n // 16, k_tiles // split, expert_w32, src.stride(0), y.stride(0), experts.num_experts // members,
+            base if base is not None else y, base.stride(0) if base is not None else 0,
             TOPK=top_k, X_PER_SLOT=per_slot, REDUCE=reduce, SPLIT_K=split, BTK=decode.btk,
             TOPK_P2=next_power_of_2(top_k), SPLIT_GROUP=reduction_group(split, top_k) if reduce else 1,
             NCH=next_power_of_2(k_tiles // split // 8), PREFETCH=decode.prefetch_steps or 0,
             LANES=lanes_arrangement() if decode.lane_major else 0, EARLY_LOAD=decode.early_load,
-            COL_BLOCKS=col_blocks, ROTATE_IN_KERNEL=decode.rotate_in_kernel, MEMBERS=members,
+            COL_BLOCKS=col_blocks, ROTATE_IN_KERNEL=decode.rotate_in_kernel, MEMBERS=members, HAS_BASE=base is not None,
             num_warps=decode.num_warps, num_stages=1, **fmt,
         )
         return y if reduce else y.reshape(t, top_k, n)
@@ -427,4 +446,5 @@ def exl3_moe_triton(
         )
     if routing_weights is None:
         return y.reshape(t, top_k, n)
-    return y.reshape(t, top_k, n).sum(1).to(x.dtype)
+    total = y.reshape(t, top_k, n).sum(1)
+    return (total if base is None else total + base.float()).to(x.dtype)

@@ -94,13 +94,17 @@ class RoutedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.gate.num_experts if self.quantized else len(self.mlps)
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``x [T, H]``, ``expert_ids [T, k]`` (long), ``weights [T, k]`` -> ``[T, H]`` in x's dtype."""
-        if self.quantized:
-            return self._forward_exl3(x, expert_ids, weights)
-        return self._forward_dense(x, expert_ids, weights)
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                base: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [T, H]``, ``expert_ids [T, k]`` (long), ``weights [T, k]`` -> ``[T, H]`` in x's dtype.
 
-    def _forward_exl3(self, x, expert_ids, weights):
+        ``base [T, H]`` (e.g. the shared expert's output) is added to the weighted sum before its one
+        rounding to x's dtype; on the Triton path the down projection's last program adds it."""
+        if self.quantized:
+            return self._forward_exl3(x, expert_ids, weights, base)
+        return self._forward_dense(x, expert_ids, weights, base)
+
+    def _forward_exl3(self, x, expert_ids, weights, base=None):
         pad_in = self.gate.in_features - self.hidden_size
         xp = nn.functional.pad(x, (0, pad_in)) if pad_in else x
         i = self.intermediate_size
@@ -117,10 +121,13 @@ class RoutedExperts(nn.Module):
         pad_mid = self.down.in_features - i
         if pad_mid:  # padded input rows of the down projection must see zeros
             h = nn.functional.pad(h, (0, pad_mid))
-        y = kernels.exl3_moe(h.contiguous(), self.down, expert_ids, weights.to(x.dtype), backend=self.backend)
-        return y[..., : self.hidden_size]
+        fused_base = base is not None and self.down.out_features == self.hidden_size and base.stride(-1) == 1
+        y = kernels.exl3_moe(h.contiguous(), self.down, expert_ids, weights.to(x.dtype), backend=self.backend,
+                             base=base if fused_base else None)
+        y = y[..., : self.hidden_size]
+        return y if base is None or fused_base else (y.float() + base.float()).to(x.dtype)
 
-    def _forward_dense(self, x, expert_ids, weights):
+    def _forward_dense(self, x, expert_ids, weights, base=None):
         out = torch.zeros(x.shape[0], self.hidden_size, dtype=torch.float32, device=x.device)
         if kernels.capturing(x.device):
             # Inside a CUDA graph nothing may wait for the GPU, so finding each expert's tokens
@@ -129,7 +136,7 @@ class RoutedExperts(nn.Module):
             for e, mlp in enumerate(self.mlps):
                 chosen = (weights.float() * (expert_ids == e)).sum(dim=1, keepdim=True)
                 out += mlp(x).float() * chosen
-            return out.to(x.dtype)
+            return (out if base is None else out + base.float()).to(x.dtype)
         every_token = _CALIBRATE_ALL_EXPERTS.get()
         for e, mlp in enumerate(self.mlps):
             tok, slot = torch.nonzero(expert_ids == e, as_tuple=True)
@@ -140,7 +147,7 @@ class RoutedExperts(nn.Module):
             else:
                 continue
             out.index_add_(0, tok, y.float() * weights[tok, slot, None].float())
-        return out.to(x.dtype)
+        return (out if base is None else out + base.float()).to(x.dtype)
 
 
 def load_routed_experts(checkpoint: Checkpoint, prefix: str, *, num_experts: int, hidden_size: int,

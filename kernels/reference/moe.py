@@ -24,6 +24,7 @@ def exl3_moe_ref(
     expert_ids: torch.Tensor,
     routing_weights: torch.Tensor | None = None,
     members: int = 1,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply each token's selected experts.
 
@@ -35,6 +36,9 @@ def exl3_moe_ref(
     ``members`` > 1: ``experts`` is that many stacks of equal size one after another (gate and up
     experts in one stack) and each token's ids select in every one of them (``member_ids``): the
     result is ``[T, members * top_k, n]``, member by member (x one row per token, no weights).
+
+    ``base [T, n]`` (with routing weights): added to the weighted sum before the one rounding to x's dtype
+    (e.g. the shared expert's output).
     """
     if members > 1:
         if routing_weights is not None or x.dim() == 3 or experts.num_experts % members:
@@ -51,5 +55,8 @@ def exl3_moe_ref(
         inp = x[tok, slot] if per_slot else x[tok]
         out[tok, slot] = exl3_matmul_ref(inp.float(), experts.expert(e))
     if routing_weights is None:
+        if base is not None:
+            raise ValueError("exl3_moe_ref: base is added to the weighted sum; it needs routing weights")
         return out.to(x.dtype)
-    return (out * routing_weights.float()[..., None]).sum(1).to(x.dtype)
+    total = (out * routing_weights.float()[..., None]).sum(1)
+    return (total if base is None else total + base.float()).to(x.dtype)

@@ -139,3 +139,25 @@ def test_members_match_reference(triton_kernels, device, id_dtype, path):
     assert got.shape == want.shape == (2, 4, 128)
     assert rel_err(got, want) < MATMUL_TOL
     assert torch.all(got[0, 1] == 0) and torch.all(got[0, 3] == 0)  # the skipped slot, in both members
+
+
+@pytest.mark.parametrize("schedule", ["decode", "grouped"])
+def test_base_is_added_to_the_weighted_sum(triton_kernels, device, schedule):
+    """``base`` (the shared expert's output) joins each token's weighted sum in the kernel; the oracle is the
+    reference's sum plus base, computed here by hand from the per-slot outputs."""
+    moe = triton_kernels.moe
+    g = torch.Generator().manual_seed(11)
+    stack = _stack(3, 128, 128, 4, Codebook.MCG, device)
+    ids = torch.tensor([[1, 0], [0, -1]], device=device)
+    x_slot = torch.randn(2, 2, 128, generator=g).to(device).half()
+    rw = torch.rand(2, 2, generator=g).to(device)
+    base = torch.randn(2, 128, generator=g).to(device).half()
+    per_slot = torch.stack([exl3_moe_ref(x_slot[:, j:j + 1].float(), stack, ids[:, j:j + 1])[:, 0] for j in (0, 1)],
+                           dim=1).float()
+    want = (per_slot * rw[..., None]).sum(1) + base.float()
+    assert rel_err(exl3_moe_ref(x_slot.float(), stack, ids, rw, base=base), want) < 1e-6
+    got = moe.exl3_moe_triton(x_slot, stack, ids, rw, schedule=schedule, decode=moe.MoeDecodeConfig(**RING),
+                              base=base)
+    assert rel_err(got, want) < MATMUL_TOL
+    with pytest.raises(ValueError, match="base"):
+        moe.exl3_moe_triton(x_slot, stack, ids, rw, base=base[:1])
