@@ -35,7 +35,7 @@ from exl3_triton.arch.blocks import mla  # noqa: E402
 from exl3_triton.arch.blocks.lightning_indexer import LightningIndexer, queries_reference  # noqa: E402
 from exl3_triton.arch.blocks.norm import RMSNorm, rms_norm_cast_reference  # noqa: E402
 from exl3_triton.arch.blocks.rope import RopeConfig, RotaryEmbedding, fold_sin, inverse_frequencies  # noqa: E402
-from exl3_triton.arch.blocks.short_conv import mome_decode_reference, mome_decode_sources  # noqa: E402
+from exl3_triton.arch.blocks.short_conv import mome_decode_reference  # noqa: E402
 from exl3_triton.kernels import triton_ops  # noqa: E402
 
 RING, WIDTH = mla.CONV_RING, 3
@@ -94,9 +94,8 @@ def cases(sh: dict, batch: int, dtype, device, g: torch.Generator):
     ring0 = r(batch, RING, c).to(dtype)
     weight = 0.3 * r(WIDTH, c)
     x = r(batch, c).to(dtype)
-    sources = mome_decode_sources(slots, pos, WIDTH)
     yield ("mome", lambda: ring0.clone(),
-           lambda ring: (kernels.mome.mome_decode_triton(ring, weight, slots, pos, x, dtype, sources), ring),
+           lambda ring: (kernels.mome.mome_decode_triton(ring, weight, slots, pos, x, dtype), ring),
            lambda ring: (mome_decode_reference(ring, weight, slots, pos, x, dtype), ring), 2e-3)
 
     # the key side of a sliding-window layer and of a DSA layer
@@ -117,10 +116,10 @@ def cases(sh: dict, batch: int, dtype, device, g: torch.Generator):
             ring, c_cache, kpe_cache, kidx_cache = state
             index = (k_idx, indexer, kidx_cache) if dsa else None
             if fused:
-                kernels.mla_keys.mla_store_keys_triton(kv, rank, (ring, kv_weight, slots, sources), norm, pos, cos,
+                kernels.mla_keys.mla_store_keys_triton(kv, rank, (ring, kv_weight, slots), norm, pos, cos,
                                                        sin, dest, c_cache, kpe_cache, index)
             else:
-                mla.store_keys_reference(kv, rank, (ring, kv_weight, slots, None), norm, pos, cos, sin, dest,
+                mla.store_keys_reference(kv, rank, (ring, kv_weight, slots), norm, pos, cos, sin, dest,
                                          c_cache, kpe_cache, index)
             return state
         yield ("store_keys_" + ("dsa" if dsa else "sliding"), key_state, lambda st, k=keys: k(st, True),

@@ -26,17 +26,17 @@ from .triton_mome import mome_row
 
 @triton.jit
 def _store_keys_kernel(
-    kv_ptr, stride_kv, ring_ptr, stride_slot, stride_row, src_ptr, conv_w_ptr, slot_ptr, pos_ptr,
+    kv_ptr, stride_kv, ring_ptr, stride_slot, stride_row, conv_w_ptr, slot_ptr, pos_ptr, n,
     norm_w_ptr, eps, cos_ptr, sin_ptr, stride_cs, dest_ptr, c_cache_ptr, kpe_cache_ptr,
     ki_ptr, stride_ki, ki_w_ptr, ki_eps, kidx_cache_ptr,
     RANK: tl.constexpr, BLOCK_C: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
     K: tl.constexpr, RING: tl.constexpr, HAS_CONV: tl.constexpr, NORM_WEIGHT: tl.constexpr,
     HAS_INDEX: tl.constexpr, IDX_DIM: tl.constexpr, BLOCK_I: tl.constexpr, IDX_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     r = tl.program_id(0)
     pos = tl.load(pos_ptr + r).to(tl.int64)
     dest = tl.load(dest_ptr + r).to(tl.int64)
-    half: tl.constexpr = ROPE // 2
 
     # the latent: MoME convolution (storing the row's input in its ring), rounded as the PyTorch
     # path's conv output is, then the RMSNorm in fp32
@@ -44,8 +44,8 @@ def _store_keys_kernel(
     in_c = c < RANK
     if HAS_CONV:
         slot = tl.load(slot_ptr + r).to(tl.int64)
-        lat = mome_row(ring_ptr + slot * stride_slot, kv_ptr, src_ptr, conv_w_ptr, r, pos, c, in_c, RANK,
-                       stride_row, stride_kv, K, RING, BLOCK_C)
+        lat = mome_row(ring_ptr + slot * stride_slot, kv_ptr, slot_ptr, pos_ptr, n, conv_w_ptr, r, slot, pos, c, in_c,
+                       RANK, stride_row, stride_kv, K, RING, BLOCK_C, BLOCK_N)
         lat = lat.to(kv_ptr.dtype.element_ty).to(tl.float32)
     else:
         lat = tl.load(kv_ptr + r * stride_kv + c, mask=in_c, other=0.0).to(tl.float32)
@@ -60,7 +60,7 @@ def _store_keys_kernel(
     # k_pe: the ROPE columns after the latent, rotated in fp32 (NEOX pairs i, i + ROPE/2)
     i = tl.arange(0, BLOCK_R)
     in_r = i < ROPE
-    partner = (i + half) % ROPE
+    partner = (i + ROPE // 2) % ROPE
     x = tl.load(kv_ptr + r * stride_kv + RANK + i, mask=in_r, other=0.0).to(tl.float32)
     x_partner = tl.load(kv_ptr + r * stride_kv + RANK + partner, mask=in_r, other=0.0).to(tl.float32)
     cos = tl.load(cos_ptr + r * stride_cs + i, mask=in_r, other=0.0)
@@ -75,7 +75,7 @@ def _store_keys_kernel(
         d = tl.arange(0, BLOCK_I)
         in_d = d < IDX_DIM
         rotated = d < ROPE
-        mate = tl.where(rotated, (d + half) % ROPE, d)
+        mate = tl.where(rotated, (d + ROPE // 2) % ROPE, d)
         row = ki_ptr + r * stride_ki
         v = tl.load(row + d, mask=in_d, other=0.0).to(tl.float32)
         v_mate = tl.load(row + mate, mask=in_d, other=0.0).to(tl.float32)
@@ -106,8 +106,7 @@ def mla_store_keys_triton(kv: torch.Tensor, rank: int, conv, norm, positions: to
                           sin_folded: torch.Tensor, dest: torch.Tensor, c_cache: torch.Tensor, kpe_cache: torch.Tensor,
                           index=None) -> None:
     """``kv [n, rank + rope]``: ``kv_a_proj``'s output (contiguous columns); ``conv``: the latent's
-    MoME convolution ``(ring [slots, R, rank], weight [K, rank] fp32, seq_slots [n], sources [n, K-1])``
-    (``short_conv.mome_decode_sources``) or None; ``norm``: the latent's ``RMSNorm``; ``positions
+    MoME convolution ``(ring [slots, R, rank], weight [K, rank] fp32, seq_slots [n])`` or None; ``norm``: the latent's ``RMSNorm``; ``positions
     [n]``; ``cos``/``sin_folded [n, rope]`` fp32; ``dest [n]``: flat cache rows (-1: skip);
     ``c_cache [rows, rank]``, ``kpe_cache [rows, rope]``; ``index``: ``(k [n, D], indexer,
     kidx_cache [rows, D])`` on DSA layers (``indexer.k_norm`` normalises ``k``), else None."""
@@ -121,14 +120,14 @@ def mla_store_keys_triton(kv: torch.Tensor, rank: int, conv, norm, positions: to
     _check_cache(c_cache, rank, "latent")
     _check_cache(kpe_cache, rope, "k_pe")
     if conv is not None:
-        ring, conv_weight, seq_slots, sources = conv
+        ring, conv_weight, seq_slots = conv
         k = conv_weight.shape[0]
         if ring.stride(-1) != 1 or conv_weight.shape != (k, rank) or conv_weight.dtype != torch.float32 \
-                or not conv_weight.is_contiguous() or sources.shape != (n, k - 1) or not sources.is_contiguous():
-            raise ValueError("MLA key store: the MoME conv needs a ring with contiguous channels, an fp32 "
-                             f"[K, {rank}] weight and [{n}, K-1] sources")
+                or not conv_weight.is_contiguous():
+            raise ValueError("MLA key store: the MoME conv needs a ring with contiguous channels and an fp32 "
+                             f"[K, {rank}] weight")
     else:
-        ring, conv_weight, seq_slots, sources, k = kv, cos, dest, dest, 1  # stand-ins, never read
+        ring, conv_weight, seq_slots, k = kv, cos, dest, 1  # stand-ins, never read
     if index is not None:
         k_idx, indexer, kidx_cache = index
         idx_dim = k_idx.shape[-1]
@@ -146,11 +145,11 @@ def mla_store_keys_triton(kv: torch.Tensor, rank: int, conv, norm, positions: to
     def ptr(t):  # absent operands get a stand-in pointer (never read: their flags are off)
         return t if t is not None else cos
     _launch((n,), kv, kv.stride(0), ring, ring.stride(0) if conv is not None else 0,
-            ring.stride(1) if conv is not None else 0, sources, conv_weight, seq_slots, positions,
+            ring.stride(1) if conv is not None else 0, conv_weight, seq_slots, positions, n,
             ptr(norm_w), float(norm.eps), cos, sin_folded, cos.stride(0), dest, c_cache, kpe_cache,
             k_idx, k_idx.stride(0), ptr(ki_w), float(ki_eps), kidx_cache,
             RANK=rank, BLOCK_C=triton.next_power_of_2(rank), ROPE=rope, BLOCK_R=triton.next_power_of_2(rope),
             K=k, RING=ring.shape[1] if conv is not None else 1, HAS_CONV=conv is not None,
             NORM_WEIGHT=norm_w is not None, HAS_INDEX=index is not None, IDX_DIM=idx_dim,
-            BLOCK_I=triton.next_power_of_2(idx_dim), IDX_WEIGHT=ki_w is not None,
+            BLOCK_I=triton.next_power_of_2(idx_dim), IDX_WEIGHT=ki_w is not None, BLOCK_N=triton.next_power_of_2(n),
             num_warps=4 if rank >= 512 else 2, num_stages=1)

@@ -10,9 +10,9 @@ accumulated in fp32 in the same order as the reference (oldest entry first).
 
 Several rows of one step may be consecutive positions of one sequence (drafted tokens verified
 as decode rows). A row cannot read such an earlier row's input from the ring (that row's program
-may not have stored it yet), so ``sources [n, K-1]`` names, per window entry, the row of this
-step that holds that position (``short_conv.mome_decode_sources``; -1: an earlier step's, read
-from the ring).
+may not have stored it yet), so each program first looks for the window's earlier positions of
+its sequence among the step's rows (one vector load of the step's slots and positions) and reads
+those from the rows' inputs, the rest (earlier steps') from the ring.
 Every value is rounded to the ring's dtype first, as the reference reads it back from the ring.
 """
 
@@ -26,21 +26,26 @@ from .launch import FastLauncher
 
 
 @triton.jit
-def mome_row(ring_base, x_ptr, src_ptr, weight_ptr, r, pos, c, inside, channels, stride_row, stride_x,
-             K: tl.constexpr, RING: tl.constexpr, BLOCK: tl.constexpr):
+def mome_row(ring_base, x_ptr, slot_ptr, pos_ptr, n, weight_ptr, r, slot, pos, c, inside, channels, stride_row,
+             stride_x, K: tl.constexpr, RING: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
     """One row's channels ``c``: stores its input ``x_ptr[r]`` at ``pos % RING`` of its sequence's ring
     (``ring_base``) and returns ``x + term`` in fp32, not yet rounded (kernels/triton_mla_keys.py
-    norms it before it is stored)."""
+    norms it before it is stored). ``slot_ptr``/``pos_ptr``: the step's ``n`` rows."""
     own = tl.load(x_ptr + r * stride_x + c, mask=inside, other=0.0).to(ring_base.dtype.element_ty)
     tl.store(ring_base + (pos % RING) * stride_row + c, own, mask=inside)
+    rows = tl.arange(0, BLOCK_N)
+    in_step = rows < n
+    same_seq = in_step & (tl.load(slot_ptr + rows, mask=in_step, other=0).to(tl.int64) == slot)
+    row_pos = tl.load(pos_ptr + rows, mask=in_step, other=0).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k in tl.static_range(K - 1):
-        src = tl.load(src_ptr + r * (K - 1) + k) + tl.zeros([BLOCK], dtype=tl.int32)  # as a block: mask-shaped
+        # the step's row holding this position of the sequence (a position is in one row at most), or -1
+        src = tl.max(tl.where(same_seq & (row_pos == pos - (K - 1) + k), rows, -1), axis=0)
+        src = src + tl.zeros([BLOCK], dtype=tl.int32)  # as a block: mask-shaped
         row = (pos + (RING - (K - 1) + k)) % RING  # non-negative before the modulo
-        in_step = tl.load(x_ptr + tl.maximum(src, 0).to(tl.int64) * stride_x + c, mask=inside & (src >= 0),
-                          other=0.0)
+        fresh = tl.load(x_ptr + tl.maximum(src, 0).to(tl.int64) * stride_x + c, mask=inside & (src >= 0), other=0.0)
         stored = tl.load(ring_base + row * stride_row + c, mask=inside & (src < 0), other=0.0)
-        v = tl.where(src >= 0, in_step.to(ring_base.dtype.element_ty), stored).to(tl.float32)
+        v = tl.where(src >= 0, fresh.to(ring_base.dtype.element_ty), stored).to(tl.float32)
         acc += v * tl.load(weight_ptr + k * channels + c, mask=inside, other=0.0)
     x = own.to(tl.float32)
     acc += x * tl.load(weight_ptr + (K - 1) * channels + c, mask=inside, other=0.0)
@@ -48,15 +53,16 @@ def mome_row(ring_base, x_ptr, src_ptr, weight_ptr, r, pos, c, inside, channels,
 
 
 @triton.jit
-def _mome_decode_kernel(ring_ptr, x_ptr, src_ptr, weight_ptr, slot_ptr, pos_ptr, out_ptr, channels, stride_slot,
-                        stride_row, stride_x, stride_out, K: tl.constexpr, RING: tl.constexpr, BLOCK: tl.constexpr):
+def _mome_decode_kernel(ring_ptr, x_ptr, weight_ptr, slot_ptr, pos_ptr, out_ptr, n, channels, stride_slot,
+                        stride_row, stride_x, stride_out, K: tl.constexpr, RING: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     r = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = c < channels
     slot = tl.load(slot_ptr + r).to(tl.int64)
     pos = tl.load(pos_ptr + r).to(tl.int64)
-    y = mome_row(ring_ptr + slot * stride_slot, x_ptr, src_ptr, weight_ptr, r, pos, c, inside, channels, stride_row,
-                 stride_x, K, RING, BLOCK)
+    y = mome_row(ring_ptr + slot * stride_slot, x_ptr, slot_ptr, pos_ptr, n, weight_ptr, r, slot, pos, c, inside,
+                 channels, stride_row, stride_x, K, RING, BLOCK, BLOCK_N)
     tl.store(out_ptr + r * stride_out + c, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -64,10 +70,10 @@ _launch = FastLauncher(_mome_decode_kernel)
 
 
 def mome_decode_triton(ring: torch.Tensor, weight: torch.Tensor, seq_slots: torch.Tensor, positions: torch.Tensor,
-                       x: torch.Tensor, dtype: torch.dtype, sources: torch.Tensor) -> torch.Tensor:
+                       x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``ring [slots, R, C]``, ``weight [K, C]`` fp32, ``seq_slots``/``positions [n]``, the rows'
-    inputs ``x [n, C]`` (stored into the ring at ``pos % R`` here), ``sources [n, K-1]``:
-    ``short_conv.mome_decode_sources`` -> ``x + conv(x)`` ``[n, C]`` in ``dtype``."""
+    inputs ``x [n, C]`` (stored into the ring at ``pos % R`` here) -> ``x + conv(x)`` ``[n, C]``
+    in ``dtype``."""
     k, channels = weight.shape
     if ring.stride(-1) != 1 or not weight.is_contiguous() or weight.dtype != torch.float32:
         raise ValueError("the MoME ring needs contiguous channels and an fp32 [K, C] weight")
@@ -75,12 +81,10 @@ def mome_decode_triton(ring: torch.Tensor, weight: torch.Tensor, seq_slots: torc
     if x.shape != (n, channels) or x.stride(-1) != 1:
         raise ValueError(f"the MoME decode input must be [{n}, {channels}] with contiguous channels, "
                          f"got {list(x.shape)}")
-    if sources.shape != (n, k - 1) or not sources.is_contiguous():
-        raise ValueError(f"MoME sources must be a contiguous [{n}, {k - 1}] tensor, got {list(sources.shape)}")
     out = torch.empty(n, channels, device=ring.device, dtype=dtype)
     block = min(1024, triton.next_power_of_2(channels))
     if n:
-        _launch((n, triton.cdiv(channels, block)), ring, x, sources, weight, seq_slots, positions, out, channels,
+        _launch((n, triton.cdiv(channels, block)), ring, x, weight, seq_slots, positions, out, n, channels,
                 ring.stride(0), ring.stride(1), x.stride(0), out.stride(0), K=k, RING=ring.shape[1], BLOCK=block,
-                num_warps=4, num_stages=1)
+                BLOCK_N=triton.next_power_of_2(n), num_warps=4, num_stages=1)
     return out

@@ -40,7 +40,7 @@ from .lightning_indexer import LightningIndexer
 from .linear import Linear, LinearGroup
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, fold_sin, rotate_neox_folded
-from .short_conv import ShortConv, mome_decode_reference, mome_decode_sources, sliding_windows
+from .short_conv import ShortConv, mome_decode_reference, sliding_windows
 
 CONV_RING = 32
 CONV_INPUTS = ("qa_in", "kv_in", "o_in")  # cache names of the MoME convs' inputs, in (qa, kv, o) order
@@ -73,8 +73,8 @@ def store_keys_reference(kv: torch.Tensor, rank: int, conv, norm: RMSNorm, posit
     key ``index = (wk(h), indexer, cache)``, each stored at the flat cache rows ``dest``."""
     kv_in, k_pe = kv.split([rank, kv.shape[-1] - rank], dim=-1)
     if conv is not None:
-        ring, weight, seq_slots, _ = conv
-        kv_in = mome_decode_reference(ring, weight, seq_slots, positions, kv_in, kv_in.dtype, None,
+        ring, weight, seq_slots = conv
+        kv_in = mome_decode_reference(ring, weight, seq_slots, positions, kv_in, kv_in.dtype,
                                       *_conv_window(positions, weight.shape[0]))
     c = norm(kv_in)  # model dtype, as the cache keeps it
     c_cache.index_copy_(0, dest, c.to(c_cache.dtype))
@@ -311,13 +311,6 @@ class MLAAttention(nn.Module):
         width = self.convs[0].width
         return self._decode_memo(batch, ("mla_conv_rows", width), lambda: _conv_window(batch.positions, width))
 
-    def _decode_conv_sources(self, batch: ForwardBatch) -> torch.Tensor:
-        """``short_conv.mome_decode_sources`` of the step (for the MoME kernel): the same for every
-        layer of the step."""
-        width = self.convs[0].width
-        return self._decode_memo(batch, ("mla_conv_sources", width),
-                                 lambda: mome_decode_sources(batch.seq_slots, batch.positions, width))
-
     def _store_keys(self, kv: torch.Tensor, index_in: list, batch: ForwardBatch) -> None:
         """The decode rows' key side into the paged cache (before any row reads it): the normed
         latent after its MoME conv and the rotated ``k_pe`` from ``kv = kv_a_proj(x)``, the indexer
@@ -325,17 +318,16 @@ class MLAAttention(nn.Module):
         (kernels/triton_mla_keys.py)."""
         paged, pos = batch.cache.paged[self.layer_idx], batch.positions
         cos, sin = self._rope_tables(pos)
-        fused = _fused_store_keys(kv)
         conv = None
-        if self.convs is not None:  # the kernel needs the step's in-step window sources, PyTorch does not
-            conv = (batch.cache.slots[self.layer_idx][CONV_INPUTS[1]], self.convs[1].weight, batch.seq_slots,
-                    None if fused is None else self._decode_conv_sources(batch))
+        if self.convs is not None:
+            conv = (batch.cache.slots[self.layer_idx][CONV_INPUTS[1]], self.convs[1].weight, batch.seq_slots)
         index = None
         if self.indexer is not None:
             index = (index_in[0], self.indexer, paged["kidx"].flatten(0, 1))
         dest = batch.ring_slot_mapping if self.ring else batch.slot_mapping
-        (fused or store_keys_reference)(kv, self.kv_rank, conv, self.kv_a_norm, pos, cos, sin, dest,
-                                        paged["c"].flatten(0, 1), paged["kpe"].flatten(0, 1), index)
+        store = _fused_store_keys(kv) or store_keys_reference
+        store(kv, self.kv_rank, conv, self.kv_a_norm, pos, cos, sin, dest, paged["c"].flatten(0, 1),
+              paged["kpe"].flatten(0, 1), index)
 
     def _forward_decode(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """One query per row at its own position, from device tensors only (no host values, fixed
@@ -356,9 +348,8 @@ class MLAAttention(nn.Module):
             weight = self.convs[which].weight
             fused = _fused_mome(value)
             if fused is not None:  # one kernel instead of six, the ring store included
-                return fused(ring, weight, seq_slots, pos, value, value.dtype, self._decode_conv_sources(batch))
-            return mome_decode_reference(ring, weight, seq_slots, pos, value, value.dtype, None,
-                                         *self._decode_conv_rows(batch))
+                return fused(ring, weight, seq_slots, pos, value, value.dtype)
+            return mome_decode_reference(ring, weight, seq_slots, pos, value, value.dtype, *self._decode_conv_rows(batch))
 
         qa_in, kv, *index_in = self.x_proj(x)  # index_in: the indexer's wk(x), weights_proj(x)
         q_lora = self.q_a_norm(conv(0, qa_in))

@@ -19,12 +19,11 @@ from torch import nn
 
 def mome_decode_reference(ring: torch.Tensor, weight: torch.Tensor, seq_slots: torch.Tensor,
                           positions: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
-                          sources: torch.Tensor | None = None, width_rows: torch.Tensor | None = None,
-                          active=None) -> torch.Tensor:
+                          width_rows: torch.Tensor | None = None, active=None) -> torch.Tensor:
     """One decode row per sequence position: its input ``x [n, C]`` stored in ``ring [slots, R, C]``
     at ``pos % R``, its window read back from the ring, then ``ShortConv.mix`` with ``weight [K, C]``.
     Every row's input is stored before any row reads, so a row sees the rows of earlier positions of
-    its sequence in the same step (``sources``, which the kernel needs for that, is not used here).
+    its sequence in the same step.
     ``width_rows [n, K]`` / ``active``: the ring rows and ``ShortConv.active`` if already computed
     (once per decode step). kernels/triton_mome.py does all this in one kernel."""
     k = weight.shape[0]
@@ -34,20 +33,6 @@ def mome_decode_reference(ring: torch.Tensor, weight: torch.Tensor, seq_slots: t
         active = ShortConv.active_rows(positions, k)
     ring.index_put_((seq_slots, width_rows[:, -1]), x.to(ring.dtype))
     return ShortConv.mix_windows(ring[seq_slots[:, None], width_rows].to(dtype), weight, active)
-
-
-def mome_decode_sources(seq_slots: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
-    """``[n, width-1]`` int32: for each decode row and each earlier entry of its window (positions
-    ``pos-width+1 .. pos-1``), the row of the same step that holds that position of the same
-    sequence, or -1 (an earlier step's, in the ring). The same for every convolution of a step."""
-    n = positions.shape[0]
-    want = positions[:, None] + torch.arange(1 - width, 0, device=positions.device)[None, :]
-    same = (want[:, :, None] == positions[None, None, :]) & (seq_slots[:, None, None] == seq_slots[None, None, :])
-    if n == 0 or width == 1:
-        return torch.full((n, width - 1), -1, dtype=torch.int32, device=positions.device)
-    # row index + 1 where it matches, 0 elsewhere (a position of a sequence is in one row at most)
-    rows = torch.arange(1, n + 1, device=positions.device, dtype=torch.int32)
-    return (same * rows).amax(-1).to(torch.int32) - 1
 
 
 def sliding_windows(x: torch.Tensor, previous: torch.Tensor, width: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ from exl3_triton.arch.blocks.lightning_indexer import LightningIndexer
 from exl3_triton.arch.blocks.mla import store_keys_reference
 from exl3_triton.arch.blocks.norm import RMSNorm
 from exl3_triton.arch.blocks.rope import RotaryEmbedding, fold_sin, inverse_frequencies, RopeConfig
-from exl3_triton.arch.blocks.short_conv import mome_decode_sources
 
 RANK, ROPE, IDX = 40, 8, 16  # a latent width that is not a power of two
 
@@ -37,11 +36,10 @@ def _case(dtype, seed):
 @pytest.mark.parametrize("with_conv,with_index", [(True, True), (True, False), (False, False)])
 def test_mla_store_keys_kernel_matches_the_pytorch_decode_path(triton_kernels, device, dtype, with_conv, with_index):
     seq_slots, positions, dest, kv, ring, weight, norm, k_idx, indexer, cos, sin, caches = _case(dtype, 5)
-    sources = mome_decode_sources(seq_slots, positions, 3)
 
-    def run(store, on, sources, dest):
+    def run(store, on, dest):
         rings, cache = ring.clone().to(on), [c.clone().to(on) for c in caches]
-        conv = (rings, weight.to(on), seq_slots.to(on), sources) if with_conv else None
+        conv = (rings, weight.to(on), seq_slots.to(on)) if with_conv else None
         index = (k_idx.to(on), indexer.to(on), cache[2]) if with_index else None
         store(kv.to(on), RANK, conv, norm.to(on), positions.to(on), cos.to(on), sin.to(on), dest.to(on),
               cache[0], cache[1], index)
@@ -49,8 +47,8 @@ def test_mla_store_keys_kernel_matches_the_pytorch_decode_path(triton_kernels, d
 
     # the PyTorch path stores every row (a decode step's rows all have a cache row): row 4 goes to the
     # scratch row 15 there, which the kernel must leave alone
-    want_ring, want = run(store_keys_reference, "cpu", None, torch.where(dest < 0, 15, dest))
-    got_ring, got = run(triton_kernels.mla_keys.mla_store_keys_triton, device, sources.to(device), dest)
+    want_ring, want = run(store_keys_reference, "cpu", torch.where(dest < 0, 15, dest))
+    got_ring, got = run(triton_kernels.mla_keys.mla_store_keys_triton, device, dest)
     assert torch.equal(got_ring, want_ring)  # the latent's inputs, stored exactly
     written = torch.zeros(16, dtype=torch.bool)
     written[dest[dest >= 0]] = True

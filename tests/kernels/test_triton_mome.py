@@ -5,7 +5,7 @@ plain per-row loop of the convolution's definition."""
 import pytest
 import torch
 
-from exl3_triton.arch.blocks.short_conv import mome_decode_reference, mome_decode_sources
+from exl3_triton.arch.blocks.short_conv import mome_decode_reference
 
 
 def _by_definition(ring, weight, seq_slots, positions):
@@ -31,8 +31,6 @@ def test_fused_mome_decode_stores_the_inputs_and_matches_the_reference(triton_ke
     # inputs as a strided view (MLA's latent is the left part of a wider projection), in fp32: the
     # ring's rounding applies to each stored and each window value alike
     x = (2 * torch.randn(7, channels + 5, generator=g))[:, :channels]
-    sources = mome_decode_sources(seq_slots, positions, 3)
-    assert sources.tolist()[3:6] == [[-1, 4], [-1, -1], [4, 3]]
     want_ring = ring.clone()
     want = mome_decode_reference(want_ring, weight, seq_slots, positions, x, dtype)
     assert want.dtype == dtype
@@ -44,8 +42,7 @@ def test_fused_mome_decode_stores_the_inputs_and_matches_the_reference(triton_ke
     assert torch.allclose(want.double(), exact, rtol=2e-3 if dtype == torch.float16 else 1e-6, atol=1e-5)
     got_ring = ring.to(device)
     got = triton_kernels.mome.mome_decode_triton(got_ring, weight.to(device), seq_slots.to(device),
-                                                 positions.to(device), x.to(device), dtype,
-                                                 sources.to(device)).cpu()
+                                                 positions.to(device), x.to(device), dtype).cpu()
     assert torch.equal(got_ring.cpu(), stored)
     assert got.dtype == dtype
     if dtype == torch.float32:
@@ -59,8 +56,7 @@ def test_fused_mome_decode_rejects_a_non_fp32_weight(triton_kernels, device):
     one = torch.zeros(1, dtype=torch.long, device=device)
     with pytest.raises(ValueError, match="fp32"):
         triton_kernels.mome.mome_decode_triton(ring, torch.zeros(3, 8, dtype=torch.float16, device=device),
-                                               one, one, torch.zeros(1, 8, device=device), torch.float32,
-                                               torch.full((1, 2), -1, dtype=torch.int32, device=device))
+                                               one, one, torch.zeros(1, 8, device=device), torch.float32)
 
 
 def test_openpangu_decode_with_the_fused_decode_kernels_matches_the_golden_logits(triton_kernels, golden,
