@@ -9,6 +9,7 @@ Kernels (their PyTorch paths are what a CPU runs and the golden tests pin):
 * ``rms_norm_cast``: ``RMSNorm(x, out_dtype)`` of a half-precision row (q_a's norm; the branch
   output norms with an fp32 result) vs cast + ``F.rms_norm`` + cast;
 * ``mome``: the MoME decode conv storing the row's input in its ring vs index_put + gather + mix;
+  ``mome_norm``: the same with q_a's RMSNorm after it;
 * ``store_keys`` (sliding / DSA layer): MLA's key side in one kernel vs conv, norm, k_pe RoPE,
   indexer key and the cache stores in PyTorch;
 * ``index_queries``: the indexer queries' RoPE and casts vs PyTorch.
@@ -97,6 +98,16 @@ def cases(sh: dict, batch: int, dtype, device, g: torch.Generator):
     yield ("mome", lambda: ring0.clone(),
            lambda ring: (kernels.mome.mome_decode_triton(ring, weight, slots, pos, x, dtype), ring),
            lambda ring: (mome_decode_reference(ring, weight, slots, pos, x, dtype), ring), 2e-3)
+
+    # MoME with q_a's norm (the q latent)
+    c = sh["q_rank"]
+    q_ring0 = r(batch, RING, c).to(dtype)
+    q_weight = 0.3 * r(WIDTH, c)
+    qa = r(batch, c).to(dtype)
+    q_norm = RMSNorm(torch.rand(c, generator=g) + 0.5, sh["eps"]).to(device)
+    yield ("mome_norm", lambda: q_ring0.clone(),
+           lambda ring: (kernels.mome.mome_decode_triton(ring, q_weight, slots, pos, qa, dtype, q_norm), ring),
+           lambda ring: (mome_decode_reference(ring, q_weight, slots, pos, qa, dtype, q_norm), ring), 4e-3)
 
     # the key side of a sliding-window layer and of a DSA layer
     rank, rope, idim = sh["kv_rank"], sh["rope"], sh["index_dim"]

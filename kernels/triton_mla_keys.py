@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .launch import FastLauncher
-from .triton_mome import mome_row
+from .triton_mome import mome_row, rms_normed
 
 
 @triton.jit
@@ -49,9 +49,7 @@ def _store_keys_kernel(
         lat = lat.to(kv_ptr.dtype.element_ty).to(tl.float32)
     else:
         lat = tl.load(kv_ptr + r * stride_kv + c, mask=in_c, other=0.0).to(tl.float32)
-    lat = lat * tl.rsqrt(tl.sum(lat * lat, axis=0) / RANK + eps)
-    if NORM_WEIGHT:
-        lat = lat * tl.load(norm_w_ptr + c, mask=in_c, other=0.0)
+    lat = rms_normed(lat, norm_w_ptr, c, in_c, RANK, eps, NORM_WEIGHT)
     store_c = in_c & (dest + tl.zeros([BLOCK_C], dtype=tl.int64) >= 0)
     # the PyTorch path rounds the norm to the projection's dtype, then the store to the cache's
     lat = lat.to(kv_ptr.dtype.element_ty)

@@ -53,9 +53,18 @@ def mome_row(ring_base, x_ptr, slot_ptr, pos_ptr, n, weight_ptr, r, slot, pos, c
 
 
 @triton.jit
-def _mome_decode_kernel(ring_ptr, x_ptr, weight_ptr, slot_ptr, pos_ptr, out_ptr, n, channels, stride_slot,
-                        stride_row, stride_x, stride_out, K: tl.constexpr, RING: tl.constexpr, BLOCK: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+def rms_normed(y, w_ptr, c, inside, channels, eps, WEIGHT: tl.constexpr):
+    """``y / rms(y) * w`` of a whole row held by one program (zeros outside ``inside``), in fp32."""
+    y = y * tl.rsqrt(tl.sum(y * y, axis=0) / channels + eps)
+    if WEIGHT:
+        y = y * tl.load(w_ptr + c, mask=inside, other=0.0)
+    return y
+
+
+@triton.jit
+def _mome_decode_kernel(ring_ptr, x_ptr, weight_ptr, slot_ptr, pos_ptr, out_ptr, norm_w_ptr, eps, n, channels,
+                        stride_slot, stride_row, stride_x, stride_out, K: tl.constexpr, RING: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr):
     r = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = c < channels
@@ -63,6 +72,9 @@ def _mome_decode_kernel(ring_ptr, x_ptr, weight_ptr, slot_ptr, pos_ptr, out_ptr,
     pos = tl.load(pos_ptr + r).to(tl.int64)
     y = mome_row(ring_ptr + slot * stride_slot, x_ptr, slot_ptr, pos_ptr, n, weight_ptr, r, slot, pos, c, inside,
                  channels, stride_row, stride_x, K, RING, BLOCK, BLOCK_N)
+    if NORM:  # the conv's output rounded as the PyTorch path returns it, then its RMSNorm (one program per row)
+        y = rms_normed(y.to(out_ptr.dtype.element_ty).to(tl.float32), norm_w_ptr, c, inside, channels, eps,
+                       NORM_WEIGHT)
     tl.store(out_ptr + r * stride_out + c, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -70,10 +82,11 @@ _launch = FastLauncher(_mome_decode_kernel)
 
 
 def mome_decode_triton(ring: torch.Tensor, weight: torch.Tensor, seq_slots: torch.Tensor, positions: torch.Tensor,
-                       x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+                       x: torch.Tensor, dtype: torch.dtype, norm=None) -> torch.Tensor:
     """``ring [slots, R, C]``, ``weight [K, C]`` fp32, ``seq_slots``/``positions [n]``, the rows'
     inputs ``x [n, C]`` (stored into the ring at ``pos % R`` here) -> ``x + conv(x)`` ``[n, C]``
-    in ``dtype``."""
+    in ``dtype``; with ``norm`` (an ``RMSNorm``: its fp32 ``weight`` or None, and ``eps``) that
+    rounded result normed, as ``norm(x + conv(x))`` (MLA's q latent)."""
     k, channels = weight.shape
     if ring.stride(-1) != 1 or not weight.is_contiguous() or weight.dtype != torch.float32:
         raise ValueError("the MoME ring needs contiguous channels and an fp32 [K, C] weight")
@@ -82,9 +95,15 @@ def mome_decode_triton(ring: torch.Tensor, weight: torch.Tensor, seq_slots: torc
         raise ValueError(f"the MoME decode input must be [{n}, {channels}] with contiguous channels, "
                          f"got {list(x.shape)}")
     out = torch.empty(n, channels, device=ring.device, dtype=dtype)
-    block = min(1024, triton.next_power_of_2(channels))
+    # a norm needs the whole row in one program
+    block = triton.next_power_of_2(channels) if norm is not None else min(1024, triton.next_power_of_2(channels))
+    norm_w = None if norm is None else norm.weight
+    if norm_w is not None and (norm_w.dtype != torch.float32 or norm_w.shape != (channels,)):
+        raise ValueError(f"the MoME decode's norm needs an fp32 [{channels}] weight")
     if n:
-        _launch((n, triton.cdiv(channels, block)), ring, x, weight, seq_slots, positions, out, n, channels,
+        _launch((n, triton.cdiv(channels, block)), ring, x, weight, seq_slots, positions, out,
+                norm_w if norm_w is not None else weight, float(norm.eps) if norm is not None else 0.0, n, channels,
                 ring.stride(0), ring.stride(1), x.stride(0), out.stride(0), K=k, RING=ring.shape[1], BLOCK=block,
-                BLOCK_N=triton.next_power_of_2(n), num_warps=4, num_stages=1)
+                BLOCK_N=triton.next_power_of_2(n), NORM=norm is not None, NORM_WEIGHT=norm_w is not None,
+                num_warps=8 if block >= 2048 else 4, num_stages=1)
     return out

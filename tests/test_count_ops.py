@@ -85,14 +85,15 @@ def test_decode_step_counts_every_layer_and_the_fused_kernels(tiny_pangu):
     assert ops["triton.mhc_site_partials"] == len(layers)
     assert ops["triton.mhc_site_enter"] == ops["triton.mhc_site_exit"] == 2 * len(layers)
     assert "triton.mhc_weights" not in ops
-    # MLA: the MoME convs of the q latent and the output (each storing its input in its ring), the key
-    # side (the latent's conv and norm, k_pe's rotation, the indexer key, the cache stores) in one kernel
+    # MLA: the MoME convs of the q latent (with its norm) and the output (each storing its input in its
+    # ring), the key side (the latent's conv and norm, k_pe's rotation, the indexer key, the cache
+    # stores) in one kernel
     assert ops["triton.mome_decode"] == 2 * len(layers)
     assert ops["triton.mla_store_keys"] == len(layers)
     assert "aten.index_put_" not in ops and "aten.index_copy_" not in ops
-    # the norms that are not fused into the mHC sites read and write the stored dtypes: q_a's norm
-    # and the two branch output norms per layer, the final norm; F.rms_norm for the fp32 block post norm
-    assert ops["triton.rms_norm"] == 3 * len(layers) + 1
+    # the norms that are not fused into other kernels read and write the stored dtypes: the two branch
+    # output norms per layer, the final norm; F.rms_norm for the fp32 block post norm
+    assert ops["triton.rms_norm"] == 2 * len(layers) + 1
     assert ops["fused.rms_norm"] == 2  # the block post norm (fp32 in and out) and the mHC merge's
     # MLA's decode attention kernels (split + merge) and the indexer's scores on the global (DSA) layers;
     # the window layers keep the PyTorch path

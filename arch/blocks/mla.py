@@ -74,8 +74,9 @@ def store_keys_reference(kv: torch.Tensor, rank: int, conv, norm: RMSNorm, posit
     kv_in, k_pe = kv.split([rank, kv.shape[-1] - rank], dim=-1)
     if conv is not None:
         ring, weight, seq_slots = conv
-        kv_in = mome_decode_reference(ring, weight, seq_slots, positions, kv_in, kv_in.dtype,
-                                      *_conv_window(positions, weight.shape[0]))
+        rows, active = _conv_window(positions, weight.shape[0])
+        kv_in = mome_decode_reference(ring, weight, seq_slots, positions, kv_in, kv_in.dtype, width_rows=rows,
+                                      active=active)
     c = norm(kv_in)  # model dtype, as the cache keeps it
     c_cache.index_copy_(0, dest, c.to(c_cache.dtype))
     kpe_cache.index_copy_(0, dest, rotate_neox_folded(k_pe.float(), cos, sin_folded, kpe_cache.dtype))
@@ -340,19 +341,20 @@ class MLAAttention(nn.Module):
         paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
         pos, seq_slots, n, heads = batch.positions, batch.seq_slots, x.shape[0], self.num_heads
 
-        def conv(which: int, value: torch.Tensor) -> torch.Tensor:
-            """Stores the rows' inputs in the conv's ring and returns ``x + conv(x)``."""
+        def conv(which: int, value: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+            """Stores the rows' inputs in the conv's ring and returns ``x + conv(x)``, normed by ``norm``."""
             if self.convs is None:
-                return value
+                return value if norm is None else norm(value)
             ring = slots[CONV_INPUTS[which]]
             weight = self.convs[which].weight
             fused = _fused_mome(value)
-            if fused is not None:  # one kernel instead of six, the ring store included
-                return fused(ring, weight, seq_slots, pos, value, value.dtype)
-            return mome_decode_reference(ring, weight, seq_slots, pos, value, value.dtype, *self._decode_conv_rows(batch))
+            if fused is not None:  # one kernel instead of six (eight with the norm), the ring store included
+                return fused(ring, weight, seq_slots, pos, value, value.dtype, norm)
+            rows, active = self._decode_conv_rows(batch)
+            return mome_decode_reference(ring, weight, seq_slots, pos, value, value.dtype, norm, rows, active)
 
         qa_in, kv, *index_in = self.x_proj(x)  # index_in: the indexer's wk(x), weights_proj(x)
-        q_lora = self.q_a_norm(conv(0, qa_in))
+        q_lora = conv(0, qa_in, self.q_a_norm)
         self._store_keys(kv, index_in, batch)
         q = self.q_b_proj(q_lora).float().view(n, heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)

@@ -18,12 +18,12 @@ from torch import nn
 
 
 def mome_decode_reference(ring: torch.Tensor, weight: torch.Tensor, seq_slots: torch.Tensor,
-                          positions: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
+                          positions: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, norm=None,
                           width_rows: torch.Tensor | None = None, active=None) -> torch.Tensor:
     """One decode row per sequence position: its input ``x [n, C]`` stored in ``ring [slots, R, C]``
     at ``pos % R``, its window read back from the ring, then ``ShortConv.mix`` with ``weight [K, C]``.
     Every row's input is stored before any row reads, so a row sees the rows of earlier positions of
-    its sequence in the same step.
+    its sequence in the same step. ``norm``: an ``RMSNorm`` applied to the result (MLA's q latent).
     ``width_rows [n, K]`` / ``active``: the ring rows and ``ShortConv.active`` if already computed
     (once per decode step). kernels/triton_mome.py does all this in one kernel."""
     k = weight.shape[0]
@@ -32,7 +32,8 @@ def mome_decode_reference(ring: torch.Tensor, weight: torch.Tensor, seq_slots: t
     if active is None:
         active = ShortConv.active_rows(positions, k)
     ring.index_put_((seq_slots, width_rows[:, -1]), x.to(ring.dtype))
-    return ShortConv.mix_windows(ring[seq_slots[:, None], width_rows].to(dtype), weight, active)
+    y = ShortConv.mix_windows(ring[seq_slots[:, None], width_rows].to(dtype), weight, active)
+    return y if norm is None else norm(y)
 
 
 def sliding_windows(x: torch.Tensor, previous: torch.Tensor, width: int) -> torch.Tensor:

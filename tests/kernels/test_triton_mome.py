@@ -51,6 +51,32 @@ def test_fused_mome_decode_stores_the_inputs_and_matches_the_reference(triton_ke
         assert torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("weighted", [True, False])
+def test_fused_mome_decode_with_the_norm_after_it(triton_kernels, device, weighted):
+    """MLA's q latent: ``q_a_norm(x + conv(x))`` in the same kernel, whole rows of a width that is not a
+    power of two, rows of one sequence in one step, against the PyTorch path (conv, then the norm)."""
+    from exl3_triton.arch.blocks.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(11)
+    channels = 200
+    ring = torch.randn(2, 32, channels, generator=g).half()
+    weight = 0.3 * torch.randn(3, channels, generator=g)
+    seq_slots, positions = torch.tensor([0, 1, 1]), torch.tensor([1, 9, 8])
+    x = (5 * torch.randn(3, channels, generator=g)).half()
+    norm = RMSNorm(torch.rand(channels, generator=g) + 0.5 if weighted else None, 1e-6)
+    want_ring = ring.clone()
+    want = mome_decode_reference(want_ring, weight, seq_slots, positions, x, torch.float16, norm)
+    assert torch.equal(want, norm(mome_decode_reference(ring.clone(), weight, seq_slots, positions, x,
+                                                        torch.float16)))
+    got_ring = ring.to(device)
+    got = triton_kernels.mome.mome_decode_triton(got_ring, weight.to(device), seq_slots.to(device),
+                                                 positions.to(device), x.to(device), torch.float16,
+                                                 norm.to(device)).cpu()
+    assert torch.equal(got_ring.cpu(), want_ring)
+    assert got.dtype == torch.float16
+    assert torch.allclose(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
 def test_fused_mome_decode_rejects_a_non_fp32_weight(triton_kernels, device):
     ring = torch.zeros(1, 32, 8, device=device)
     one = torch.zeros(1, dtype=torch.long, device=device)
