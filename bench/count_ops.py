@@ -127,7 +127,8 @@ def _decode_kernel_stand_ins(counter: OpCounter):
 @contextlib.contextmanager
 def gpu_fused_kernels(counter: OpCounter):
     """Take the CUDA-only fused paths on the CPU, each counted as the one kernel it is there:
-    ``F.rms_norm`` and the Triton norm with its casts (RMSNorm), the mHC site kernels, the MoME decode, the MLA key side, the indexer's queries and the MLA decode Triton kernels,
+    ``F.rms_norm`` and the Triton norm with its casts (RMSNorm), the mHC site kernels, the MoME decode,
+    the MLA key side, the indexer's queries and the MLA decode Triton kernels,
     the residual add + norms, the gated activation, the logit softcap, the router's selection, the fused
     RoPE (+ head norms) + cache store and the paged decode attention (run as their PyTorch references)."""
     from exl3_triton.arch.blocks import lightning_indexer, mhc, mla, mlp, norm, routing, short_conv

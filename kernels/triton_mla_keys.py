@@ -104,10 +104,11 @@ def mla_store_keys_triton(kv: torch.Tensor, rank: int, conv, norm, positions: to
                           sin_folded: torch.Tensor, dest: torch.Tensor, c_cache: torch.Tensor, kpe_cache: torch.Tensor,
                           index=None) -> None:
     """``kv [n, rank + rope]``: ``kv_a_proj``'s output (contiguous columns); ``conv``: the latent's
-    MoME convolution ``(ring [slots, R, rank], weight [K, rank] fp32, seq_slots [n])`` or None; ``norm``: the latent's ``RMSNorm``; ``positions
-    [n]``; ``cos``/``sin_folded [n, rope]`` fp32; ``dest [n]``: flat cache rows (-1: skip);
-    ``c_cache [rows, rank]``, ``kpe_cache [rows, rope]``; ``index``: ``(k [n, D], indexer,
-    kidx_cache [rows, D])`` on DSA layers (``indexer.k_norm`` normalises ``k``), else None."""
+    MoME convolution ``(ring [slots, R, rank], weight [K, rank] fp32, seq_slots [n])`` or None;
+    ``norm``: the latent's ``RMSNorm``; ``positions [n]``; ``cos``/``sin_folded [n, rope]`` fp32;
+    ``dest [n]``: flat cache rows (-1: skip); ``c_cache [rows, rank]``, ``kpe_cache [rows, rope]``;
+    ``index``: ``(k [n, D], indexer, kidx_cache [rows, D])`` on DSA layers (``indexer.k_norm``
+    normalises ``k``), else None."""
     n, rope = kv.shape[0], kv.shape[1] - rank
     if kv.stride(-1) != 1 or rope < 2 or rope % 2:
         raise ValueError(f"MLA key store: kv must hold the latent ({rank}) and an even k_pe width in contiguous "
