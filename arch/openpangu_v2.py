@@ -204,11 +204,12 @@ class PanguDecoderLayer(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        # the branch outputs' norms read them in the model's dtype and give fp32 (one kernel on CUDA)
         def attention(h):  # h: input_layernorm(collapsed streams) in the model's dtype
-            return self.post_attention_layernorm(self.self_attn(h, positions, batch).float())
+            return self.post_attention_layernorm(self.self_attn(h, positions, batch), torch.float32)
 
         def mlp(h):
-            return self.post_mlp_layernorm(self.mlp(h).float())
+            return self.post_mlp_layernorm(self.mlp(h), torch.float32)
 
         # on CUDA the sites' Triton kernels apply the input norms (mhc.run_sites)
         x = run_sites(x, (self.attn_site, attention, self.input_layernorm, self.dtype),
@@ -236,12 +237,13 @@ class PanguMTPLayer(nn.Module):
     def forward(self, embedded: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                 batch: ForwardBatch | None = None) -> torch.Tensor:
         """-> the block output ``[n, D]`` fp32 before ``shared_head.norm`` (it seeds the next depth)."""
-        e, h = self.enorm(embedded.float()), self.hnorm(hidden.float())
-        x = self.eh_proj(torch.cat([e, h], dim=-1).to(self.dtype)).float()
-        a = self.self_attn(self.input_layernorm(x).to(self.dtype), positions, batch)
-        x = x + self.post_attention_layernorm(a.float())
-        m = self.mlp(self.pre_mlp_layernorm(x).to(self.dtype))
-        return x + self.post_mlp_layernorm(m.float())
+        # each norm writes the dtype its consumer reads (casting commutes with the concatenation)
+        e, h = self.enorm(embedded, self.dtype), self.hnorm(hidden, self.dtype)
+        x = self.eh_proj(torch.cat([e, h], dim=-1)).float()
+        a = self.self_attn(self.input_layernorm(x, self.dtype), positions, batch)
+        x = x + self.post_attention_layernorm(a, torch.float32)
+        m = self.mlp(self.pre_mlp_layernorm(x, self.dtype))
+        return x + self.post_mlp_layernorm(m, torch.float32)
 
 
 # ------------------------------------------------------------------ model
@@ -338,7 +340,7 @@ class OpenPanguV2ForCausalLM(CausalLM):
 
     def head(self, hidden: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         norm = self.norm if norm is None else norm
-        return self.lm_head(norm(hidden.float()).to(self.options.dtype)).float()
+        return self.lm_head(norm(hidden, self.options.dtype)).float()
 
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T]`` ids -> the pre-norm hidden state ``[B, T, D]`` (what seeds MTP depth 1)."""

@@ -127,16 +127,18 @@ def _decode_kernel_stand_ins(counter: OpCounter):
 @contextlib.contextmanager
 def gpu_fused_kernels(counter: OpCounter):
     """Take the CUDA-only fused paths on the CPU, each counted as the one kernel it is there:
-    ``F.rms_norm`` (RMSNorm), the mHC site kernels, the MoME decode and the MLA decode Triton kernels,
+    ``F.rms_norm`` and the Triton norm with its casts (RMSNorm), the mHC site kernels, the MoME decode,
+    the MLA key side, the indexer's queries and the MLA decode Triton kernels,
     the residual add + norms, the gated activation, the logit softcap, the router's selection, the fused
     RoPE (+ head norms) + cache store and the paged decode attention (run as their PyTorch references)."""
-    from exl3_triton.arch.blocks import mhc, mla, mlp, norm, routing, short_conv
+    from exl3_triton.arch.blocks import lightning_indexer, mhc, mla, mlp, norm, routing, short_conv
     try:
         from exl3_triton.arch.blocks import residual_norm, softcap
     except ImportError:  # a tree from before the fused residual norm (counting a baseline)
         residual_norm = softcap = None
 
     stand_ins = [(norm, "_fused_rms_norm_for", "fused.rms_norm", getattr(torch.nn.functional, "rms_norm", None)),
+                 (norm, "_fused_rms_norm_cast_for", "triton.rms_norm", getattr(norm, "rms_norm_cast_reference", None)),
                  (residual_norm, "_fused_residual_norm", "triton.residual_norm",
                   getattr(residual_norm, "residual_norm_reference", None)),
                  (mlp, "_fused_gated_activation", "triton.gated_activation",
@@ -147,6 +149,9 @@ def gpu_fused_kernels(counter: OpCounter):
                  (mhc, "_fused_site_enter", "triton.mhc_site_enter", getattr(mhc, "site_enter_reference", None)),
                  (mhc, "_fused_site_exit", "triton.mhc_site_exit", getattr(mhc, "site_exit_reference", None)),
                  (mla, "_fused_mome", "triton.mome_decode", getattr(short_conv, "mome_decode_reference", None)),
+                 (mla, "_fused_store_keys", "triton.mla_store_keys", getattr(mla, "store_keys_reference", None)),
+                 (lightning_indexer, "_fused_leading_rope", "triton.index_queries",
+                  getattr(lightning_indexer, "queries_reference", None)),
                  (routing, "_fused_selection", "triton.router_select", getattr(routing, "select_reference", None))]
     saved = []
     for module, attr, name, reference in stand_ins:

@@ -98,3 +98,13 @@ def residual_norm_triton(x: torch.Tensor | None, y: torch.Tensor | None, y_weigh
                 num_warps=8 if block >= 4096 else 4, num_stages=1)
     r = r.view(*lead, n) if write_r else x
     return r, (h.view(*lead, n) if h is not None else None)
+
+
+def rms_norm_cast_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    """``rms(x) * weight`` of ``x`` as stored (any float dtype, contiguous rows), the sums in fp32,
+    written in ``out_dtype``: what ``RMSNorm`` computes, without the cast kernels that surround
+    ``F.rms_norm`` (it wants fp32 in and gives fp32 out). ``residual_norm_triton`` with only ``x``."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return residual_norm_triton(x, None, None, None, weight, eps, out_dtype)[1]

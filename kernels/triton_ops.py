@@ -39,6 +39,7 @@ def load() -> types.SimpleNamespace | None:
             hadamard=importlib.import_module(f"{pkg}.triton_hadamard"),
             mhc=importlib.import_module(f"{pkg}.triton_mhc"),
             mla=importlib.import_module(f"{pkg}.triton_mla"),
+            mla_keys=importlib.import_module(f"{pkg}.triton_mla_keys"),
             moe=importlib.import_module(f"{pkg}.triton_moe"),
             mome=importlib.import_module(f"{pkg}.triton_mome"),
             norm=importlib.import_module(f"{pkg}.triton_norm"),

@@ -30,6 +30,23 @@ def rope_leading(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -
     return torch.cat([rotate_neox_folded(x[..., :d], cos, sin_folded), x[..., d:]], dim=-1)
 
 
+def queries_reference(q: torch.Tensor, head_weights: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor,
+                      heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``LightningIndexer.queries`` after ``wq_b`` in PyTorch (the CPU path; the arguments of
+    kernels/triton_rope.py ``leading_rope_triton``): query heads ``[n, G, D]`` with their leading dims
+    rotated, and the head weights, both fp32."""
+    q = q.float().view(q.shape[0], heads, -1)
+    return rope_leading(q, cos, sin_folded), head_weights.float()
+
+
+def _fused_leading_rope(x: torch.Tensor):
+    """The Triton kernel for ``x``'s device, or None where it cannot run (then ``queries_reference``;
+    bench/count_ops.py stands in for it on a CPU)."""
+    from ...kernels import triton_ops
+
+    return triton_ops.cuda_kernel(x, "rope", "leading_rope_triton")
+
+
 class LightningIndexer(nn.Module):
     def __init__(self, wq_b: Linear, wk: Linear, k_norm: RMSNorm, weights_proj: Linear, *, num_heads: int,
                  head_dim: int, top_k: int):
@@ -37,16 +54,30 @@ class LightningIndexer(nn.Module):
         self.wq_b, self.wk, self.k_norm, self.weights_proj = wq_b, wk, k_norm, weights_proj
         self.num_heads, self.head_dim, self.top_k = num_heads, head_dim, top_k
 
-    def keys(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The per-token key ``[n, D]`` (fp32) that the cache keeps for later queries (``sin``
-        folded: ``rope.fold_sin``, here and in ``queries``)."""
-        return rope_leading(self.k_norm(self.wk(h)).float(), cos, sin)
+    def input_projections(self) -> list[Linear]:
+        """``[wk, weights_proj]``, the projections of the layer's input ``h``, handed over to the
+        attention, which runs them in one ``LinearGroup`` with its own (one matmul where the formats
+        allow) and passes their outputs to ``keys`` / ``queries``; the indexer keeps no reference
+        (a weight concatenated into the group is then held once)."""
+        taken = [self.wk, self.weights_proj]
+        if any(t is None for t in taken):
+            raise RuntimeError("the indexer's input projections were already handed over")
+        self.wk = self.weights_proj = None
+        return taken
 
-    def queries(self, q_lora: torch.Tensor, h: torch.Tensor, cos: torch.Tensor,
+    def keys(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The per-token key ``[n, D]`` (fp32) that the cache keeps for later queries, from the key
+        projection ``k = wk(h)`` (``sin`` folded: ``rope.fold_sin``, here and in ``queries``).
+        kernels/triton_mla_keys.py does this and the cache store in MLA's key kernel on CUDA."""
+        return rope_leading(self.k_norm(k).float(), cos, sin)
+
+    def queries(self, q_lora: torch.Tensor, head_weights: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query heads ``[n, G, D]`` and head weights ``[n, G]`` (fp32)."""
-        q = self.wq_b(q_lora).float().view(q_lora.shape[0], self.num_heads, self.head_dim)
-        return rope_leading(q, cos, sin), self.weights_proj(h).float()
+        """Query heads ``[n, G, D]`` and head weights ``[n, G]`` (fp32), from ``q_lora`` and the
+        head-weight projection ``weights_proj(h)``."""
+        q = self.wq_b(q_lora)
+        fused = _fused_leading_rope(q)  # on CUDA one kernel: the rotation and both casts
+        return (fused or queries_reference)(q, head_weights, cos, sin, self.num_heads)
 
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """``candidates [n, m]`` (bool, the causal tokens) -> the kept ones ``[n, m]`` (bool).

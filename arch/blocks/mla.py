@@ -37,7 +37,7 @@ from torch import nn
 from ..batch import ForwardBatch, current_batch
 from ..cache_spec import LayerCacheSpec, PagedTensorSpec, SlotTensorSpec
 from .lightning_indexer import LightningIndexer
-from .linear import Linear
+from .linear import Linear, LinearGroup
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, fold_sin, rotate_neox_folded
 from .short_conv import ShortConv, mome_decode_reference, sliding_windows
@@ -54,6 +54,42 @@ def _fused_mome(x: torch.Tensor):
     from ...kernels import triton_ops
 
     return triton_ops.cuda_kernel(x, "mome", "mome_decode_triton")
+
+
+def _fused_store_keys(x: torch.Tensor):
+    """The Triton MLA key-side kernel (kernels/triton_mla_keys.py) for ``x``'s device, or None where it
+    cannot run (then ``store_keys_reference``; bench/count_ops.py stands in for it on a CPU)."""
+    from ...kernels import triton_ops
+
+    return triton_ops.cuda_kernel(x, "mla_keys", "mla_store_keys_triton")
+
+
+def store_keys_reference(kv: torch.Tensor, rank: int, conv, norm: RMSNorm, positions: torch.Tensor, cos: torch.Tensor,
+                         sin_folded: torch.Tensor, dest: torch.Tensor, c_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                         index=None) -> None:
+    """A decode step's key side in PyTorch (the CPU path; the arguments of
+    ``kernels.triton_mla_keys.mla_store_keys_triton``): the latent ``norm(x + conv(x))`` of
+    ``kv``'s first ``rank`` columns, ``k_pe`` (the rest) NEOX-rotated, and on DSA layers the indexer
+    key ``index = (wk(h), indexer, cache)``, each stored at the flat cache rows ``dest``."""
+    kv_in, k_pe = kv.split([rank, kv.shape[-1] - rank], dim=-1)
+    if conv is not None:
+        ring, weight, seq_slots = conv
+        rows, active = _conv_window(positions, weight.shape[0])
+        kv_in = mome_decode_reference(ring, weight, seq_slots, positions, kv_in, kv_in.dtype, width_rows=rows,
+                                      active=active)
+    c = norm(kv_in)  # model dtype, as the cache keeps it
+    c_cache.index_copy_(0, dest, c.to(c_cache.dtype))
+    kpe_cache.index_copy_(0, dest, rotate_neox_folded(k_pe.float(), cos, sin_folded, kpe_cache.dtype))
+    if index is not None:
+        k, indexer, cache = index
+        cache.index_copy_(0, dest, indexer.keys(k, cos, sin_folded).to(cache.dtype))
+
+
+def _conv_window(positions: torch.Tensor, width: int) -> tuple[torch.Tensor, tuple]:
+    """Each decode row's MoME window in the conv rings ``[n, K]`` (oldest first, its own entry
+    last) and ``ShortConv.active``."""
+    rows = (positions[:, None] + torch.arange(1 - width, 1, device=positions.device)[None, :]) % CONV_RING
+    return rows, ShortConv.active_rows(positions, width)
 
 
 def _fused_mla(x: torch.Tensor):
@@ -76,8 +112,11 @@ class MLAAttention(nn.Module):
                  convs: tuple[ShortConv, ShortConv, ShortConv] | None = None,
                  indexer: LightningIndexer | None = None, layer_idx: int = 0):
         super().__init__()
-        self.q_a_proj, self.q_a_norm, self.q_b_proj = q_a_proj, q_a_norm, q_b_proj
-        self.kv_a_proj, self.kv_a_norm, self.o_proj = kv_a_proj, kv_a_norm, o_proj
+        # every projection of the layer input in one LinearGroup (one matmul where their formats match):
+        # q_a, kv_a and on DSA layers the indexer's key and head-weight projections
+        inputs = [q_a_proj, kv_a_proj] + ([] if indexer is None else indexer.input_projections())
+        self.x_proj = LinearGroup(inputs)
+        self.q_a_norm, self.q_b_proj, self.kv_a_norm, self.o_proj = q_a_norm, q_b_proj, kv_a_norm, o_proj
         self.num_heads, self.nope_dim, self.rope_dim, self.v_dim = num_heads, nope_dim, rope_dim, v_dim
         self.kv_rank = kv_b.shape[1]
         w = kv_b.float().view(num_heads, nope_dim + v_dim, self.kv_rank)
@@ -133,11 +172,11 @@ class MLAAttention(nn.Module):
         ``[n, hidden]`` and the new rows' state."""
         n, heads = h.shape[0], self.num_heads
         prev = hist.get("conv_prev", (None, None, None))
-        qa_in = self.q_a_proj(h)
+        qa_in, kv, *index_in = self.x_proj(h)  # index_in: the indexer's wk(h), weights_proj(h)
         q_lora = self.q_a_norm(self._mome(0, qa_in, prev[0], positions))
         q = self.q_b_proj(q_lora).float().view(n, heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        kv_in, k_pe = self.kv_a_proj(h).split([self.kv_rank, self.rope_dim], dim=-1)
+        kv_in, k_pe = kv.split([self.kv_rank, self.rope_dim], dim=-1)
         c = self.kv_a_norm(self._mome(1, kv_in.contiguous(), prev[1], positions)).float()
         cos, sin = self._rope_tables(positions)
         q_pe = rotate_neox_folded(q_pe, cos[:, None], sin[:, None])
@@ -153,9 +192,9 @@ class MLAAttention(nn.Module):
         if self.window is not None:
             visible &= key_pos > positions[:, None] - self.window
         if self.indexer is not None:
-            k_idx = self.indexer.keys(h, cos, sin)
+            k_idx = self.indexer.keys(index_in[0], cos, sin)
             new["kidx"] = k_idx
-            q_idx, w_idx = self.indexer.queries(q_lora, h, cos, sin)
+            q_idx, w_idx = self.indexer.queries(q_lora, index_in[1], cos, sin)
             visible = self.indexer.select(q_idx, w_idx, with_new(hist["kidx"], k_idx), visible)
         if self.record_selection:
             self.last_selection = visible  # tests compare the DSA selection with the reference's
@@ -270,12 +309,26 @@ class MLAAttention(nn.Module):
     def _decode_conv_rows(self, batch: ForwardBatch) -> tuple[torch.Tensor, tuple]:
         """Each decode row's MoME window in the conv rings ``[n, K]`` (oldest first, its own entry
         last) and ``ShortConv.active``: the same for every layer of the step."""
-        width, pos = self.convs[0].width, batch.positions
+        width = self.convs[0].width
+        return self._decode_memo(batch, ("mla_conv_rows", width), lambda: _conv_window(batch.positions, width))
 
-        def make():
-            rows = (pos[:, None] + torch.arange(1 - width, 1, device=pos.device)[None, :]) % CONV_RING
-            return rows, self.convs[0].active(pos)
-        return self._decode_memo(batch, ("mla_conv_rows", width), make)
+    def _store_keys(self, kv: torch.Tensor, index_in: list, batch: ForwardBatch) -> None:
+        """The decode rows' key side into the paged cache (before any row reads it): the normed
+        latent after its MoME conv and the rotated ``k_pe`` from ``kv = kv_a_proj(x)``, the indexer
+        key from ``index_in[0] = wk(x)`` on DSA layers. One Triton kernel on CUDA
+        (kernels/triton_mla_keys.py)."""
+        paged, pos = batch.cache.paged[self.layer_idx], batch.positions
+        cos, sin = self._rope_tables(pos)
+        conv = None
+        if self.convs is not None:
+            conv = (batch.cache.slots[self.layer_idx][CONV_INPUTS[1]], self.convs[1].weight, batch.seq_slots)
+        index = None
+        if self.indexer is not None:
+            index = (index_in[0], self.indexer, paged["kidx"].flatten(0, 1))
+        dest = batch.ring_slot_mapping if self.ring else batch.slot_mapping
+        store = _fused_store_keys(kv) or store_keys_reference
+        store(kv, self.kv_rank, conv, self.kv_a_norm, pos, cos, sin, dest, paged["c"].flatten(0, 1),
+              paged["kpe"].flatten(0, 1), index)
 
     def _forward_decode(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """One query per row at its own position, from device tensors only (no host values, fixed
@@ -287,42 +340,31 @@ class MLAAttention(nn.Module):
         generator verifies drafted tokens that way) and each sees the rows before it."""
         paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
         pos, seq_slots, n, heads = batch.positions, batch.seq_slots, x.shape[0], self.num_heads
-        if self.convs is not None:
-            window_rows, active = self._decode_conv_rows(batch)
-            write_rows = window_rows[:, -1]
 
-        def conv(which: int, value: torch.Tensor) -> torch.Tensor:
+        def conv(which: int, value: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+            """Stores the rows' inputs in the conv's ring and returns ``x + conv(x)``, normed by ``norm``."""
             if self.convs is None:
-                return value
+                return value if norm is None else norm(value)
             ring = slots[CONV_INPUTS[which]]
-            ring.index_put_((seq_slots, write_rows), value.to(ring.dtype))
-            # the window read back whole, the row's own input last: no concatenation
             weight = self.convs[which].weight
             fused = _fused_mome(value)
-            if fused is not None:  # one kernel instead of five
-                return fused(ring, weight, seq_slots, pos, value.dtype)
-            return mome_decode_reference(ring, weight, seq_slots, pos, value.dtype, window_rows, active)
+            if fused is not None:  # one kernel instead of six (eight with the norm), the ring store included
+                return fused(ring, weight, seq_slots, pos, value, value.dtype, norm)
+            rows, active = self._decode_conv_rows(batch)
+            return mome_decode_reference(ring, weight, seq_slots, pos, value, value.dtype, norm, rows, active)
 
-        qa_in = self.q_a_proj(x)
-        kv_in, k_pe = self.kv_a_proj(x).split([self.kv_rank, self.rope_dim], dim=-1)
-        q_lora = self.q_a_norm(conv(0, qa_in))
-        c = self.kv_a_norm(conv(1, kv_in))  # model dtype, as the cache keeps it
+        qa_in, kv, *index_in = self.x_proj(x)  # index_in: the indexer's wk(x), weights_proj(x)
+        q_lora = conv(0, qa_in, self.q_a_norm)
+        self._store_keys(kv, index_in, batch)
         q = self.q_b_proj(q_lora).float().view(n, heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         cos, sin = self._rope_tables(pos)
         q_pe = rotate_neox_folded(q_pe, cos[:, None], sin[:, None])
-        k_pe = rotate_neox_folded(k_pe.float(), cos, sin, paged["kpe"].dtype)  # only the cache reads it
-        new = {"c": c, "kpe": k_pe}
-        if self.indexer is not None:
-            new["kidx"] = self.indexer.keys(x, cos, sin)
-        dest = batch.ring_slot_mapping if self.ring else batch.slot_mapping
-        for name, t in paged.items():
-            t.flatten(0, 1).index_copy_(0, dest, new[name].to(t.dtype))
 
         q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
         q_idx = w_idx = None
         if self.indexer is not None:
-            q_idx, w_idx = self.indexer.queries(q_lora, x, cos, sin)
+            q_idx, w_idx = self.indexer.queries(q_lora, index_in[1], cos, sin)
         # the kernels on global layers, whose PyTorch path costs in proportion to the cache capacity; a
         # window layer's PyTorch path is fixed by its window and as fast at Flash's shapes (bench/mla_decode.py,
         # H100: sliding window 512, 46-78 us PyTorch, 51-60 us kernels; docs/performance.md)

@@ -18,18 +18,22 @@ from torch import nn
 
 
 def mome_decode_reference(ring: torch.Tensor, weight: torch.Tensor, seq_slots: torch.Tensor,
-                          positions: torch.Tensor, dtype: torch.dtype, width_rows: torch.Tensor | None = None,
-                          active=None) -> torch.Tensor:
-    """One decode row per sequence position: its window read back from ``ring [slots, R, C]``
-    (the row's own input already stored at ``pos % R``), then ``ShortConv.mix`` with ``weight
-    [K, C]``. ``width_rows [n, K]`` / ``active``: the ring rows and ``ShortConv.active`` if
-    already computed (once per decode step). kernels/triton_mome.py does this in one kernel."""
+                          positions: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, norm=None,
+                          width_rows: torch.Tensor | None = None, active=None) -> torch.Tensor:
+    """One decode row per sequence position: its input ``x [n, C]`` stored in ``ring [slots, R, C]``
+    at ``pos % R``, its window read back from the ring, then ``ShortConv.mix`` with ``weight [K, C]``.
+    Every row's input is stored before any row reads, so a row sees the rows of earlier positions of
+    its sequence in the same step. ``norm``: an ``RMSNorm`` applied to the result (MLA's q latent).
+    ``width_rows [n, K]`` / ``active``: the ring rows and ``ShortConv.active`` if already computed
+    (once per decode step). kernels/triton_mome.py does all this in one kernel."""
     k = weight.shape[0]
     if width_rows is None:
         width_rows = (positions[:, None] + torch.arange(1 - k, 1, device=positions.device)[None, :]) % ring.shape[1]
     if active is None:
         active = ShortConv.active_rows(positions, k)
-    return ShortConv.mix_windows(ring[seq_slots[:, None], width_rows].to(dtype), weight, active)
+    ring.index_put_((seq_slots, width_rows[:, -1]), x.to(ring.dtype))
+    y = ShortConv.mix_windows(ring[seq_slots[:, None], width_rows].to(dtype), weight, active)
+    return y if norm is None else norm(y)
 
 
 def sliding_windows(x: torch.Tensor, previous: torch.Tensor, width: int) -> torch.Tensor:

@@ -73,3 +73,27 @@ def test_residual_norm_kernel_rejects_bad_operands(triton_kernels):
                                                  torch.float16)
     with pytest.raises(ValueError, match="y needs 8"):
         triton_kernels.norm.residual_norm_triton(x, torch.randn(2, 7), None, None, None, EPS, torch.float16)
+
+
+@pytest.mark.parametrize("in_dtype,out_dtype,weighted", [(torch.float16, torch.float16, True),
+                                                          (torch.float16, torch.float32, True),
+                                                          (torch.float32, torch.float16, False)])
+def test_rms_norm_cast_kernel_matches_rmsnorm(triton_kernels, device, in_dtype, out_dtype, weighted):
+    """``RMSNorm(x, out_dtype)``'s Triton path (no casts around the norm): strided rows of a wider
+    projection output (as MLA's split gives them), against the module's PyTorch path and float64."""
+    from exl3_triton.arch.blocks.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(7)
+    wide = (30 * torch.randn(5, 200 + 24, generator=g)).to(in_dtype)
+    x = wide[:, :200]  # row stride 224, contiguous channels
+    weight = torch.rand(200, generator=g) + 0.5 if weighted else None
+    norm = RMSNorm(weight, EPS)
+    want = norm(x, out_dtype)
+    assert want.dtype == out_dtype
+    exact = _rms64(x, weight)
+    got = triton_kernels.norm.rms_norm_cast_triton(x.to(device), None if weight is None else norm.weight.to(device),
+                                                   EPS, out_dtype).cpu()
+    assert got.dtype == out_dtype and got.shape == x.shape
+    tol = 1e-3 if out_dtype == torch.float16 else 1e-5
+    assert torch.allclose(got.double(), exact, rtol=tol, atol=tol)
+    assert torch.allclose(got.double(), want.double(), rtol=2 * tol, atol=2 * tol)
