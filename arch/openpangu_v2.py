@@ -185,8 +185,8 @@ class PanguMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.router(x)
-        y = self.experts(x, ids, weights)
-        return y if self.shared is None else y + self.shared(x)
+        # the shared expert first: the routed down projection adds it to its weighted sum (one launch fewer)
+        return self.experts(x, ids, weights, base=None if self.shared is None else self.shared(x))
 
 
 class PanguDecoderLayer(nn.Module):
