@@ -82,9 +82,10 @@ def test_decode_step_counts_every_layer_and_the_fused_kernels(tiny_pangu):
     assert ops["triton.mhc_site_enter"] == ops["triton.mhc_site_exit"] == 2 * len(layers)
     assert "triton.mhc_weights" not in ops
     assert ops["triton.mome_decode"] == 3 * len(layers)
-    # MLA's decode attention kernels (split + merge) and the indexer's scores on the global (DSA) layers;
-    # the window layers keep the PyTorch path
-    assert ops["triton.mla_decode_split"] == ops["triton.mla_decode_merge"] == 2
+    # MLA's decode kernels on every layer (the q prologue, split, merge with the w_uv product) and the
+    # indexer's scores on the global (DSA) layers
+    assert ops["triton.mla_q_prologue"] == ops["triton.mla_decode_split"] == len(layers)
+    assert ops["triton.mla_decode_merge_out"] == len(layers)
     assert ops["triton.mla_index_scores"] == 2
     # the indexer's top-k on the DSA layers; the router's selection, one kernel, on the MoE layers
     assert ops["aten.topk"] == 2
