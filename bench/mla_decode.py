@@ -249,8 +249,12 @@ def compile_resources(res: Results | None, arch: int = 90, settings: list[dict] 
     fn = triton_mla._mla_split_kernel
     pointers = {"q_ptr": "*fp16", "qpe_ptr": "*fp16", "c_ptr": "*fp16", "kpe_ptr": "*fp16", "table_ptr": "*i32",
                 "pos_ptr": "*i64", "sel_ptr": "*i64"}
-    rows = []
+    rows, done = [], set()
     for cfg in settings or [PREVIOUS, *SWEEP]:
+        key = tuple(cfg.get(k, 1) for k in ("block_h", "block_n", "precision", "num_warps", "num_stages", "r_parts"))
+        if key in done:  # (the split rule and the merge's settings do not change the split kernel's code)
+            continue
+        done.add(key)
         half = cfg["precision"] == "fp16"
         consts = dict(R=512, P=64, BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"], SPLITS=cfg["splits"],
                       MIN_SPLIT=cfg["min_split"], HAS_WINDOW=False, HAS_SEL=True,

@@ -44,8 +44,9 @@ from .launch import FastLauncher
 # FlashAttention does; the denominator sums them in fp32). Why fp16 and not bf16 for q_abs: q_nope is
 # q_b_proj's fp16 output and w_uk holds kv_b's fp16 values, so |q_abs| <= 128 max|q_nope| max|w_uk|, which
 # overflows fp16 only past max|q_nope| max|w_uk| = 512 -- q_b_proj maps an RMS-normed latent (entries O(1-10))
-# and kv_b's entries are O(0.1) -- and fp16 keeps 3 more mantissa bits than bf16 (no per-row scale needed). Compiled for sm_90 on a CPU at Flash shapes (R=512, P=64, DSA selection; bench/mla_decode.py
-# --resources), registers / spill stack / shared memory per program: 16 heads, 32-key blocks, 8 warps, 2 stages
+# and kv_b's entries are O(0.1) -- and fp16 keeps 3 more mantissa bits than bf16 (no per-row scale needed).
+# Compiled for sm_90 on a CPU at Flash shapes (R=512, P=64, DSA selection; bench/mla_decode.py --resources),
+# registers / spill stack / shared memory per program: 16 heads, 32-key blocks, 8 warps, 2 stages
 # 198 / 0 / 57 KB (3 stages: 176 / 0 / 93 KB); 32 heads: 225 / 0 / 76 KB; 64-key blocks: 255 / 184 B spilled;
 # 4 warps: 255 / 128 B (with 4 warps every warp holds the whole [16, 512] q operand). The old default, fp32
 # operands with tf32x3, 16-key blocks, 1 stage: 168 registers, 2.3 KB spilled, 141 KB, one program per SM.
@@ -364,7 +365,8 @@ def mla_decode_triton(q_abs: torch.Tensor, q_pe: torch.Tensor, sink_c: torch.Ten
     """Absorbed MLA attention of one query per row -> the latent context ``ctx [n, H, R]`` fp32.
 
     ``q_abs [n, H, R]``, ``q_pe [n, H, P]``; ``sink_c [L, R]`` / ``sink_pe [L, P]`` (always visible,
-    ``L`` may be 0; rounded to the operands' dtype); the cache ``c [pages, page_size, R]``, ``kpe [pages, page_size, P]``
+    ``L`` may be 0; rounded to the operands' dtype); the cache ``c [pages, page_size, R]``,
+    ``kpe [pages, page_size, P]``
     (each row's own entry already written); ``table [n, max_pages]`` (int32, -1 = unused) maps
     the row's logical page ``position // page_size`` to a cache page; ``positions [n]``.
     ``selected [n, k]``: the DSA selection, cache positions picked by the indexer (``torch.topk``

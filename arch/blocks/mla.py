@@ -57,9 +57,9 @@ def _fused_mome(x: torch.Tensor):
 
 
 def _fused_mla(x: torch.Tensor):
-    """The Triton MLA decode kernels (kernels/triton_mla.py: the query ``q_prologue``, the attention with
-    the value product ``decode_out`` and the indexer's ``index_scores``) for ``x``'s device, or None where they cannot run (then the einsum path
-    below, which is their reference on a CPU)."""
+    """The Triton MLA decode kernels (kernels/triton_mla.py: the query ``q_prologue``, the attention
+    with the value product ``decode_out`` and the indexer's ``index_scores``) for ``x``'s device, or
+    None where they cannot run (then the einsum path below, which is their reference on a CPU)."""
     from ...kernels import triton_ops
 
     if triton_ops.cuda_kernel(x, "mla", "mla_decode_triton") is None:

@@ -292,9 +292,11 @@ consts = dict(R=512, P=64, BLOCK_H=m.BLOCK_H, BLOCK_N=m.BLOCK_N, SPLITS=m.SPLITS
 signature = {n: "constexpr" if n in consts else pointers.get(n, "*fp32" if n.endswith("_ptr") else
              "fp32" if n == "scale_log2" else "i32") for n in fn.arg_names}
 # as a launch at Flash shapes specializes: aligned pointers, integers multiples of 16 (vectorised loads)
-attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n] not in ("constexpr", "fp32")}
+attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+         if signature[n] not in ("constexpr", "fp32")}
 kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
-                        target=GPUTarget("cuda", 90, 32), options={"num_warps": m.NUM_WARPS, "num_stages": m.NUM_STAGES})
+                        target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": m.NUM_WARPS, "num_stages": m.NUM_STAGES})
 print(kernel.metadata.shared)
 """
 
