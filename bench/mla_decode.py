@@ -238,51 +238,63 @@ def one_case(res: Results | None, sh: dict, name: str, position: int, batch: int
     return rec
 
 
-def compile_resources(res: Results | None, arch: int = 90, settings: list[dict] | None = None) -> list[dict]:
-    """Each sweep setting's split kernel at Flash shapes (R=512, P=64, the DSA selection) compiled for
-    ``sm_<arch>`` -- registers, spills, shared memory -- with Triton's bundled ptxas (no GPU needed)."""
+def _compiled(fn, consts: dict, pointers: dict, num_warps: int, num_stages: int, arch: int) -> dict:
+    """``fn`` compiled for ``sm_<arch>`` with Triton's bundled ptxas (no GPU needed): registers, spill stack,
+    shared memory -- or the error. Pointers and integers are specialized as a launch at Flash shapes
+    specializes them: pointers 16-byte aligned, every integer (sizes, strides, window, top-k) a multiple of 16."""
     import triton  # (here: importing Triton before triton_ops.load() would keep a CPU run from interpreting)
     from kernel_resources import resources
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = triton_mla._mla_split_kernel
-    pointers = {"q_ptr": "*fp16", "qpe_ptr": "*fp16", "c_ptr": "*fp16", "kpe_ptr": "*fp16", "table_ptr": "*i32",
-                "pos_ptr": "*i64", "sel_ptr": "*i64"}
+    signature = {a: "constexpr" if a in consts else pointers.get(a, "*fp32") if a.endswith("_ptr") else
+                 "fp32" if a == "scale_log2" else "i32" for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if signature[a] not in ("constexpr", "fp32")}
+    try:
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+                                target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": num_warps, "num_stages": num_stages})
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    got = resources(kernel)
+    return {**{k: got[k] for k in ("regs", "stack", "local", "shared")}, "fits": got["shared"] <= 232448}
+
+
+def compile_resources(res: Results | None, arch: int = 90, settings: list[dict] | None = None) -> list[dict]:
+    """Each sweep setting's split kernel at Flash shapes (R=512, P=64, the DSA selection), the merge with
+    the w_uv product per split count and the q prologue, compiled for ``sm_<arch>``."""
+    half16 = {"q_ptr": "*fp16", "qpe_ptr": "*fp16", "c_ptr": "*fp16", "kpe_ptr": "*fp16", "table_ptr": "*i32",
+              "pos_ptr": "*i64", "sel_ptr": "*i64", "sink_c_ptr": "*fp16", "sink_pe_ptr": "*fp16"}
+    settings = settings or [PREVIOUS, *SWEEP]
     rows, done = [], set()
-    for cfg in settings or [PREVIOUS, *SWEEP]:
-        key = tuple(cfg.get(k, 1) for k in ("block_h", "block_n", "precision", "num_warps", "num_stages", "r_parts"))
-        if key in done:  # (the split rule and the merge's settings do not change the split kernel's code)
+    for cfg in settings:
+        rec = {"kernel": "split", **{k: cfg.get(k, 1) for k in ("block_h", "block_n", "precision", "num_warps",
+                                                                   "num_stages", "r_parts")}}
+        if tuple(rec.values()) in done:  # (the split rule and the merge's settings do not change its code)
             continue
-        done.add(key)
+        done.add(tuple(rec.values()))
         half = cfg["precision"] == "fp16"
         consts = dict(R=512, P=64, BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"], SPLITS=cfg["splits"],
                       MIN_SPLIT=cfg["min_split"], HAS_WINDOW=False, HAS_SEL=True,
                       PRECISION="ieee" if half else cfg["precision"], HALF=half, R_PARTS=cfg.get("r_parts", 1))
-        signature = {a: "constexpr" if a in consts else pointers.get(a, "*fp32") if a.endswith("_ptr") else
-                     "fp32" if a == "scale_log2" else "i32" for a in fn.arg_names}
-        if not half:  # fp32 queries and sinks
-            signature.update(q_ptr="*fp32", qpe_ptr="*fp32")
-        else:  # sinks in the cache's dtype
-            signature.update(sink_c_ptr="*fp16", sink_pe_ptr="*fp16")
-        rec = {k: cfg.get(k, 1) for k in ("block_h", "block_n", "precision", "num_warps", "num_stages", "r_parts")}
-        # as a launch at Flash shapes specializes them: pointers 16-byte aligned, every integer (sizes,
-        # strides, window, top-k) a multiple of 16
-        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                 if signature[a] not in ("constexpr", "fp32")}
-        try:
-            kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
-                                    target=GPUTarget("cuda", arch, 32),
-                                    options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
-            got = resources(kernel)
-            rec.update({k: got[k] for k in ("regs", "stack", "local", "shared")}, fits=got["shared"] <= 232448)
-        except Exception as e:
-            rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        # fp32 queries and sinks unless fp16
+        pointers = half16 if half else {**half16, "q_ptr": "*fp32", "qpe_ptr": "*fp32", "sink_c_ptr": "*fp32",
+                                        "sink_pe_ptr": "*fp32"}
+        rows.append({**rec, **_compiled(triton_mla._mla_split_kernel, consts, pointers, cfg["num_warps"],
+                                        cfg["num_stages"], arch)})
+    for splits in sorted({cfg["splits"] for cfg in settings}):
+        rows.append({"kernel": "merge_out", "splits": splits, "num_warps": triton_mla.MERGE_WARPS, **_compiled(
+            triton_mla._mla_merge_out_kernel, dict(R=512, SPLITS=splits, BLOCK_V=triton_mla.OUT_BLOCK_V, V_PER=128),
+            {"wuv_ptr": "*fp16", "out_ptr": "*fp16"}, triton_mla.MERGE_WARPS, 1, arch)})
+    rows.append({"kernel": "q_prologue", "block_r": triton_mla.PROLOGUE_BLOCK_R, **_compiled(
+        triton_mla._mla_q_prologue_kernel, dict(BLOCK_M=16, D=128, P=64, BLOCK_R=triton_mla.PROLOGUE_BLOCK_R),
+        {"q_ptr": "*fp16", "wuk_ptr": "*fp16", "qabs_ptr": "*fp16", "qpe_ptr": "*fp16"}, 4, 1, arch)})
+    for rec in rows:
         if res is not None:
             res.add("resources", rec)
         else:
             print(rec, flush=True)
-        rows.append(rec)
     return rows
 
 

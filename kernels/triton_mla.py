@@ -62,6 +62,9 @@ NUM_STAGES = 2
 NUM_WARPS = 8
 R_PARTS = 1  # programs per (row, split, head block) along the latent's columns (each accumulates its share)
 OUT_BLOCK_V = 16  # output columns per step of the merge's w_uv product
+# the merges hold every split's partial context [SPLITS, R] fp32 at once: with 4 warps that is 168 registers at
+# SPLITS 32 and spills at 64 (sm_90 compile); 8 warps: 56 / 110
+MERGE_WARPS = 8
 PROLOGUE_BLOCK_R = 128  # q_abs columns per prologue program
 INDEX_PRECISION = "tf32x3"  # the indexer's scores decide the selection: kept at the reference's accuracy
 INDEX_BLOCK_N = 64
@@ -379,7 +382,7 @@ def mla_decode_triton(q_abs: torch.Tensor, q_pe: torch.Tensor, sink_c: torch.Ten
     out = torch.empty(n, heads, rank, device=q_abs.device, dtype=torch.float32)
     if n:
         _merge((n, heads), acc, ml, out, heads, rank, out.stride(0), out.stride(1), R=R, SPLITS=splits,
-               num_warps=4, num_stages=1)
+               num_warps=MERGE_WARPS, num_stages=1)
     return out
 
 
@@ -406,7 +409,7 @@ def mla_decode_out_triton(q_abs: torch.Tensor, q_pe: torch.Tensor, sink_c: torch
         v_per = triton.cdiv(triton.cdiv(v_dim, v_parts), out_block_v) * out_block_v
         _merge_out((n, heads, triton.cdiv(v_dim, v_per)), acc, ml, w_uv, out, heads, rank, v_dim, w_uv.stride(0),
                    w_uv.stride(1), out.stride(0), R=R, SPLITS=splits, BLOCK_V=out_block_v, V_PER=v_per,
-                   num_warps=4, num_stages=1)
+                   num_warps=MERGE_WARPS, num_stages=1)
     return out
 
 
