@@ -59,8 +59,10 @@ KINDS = ("dsa", "sliding", "mtp_sliding")  # DSA: global with the indexer; the o
 PREVIOUS = dict(block_h=16, block_n=16, splits=32, min_split=32, precision="tf32x3", num_warps=4, num_stages=1)
 
 
-def _setting(block_h=16, block_n=32, splits=32, min_split=32, num_warps=8, num_stages=2, r_parts=1, v_parts=1):
-    return dict(block_h=block_h, block_n=block_n, splits=splits, min_split=min_split, precision="fp16",
+def _setting(block_h=16, block_n=32, splits=32, min_split=None, num_warps=8, num_stages=2, r_parts=1, v_parts=1):
+    """A launch setting; the fewest keys of a split defaults to 32 or one key block, whichever is more."""
+    return dict(block_h=block_h, block_n=block_n, splits=splits, min_split=min_split or max(32, block_n),
+                precision="fp16",
                 num_warps=num_warps, num_stages=num_stages, r_parts=r_parts, v_parts=v_parts)
 
 
