@@ -38,6 +38,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, Results, environment, time_graph  # noqa: E402
 
+# calls captured back to back in one CUDA graph per timing: a graph of one small call measures the graph's launch
+# (~13 us on the H100: the start event runs before the CPU has submitted the graph), not the call
+CALLS = 16
+
 from exl3_triton.arch.batch import ForwardBatch  # noqa: E402
 from exl3_triton.arch.blocks.lightning_indexer import LightningIndexer  # noqa: E402
 from exl3_triton.arch.blocks.mla import MLAAttention  # noqa: E402
@@ -59,23 +63,24 @@ KINDS = ("dsa", "sliding", "mtp_sliding")  # DSA: global with the indexer; the o
 PREVIOUS = dict(block_h=16, block_n=16, splits=32, min_split=32, precision="tf32x3", num_warps=4, num_stages=1)
 
 
-def _setting(block_h=16, block_n=32, splits=32, min_split=None, num_warps=8, num_stages=2, r_parts=1, v_parts=1):
-    """A launch setting; the fewest keys of a split defaults to 32 or one key block, whichever is more."""
+def _setting(block_h=16, block_n=32, splits=32, min_split=None, num_warps=8, num_stages=1, r_parts=1, v_parts=None):
+    """A launch setting; the fewest keys of a split defaults to 32 or one key block, whichever is more, and the
+    merge's programs along V to ``mla_decode_out_triton``'s rule (None)."""
     return dict(block_h=block_h, block_n=block_n, splits=splits, min_split=min_split or max(32, block_n),
-                precision="fp16",
-                num_warps=num_warps, num_stages=num_stages, r_parts=r_parts, v_parts=v_parts)
+                precision="fp16", num_warps=num_warps, num_stages=num_stages, r_parts=r_parts, v_parts=v_parts)
 
 
 # mla_decode_out_triton's launch settings (--sweep, --resources): heads per program, key block, pipelining,
 # warps, programs along the latent's columns, the split rule (splits, fewest keys a split takes) and the
-# merge's programs along V. Compiled for sm_90 here: 16 or 32 heads with 8 warps need no spills (198 / 225
-# registers); 4 warps spill (the [16, 512] q operand is held by every warp), as do 64 heads.
-SWEEP = [_setting(), _setting(num_stages=1), _setting(num_stages=3), _setting(block_n=64),
-         _setting(block_n=64, num_stages=1), _setting(block_n=16), _setting(num_warps=4),
-         _setting(num_warps=4, r_parts=4), _setting(r_parts=2), _setting(block_h=32), _setting(block_h=32, block_n=64),
-         _setting(block_h=32, num_stages=3), _setting(block_h=64), _setting(block_h=64, r_parts=2),
-         _setting(min_split=64), _setting(min_split=128), _setting(splits=16), _setting(splits=64),
-         _setting(splits=64, min_split=64), _setting(v_parts=2), _setting(v_parts=4), _setting(block_h=32, v_parts=2)]
+# merge's programs along V. Compiled for sm_90 here: 16 or 32 heads with 8 warps need no spills; 4 warps spill
+# (the [16, 512] q operand is held by every warp), as do 64 heads. The first H100 sweep (2 stages then) put
+# 1 stage first everywhere, v_parts 2-4 first at one row, 4 warps or 32 heads level at 8 rows.
+SWEEP = [_setting(), _setting(num_stages=2), _setting(v_parts=1), _setting(v_parts=2), _setting(v_parts=4),
+         _setting(block_n=16), _setting(block_n=64), _setting(num_warps=4), _setting(num_warps=4, block_h=32),
+         _setting(block_h=32), _setting(block_h=64), _setting(r_parts=2), _setting(min_split=64),
+         _setting(min_split=128), _setting(splits=16), _setting(splits=64), _setting(splits=64, min_split=64),
+         _setting(splits=16, min_split=64)]
+INDEX_SPANS = (64, 128, 256, 1024)  # --sweep: index_scores_triton's positions per program
 
 
 def attention_layer(sh: dict, kind: str, g: torch.Generator, device) -> MLAAttention:
@@ -213,25 +218,29 @@ def one_case(res: Results | None, sh: dict, name: str, position: int, batch: int
             rec["sweep_rel_err_max"] = max(rec["sweep_rel_err_max"], _rel(decode_out(**cfg), want))
         return rec
     reference(True)
-    rec["reference_us"] = time_graph(lambda i: reference(False), 1)["median_us"]
-    rec["previous_us"] = time_graph(lambda i: previous(), 1)["median_us"]
-    rec["new_us"] = time_graph(lambda i: new_path(), 1)["median_us"]
+    rec["reference_us"] = time_graph(lambda i: reference(False), CALLS)["median_us"]
+    rec["previous_us"] = time_graph(lambda i: previous(), CALLS)["median_us"]
+    rec["new_us"] = time_graph(lambda i: new_path(), CALLS)["median_us"]
     rec["speedup_vs_previous"] = rec["previous_us"] / rec["new_us"]
     rec["speedup_vs_reference"] = rec["reference_us"] / rec["new_us"]
-    rec["prologue_us"] = time_graph(lambda i: new.q_prologue(q, attn._half_params().w_uk, cos, sin), 1)["median_us"]
-    rec["decode_out_us"] = time_graph(decode_out, 1)["median_us"]
+    rec["prologue_us"] = time_graph(lambda i: new.q_prologue(q, attn._half_params().w_uk, cos, sin), CALLS)["median_us"]
+    rec["decode_out_us"] = time_graph(decode_out, CALLS)["median_us"]
     if attn.indexer is not None:  # where the DSA layer's time goes: index scores, top-k, attention
         rec["index_scores_us"] = time_graph(lambda i: triton_mla.index_scores_triton(
-            q_idx, w_idx, paged["kidx"], table, fb.positions), 1)["median_us"]
-        rec["topk_us"] = time_graph(lambda i: torch.topk(scores, k, dim=-1, sorted=False), 1)["median_us"]
-        rec["topk_sorted_us"] = time_graph(lambda i: torch.topk(scores, k, dim=-1), 1)["median_us"]
+            q_idx, w_idx, paged["kidx"], table, fb.positions), CALLS)["median_us"]
+        rec["topk_us"] = time_graph(lambda i: torch.topk(scores, k, dim=-1, sorted=False), CALLS)["median_us"]
+        rec["topk_sorted_us"] = time_graph(lambda i: torch.topk(scores, k, dim=-1), CALLS)["median_us"]
     res.add("mla_decode", rec)
+    for span in INDEX_SPANS if sweep and attn.indexer is not None else ():
+        res.add("index_span", {"kind": name, "position": position, "batch": batch, "span": span,
+                               "index_scores_us": time_graph(lambda i, span=span: triton_mla.index_scores_triton(
+                                   q_idx, w_idx, paged["kidx"], table, fb.positions, span=span), CALLS)["median_us"]})
     for cfg in SWEEP if sweep else ():
         try:
             err = _rel(decode_out(**cfg), want)
             res.add("sweep", {"kind": name, "position": position, "batch": batch, **cfg, "o_rel_err": err,
                               "ok": err < 4 * 2.0 ** -11,
-                              "decode_out_us": time_graph(lambda i, cfg=cfg: decode_out(**cfg), 1)["median_us"]})
+                              "decode_out_us": time_graph(lambda i, cfg=cfg: decode_out(**cfg), CALLS)["median_us"]})
         except Exception as e:  # a setting the GPU cannot compile (shared memory): record it, go on
             res.add("sweep", {"kind": name, "position": position, "batch": batch, **cfg,
                               "error": f"{type(e).__name__}: {str(e)[:200]}"})

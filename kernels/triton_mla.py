@@ -58,7 +58,9 @@ SPLITS = 32  # most programs per (row, head block) along the keys
 # 166-182 us with 128.
 MIN_SPLIT = 32
 PRECISION = "fp16"
-NUM_STAGES = 2
+# measured (bench/mla_decode.py --sweep, H100, Flash shapes, each variant's time less ~13 us of graph launch):
+# 1 stage beat 2 and 3 at every layer kind, position and batch (the walks are a few blocks long)
+NUM_STAGES = 1
 NUM_WARPS = 8
 R_PARTS = 1  # programs per (row, split, head block) along the latent's columns (each accumulates its share)
 OUT_BLOCK_V = 16  # output columns per step of the merge's w_uv product
@@ -68,7 +70,9 @@ MERGE_WARPS = 8
 PROLOGUE_BLOCK_R = 128  # q_abs columns per prologue program
 INDEX_PRECISION = "tf32x3"  # the indexer's scores decide the selection: kept at the reference's accuracy
 INDEX_BLOCK_N = 64
-INDEX_SPAN = 1024  # positions per index-score program
+# positions per index-score program: at 1024 a row at position 4096 kept 4 programs busy walking 16 blocks each
+# (index scores ~42 us a DSA layer on the H100); 128: 33 programs of 2 blocks
+INDEX_SPAN = 128
 
 
 @triton.jit
@@ -393,11 +397,11 @@ def mla_decode_out_triton(q_abs: torch.Tensor, q_pe: torch.Tensor, sink_c: torch
                           block_h: int = BLOCK_H, block_n: int = BLOCK_N, splits: int = SPLITS,
                           min_split: int = MIN_SPLIT, precision: str = PRECISION, num_warps: int = NUM_WARPS,
                           num_stages: int = NUM_STAGES, r_parts: int = R_PARTS, out_block_v: int = OUT_BLOCK_V,
-                          v_parts: int = 1) -> torch.Tensor:
+                          v_parts: int | None = None) -> torch.Tensor:
     """``mla_decode_triton`` followed by the value up-projection, in the merge: ``o [n, H * V]`` with
     ``o[:, h*V:(h+1)*V] = ctx[:, h] @ w_uv[h]^T`` (``w_uv [H, V, R]``, fp32 products of the fp32 context
     and the weights, rounded to ``out_dtype`` once). ``v_parts``: programs per (row, head) along V (each
-    merges the splits again: more programs for few rows)."""
+    merges the splits again); by default ``4 // n`` (at least 1): more programs for one or two rows."""
     n, heads, rank = q_abs.shape
     if w_uv.dim() != 3 or w_uv.shape[0] != heads or w_uv.shape[2] != rank or w_uv.stride(-1) != 1:
         raise ValueError(f"MLA decode: w_uv {tuple(w_uv.shape)} must be [H={heads}, V, R={rank}] with contiguous R")
@@ -406,6 +410,8 @@ def mla_decode_out_triton(q_abs: torch.Tensor, q_pe: torch.Tensor, sink_c: torch
                                  block_h, block_n, splits, min_split, precision, num_warps, num_stages, r_parts)
     out = torch.empty(n, heads * v_dim, device=q_abs.device, dtype=out_dtype)
     if n:
+        # measured (H100, Flash shapes): at one row 2-4 parts saved 2-5 us a layer, at 8 rows they cost 1-4 us
+        v_parts = v_parts or max(1, 4 // n)
         v_per = triton.cdiv(triton.cdiv(v_dim, v_parts), out_block_v) * out_block_v
         _merge_out((n, heads, triton.cdiv(v_dim, v_per)), acc, ml, w_uv, out, heads, rank, v_dim, w_uv.stride(0),
                    w_uv.stride(1), out.stride(0), R=R, SPLITS=splits, BLOCK_V=out_block_v, V_PER=v_per,
