@@ -171,6 +171,11 @@ def gpu_fused_kernels(counter: OpCounter):
         kernels = SimpleNamespace(decode=lambda *a, **kw: merge(split(*a, **kw)),
                                   index_scores=counter.opaque("triton.mla_index_scores",
                                                               mla_reference.index_scores_reference))
+        if hasattr(mla_reference, "mla_q_prologue_reference"):  # the q prologue and the merge with w_uv
+            split_out = counter.opaque("triton.mla_decode_split", mla_reference.mla_decode_out_reference)
+            merge_out = counter.opaque("triton.mla_decode_merge_out", lambda o: o)
+            kernels.decode_out = lambda *a, **kw: merge_out(split_out(*a, **kw))
+            kernels.q_prologue = counter.opaque("triton.mla_q_prologue", mla_reference.mla_q_prologue_reference)
         saved.append((mla, "_fused_mla", mla._fused_mla))
         mla._fused_mla = lambda x: kernels
     try:

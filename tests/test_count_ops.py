@@ -95,9 +95,10 @@ def test_decode_step_counts_every_layer_and_the_fused_kernels(tiny_pangu):
     # output norms per layer, the final norm; F.rms_norm for the fp32 block post norm
     assert ops["triton.rms_norm"] == 2 * len(layers) + 1
     assert ops["fused.rms_norm"] == 2  # the block post norm (fp32 in and out) and the mHC merge's
-    # MLA's decode attention kernels (split + merge) and the indexer's scores on the global (DSA) layers;
-    # the window layers keep the PyTorch path
-    assert ops["triton.mla_decode_split"] == ops["triton.mla_decode_merge"] == 2
+    # MLA's decode kernels on every layer (the q prologue, split, merge with the w_uv product) and the
+    # indexer's scores on the global (DSA) layers
+    assert ops["triton.mla_q_prologue"] == ops["triton.mla_decode_split"] == len(layers)
+    assert ops["triton.mla_decode_merge_out"] == len(layers)
     assert ops["triton.mla_index_scores"] == 2
     assert ops["triton.index_queries"] == 2  # the indexer's query rotation and casts, one kernel
     # the indexer's top-k on the DSA layers; the router's selection, one kernel, on the MoE layers

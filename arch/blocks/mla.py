@@ -93,15 +93,16 @@ def _conv_window(positions: torch.Tensor, width: int) -> tuple[torch.Tensor, tup
 
 
 def _fused_mla(x: torch.Tensor):
-    """The Triton MLA decode kernels (kernels/triton_mla.py: ``decode`` and the indexer's
-    ``index_scores``) for ``x``'s device, or None where they cannot run (then the einsum path
-    below, which is their reference on a CPU)."""
+    """The Triton MLA decode kernels (kernels/triton_mla.py: the query ``q_prologue``, the attention
+    with the value product ``decode_out`` and the indexer's ``index_scores``) for ``x``'s device, or
+    None where they cannot run (then the einsum path below, which is their reference on a CPU)."""
     from ...kernels import triton_ops
 
-    decode = triton_ops.cuda_kernel(x, "mla", "mla_decode_triton")
-    if decode is None:
+    if triton_ops.cuda_kernel(x, "mla", "mla_decode_triton") is None:
         return None
-    return SimpleNamespace(decode=decode, index_scores=triton_ops.cuda_kernel(x, "mla", "index_scores_triton"))
+    return SimpleNamespace(**{name: triton_ops.cuda_kernel(x, "mla", kernel) for name, kernel in (
+        ("q_prologue", "mla_q_prologue_triton"), ("decode_out", "mla_decode_out_triton"),
+        ("index_scores", "index_scores_triton"))})
 
 
 class MLAAttention(nn.Module):
@@ -122,6 +123,7 @@ class MLAAttention(nn.Module):
         w = kv_b.float().view(num_heads, nope_dim + v_dim, self.kv_rank)
         self.register_buffer("w_uk", w[:, :nope_dim].contiguous())  # [heads, nope, rank]
         self.register_buffer("w_uv", w[:, nope_dim:].contiguous())  # [heads, v, rank]
+        self._kernel_params = None  # fp16 copies for the decode kernels, made on their first use
         self.scale = (nope_dim + rope_dim) ** -0.5
         self.rope, self.window, self.ring = rope, window, ring
         if (sink_latent is None) != (sink_k_pe is None):
@@ -356,39 +358,60 @@ class MLAAttention(nn.Module):
         qa_in, kv, *index_in = self.x_proj(x)  # index_in: the indexer's wk(x), weights_proj(x)
         q_lora = conv(0, qa_in, self.q_a_norm)
         self._store_keys(kv, index_in, batch)
-        q = self.q_b_proj(q_lora).float().view(n, heads, self.nope_dim + self.rope_dim)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q = self.q_b_proj(q_lora).view(n, heads, self.nope_dim + self.rope_dim)
         cos, sin = self._rope_tables(pos)
-        q_pe = rotate_neox_folded(q_pe, cos[:, None], sin[:, None])
+        fused = _fused_mla(x)
+        q_abs, q_pe = self._decode_queries(fused, q, cos, sin)
 
-        q_abs = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
         q_idx = w_idx = None
         if self.indexer is not None:
             q_idx, w_idx = self.indexer.queries(q_lora, index_in[1], cos, sin)
-        # the kernels on global layers, whose PyTorch path costs in proportion to the cache capacity; a
-        # window layer's PyTorch path is fixed by its window and as fast at Flash's shapes (bench/mla_decode.py,
-        # H100: sliding window 512, 46-78 us PyTorch, 51-60 us kernels; docs/performance.md)
-        fused = _fused_mla(x) if self.window is None else None
+        # the kernels on every layer kind where they run (bench/mla_decode.py); else the PyTorch path in fp32
         if fused is not None:
-            ctx = self._decode_attention_fused(fused, batch, q_abs, q_pe, q_idx, w_idx)
+            o_in = self._decode_attention_fused(fused, batch, q_abs, q_pe, q_idx, w_idx, x.dtype)
         else:
             ctx = self._decode_attention(batch, q_abs, q_pe, q_idx, w_idx)
-        o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(x.dtype)
+            o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(x.dtype)
         return self.o_proj(conv(2, o_in))
 
-    def _decode_attention_fused(self, fused, batch: ForwardBatch, q_abs, q_pe, q_idx, w_idx) -> torch.Tensor:
-        """The latent context ``[n, heads, rank]`` from the Triton kernels: each row visits only its
-        own visible keys (sinks, then ``pos - window + 1 .. pos`` or ``0 .. pos``); on DSA layers the
-        indexer scores only those candidates and ``torch.topk`` of the scores, laid out by position
-        like ``_decode_attention``'s, picks what the attention reads."""
+    def _half_params(self) -> SimpleNamespace:
+        """``w_uk``, ``w_uv`` and the sink entries in fp16 for the kernels, made once on their device (the
+        warm-up steps run before a decode graph is captured). kv_b_proj is decoded from EXL3 to fp16, so on
+        a quantized model the weights hold exactly its values; the sinks, like the cached latents, are
+        rounded to the cache's fp16."""
+        half = self._kernel_params
+        if half is None or half.w_uk.device != self.w_uk.device:
+            half = self._kernel_params = SimpleNamespace(w_uk=self.w_uk.half(), w_uv=self.w_uv.half(),
+                                                         sink_c=self.sink_c.half(), sink_pe=self.sink_pe.half())
+        return half
+
+    def _decode_queries(self, fused, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``q_abs [n, H, R]`` and the rotated ``q_pe [n, H, P]`` from ``q_b_proj``'s output ``q [n, H, nope + P]``:
+        one prologue kernel (fp16 results) where the kernels run, else in fp32 as the reference computes them."""
+        if fused is not None:
+            return fused.q_prologue(q, self._half_params().w_uk, cos, sin)
+        q_nope, q_pe = q.float().split([self.nope_dim, self.rope_dim], dim=-1)
+        return torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk), rotate_neox_folded(q_pe, cos[:, None], sin[:, None])
+
+    def _decode_attention_fused(self, fused, batch: ForwardBatch, q_abs, q_pe, q_idx, w_idx,
+                                out_dtype: torch.dtype) -> torch.Tensor:
+        """o_proj's input ``[n, heads * v_dim]`` from the Triton kernels: each row visits only its own
+        visible keys (sinks, then ``pos - window + 1 .. pos`` or ``0 .. pos``) and the merge of the
+        splits multiplies the context by ``w_uv``; on DSA layers the indexer scores only those
+        candidates and ``torch.topk`` of the scores, laid out by position like ``_decode_attention``'s,
+        picks what the attention reads."""
         paged, pos = batch.cache.paged[self.layer_idx], batch.positions
         table = batch.ring_page_table if self.ring else batch.page_table
         selected = None
         if self.indexer is not None:
             scores = fused.index_scores(q_idx, w_idx, paged["kidx"], table, pos, window=self.window)
-            selected = torch.topk(scores, min(self.indexer.top_k, scores.shape[1]), dim=-1).indices
-        return fused.decode(q_abs, q_pe, self.sink_c, self.sink_pe, paged["c"], paged["kpe"], table, pos,
-                            scale=self.scale, window=self.window, selected=selected)
+            # unsorted: the kernel reads the selection as a set, and sorting the k picks was most of topk's
+            # time (radixSortKVInPlace, ~21 us a DSA layer at a 32k capacity in the H100 profile)
+            selected = torch.topk(scores, min(self.indexer.top_k, scores.shape[1]), dim=-1, sorted=False).indices
+        half = self._half_params()
+        return fused.decode_out(q_abs, q_pe, half.sink_c, half.sink_pe, paged["c"], paged["kpe"], table, pos,
+                                half.w_uv, scale=self.scale, window=self.window, selected=selected,
+                                out_dtype=out_dtype)
 
     def _decode_attention(self, batch: ForwardBatch, q_abs, q_pe, q_idx, w_idx) -> torch.Tensor:
         """The latent context ``[n, heads, rank]`` in PyTorch (the CPU path and the fused kernels'

@@ -50,3 +50,24 @@ def index_scores_reference(q, w, keys, table, positions, *, window: int | None =
         k = flat[_cache_rows(table[i].cpu(), seen, page_size).to(q.device)]
         out[i, seen.to(q.device)] = (w[i].float()[:, None] * torch.relu(q[i].float() @ k.T)).sum(0)
     return out
+
+
+def mla_decode_out_reference(q_abs, q_pe, sink_c, sink_pe, c, kpe, table, positions, w_uv, *, scale: float,
+                             window: int | None = None, selected: torch.Tensor | None = None,
+                             out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``triton_mla.mla_decode_out_triton``'s result ``[n, H * V]``: the context of ``mla_decode_reference``
+    times each head's ``w_uv [H, V, R]`` transposed, heads side by side, rounded to ``out_dtype``."""
+    ctx = mla_decode_reference(q_abs, q_pe, sink_c, sink_pe, c, kpe, table, positions, scale=scale, window=window,
+                               selected=selected)
+    return torch.einsum("nhr,hvr->nhv", ctx, w_uv.float()).flatten(1).to(out_dtype)
+
+
+def mla_q_prologue_reference(q, w_uk, cos, sin_folded) -> tuple[torch.Tensor, torch.Tensor]:
+    """``triton_mla.mla_q_prologue_triton``'s results from ``q [n, H, nope + P]``: ``q_abs = q_nope @ w_uk[h]``
+    and the NEOX rotation of ``q_pe`` (``x cos + rotate_half(x) sin``; ``sin_folded`` carries rotate_half's
+    sign, so the rotated half is ``x`` rolled by ``P / 2``), fp32 sums rounded to fp16."""
+    nope = w_uk.shape[1]
+    q_abs = torch.einsum("nhd,hdr->nhr", q[..., :nope].float(), w_uk.float())
+    x = q[..., nope:].float()
+    q_pe = x * cos[:, None].float() + x.roll(x.shape[-1] // 2, dims=-1) * sin_folded[:, None].float()
+    return q_abs.half(), q_pe.half()
