@@ -16,6 +16,14 @@ from safetensors.torch import save_file
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Under pytest-xdist (.ci/run runs two workers on CI's two cores), each worker gets its share of the
+# cores: torch's default of one thread per core in every worker would oversubscribe them, and a
+# parallel op whose threads are not all running stalls (the converter's Viterbi already keeps to one
+# thread for that reason).
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _XDIST_WORKERS))
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(os.environ.get("EXL3_TRITON_GOLDEN", REPO_ROOT.parent / "shared" / "golden"))
 # CI sets this so that a missing golden directory fails instead of skipping.

@@ -71,13 +71,24 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(tiny, tmp_path_factory):
+    """The uninterrupted conversion, and a copy of its ``.work`` as it stood when layer 1 started: what
+    a conversion interrupted there leaves behind (the resume test starts from it, so that layer 0 is
+    quantized once per session, not twice)."""
     out = tmp_path_factory.mktemp("out") / "k4"
-    result = convert_model(tiny, out, ConvertOptions(bits=4, head_bits=4, codebook="mcg", **FAST))
-    return out, result
+    work_after_layer_0 = tmp_path_factory.mktemp("work_after_layer_0") / ".work"
+
+    def snapshot_when_layer_1_starts(event):
+        if event.stage == "layer" and event.done == 1:
+            shutil.copytree(out / ".work", work_after_layer_0)
+
+    result = convert_model(tiny, out, ConvertOptions(bits=4, head_bits=4, codebook="mcg", **FAST),
+                           progress=snapshot_when_layer_1_starts)
+    assert work_after_layer_0.is_dir()
+    return out, result, work_after_layer_0
 
 
 def test_output_directory_matches_the_reference_layout(tiny, converted, golden):
-    out, result = converted
+    out, result, _ = converted
     names = sorted(p.name for p in out.iterdir())
     assert names == ["config.json", "conversion_report.json", "generation_config.json", "model.safetensors",
                      "quantization_config.json", "tokenizer_config.json"]
@@ -105,7 +116,7 @@ def test_output_directory_matches_the_reference_layout(tiny, converted, golden):
 
 
 def test_every_tensor_decodes_to_the_error_the_converter_predicted(tiny, converted):
-    out, result = converted
+    out, result, _ = converted
     src, ckpt = Checkpoint(tiny), Checkpoint(out)
     keys = [f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS] + ["lm_head"]
     assert sorted(ckpt.exl3_linear_keys()) == sorted(keys) == sorted(result.records)
@@ -125,7 +136,7 @@ def test_every_tensor_decodes_to_the_error_the_converter_predicted(tiny, convert
 
 
 def test_converted_model_tracks_the_unquantized_one(tiny, converted):
-    out, _ = converted
+    out, _, _ = converted
     ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
     base = exl3_triton.load(tiny).forward(ids)
     quant = exl3_triton.load(out).forward(ids)
@@ -135,23 +146,28 @@ def test_converted_model_tracks_the_unquantized_one(tiny, converted):
 
 
 def test_interrupted_conversion_resumes_and_gives_the_same_model(tiny, converted, tmp_path):
-    out_ref, _ = converted
+    """Resumed twice: from the work directory left after layer 0 (the fixture's copy), up to an
+    interruption before the head, then to the end; the result equals the uninterrupted conversion."""
+    out_ref, _, work_after_layer_0 = converted
+    assert (work_after_layer_0 / "layer_0.json").exists() and not (work_after_layer_0 / "layer_1.json").exists()
     out = tmp_path / "resumed"
+    shutil.copytree(work_after_layer_0, out / ".work")
     opts = ConvertOptions(bits=4, head_bits=4, codebook="mcg", **FAST)
-
-    def stop_after_first_layer(event):
-        if event.stage == "layer" and event.done == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        convert_model(tiny, out, opts, progress=stop_after_first_layer)
-    assert (out / ".work" / "layer_0.json").exists() and not (out / "model.safetensors").exists()
 
     with pytest.raises(ConversionError, match="different options"):
         convert_model(tiny, out, ConvertOptions(bits=3, head_bits=4, codebook="mcg", **FAST))
 
+    def stop_before_the_head(event):
+        if event.stage == "head":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # quantizes layer 1 (on layer 0's saved hidden states), then stops
+        convert_model(tiny, out, opts, progress=stop_before_the_head)
+    assert (out / ".work" / "layer_1.json").exists() and not (out / ".work" / "head.json").exists()
+    assert not (out / "model.safetensors").exists()
+
     result = convert_model(tiny, out, opts)
-    assert result.resumed_units == ["layer_0"]
+    assert result.resumed_units == ["layer_0", "layer_1"]
     assert not (out / ".work").exists()
     a, b = Checkpoint(out), Checkpoint(out_ref)
     assert a.tensor_names() == b.tensor_names()

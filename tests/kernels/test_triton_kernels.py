@@ -147,10 +147,19 @@ def test_public_matmul_dispatch(device, rows):
     assert rel_err(y, exl3_matmul_ref(x.float(), w)) < MATMUL_TOL
 
 
+def _odd_sized_weight(device):
+    return random_exl3_weight(640, 1152, 3, Codebook.MCG, bias=True, seed=9, device=device)
+
+
+def test_odd_sized_weight_dequant(triton_kernels, device):
+    # Once, not per GEMM configuration below: the dequant kernel takes no configuration.
+    w = _odd_sized_weight(device)
+    assert torch.equal(triton_kernels.dequant.dequant_inner_triton(w), dequant_inner_ref(w.trellis, 3, Codebook.MCG))
+
+
 @pytest.mark.parametrize("rows,cfg", [(1, dict(block_m=1, btk=2, rotate_in_kernel=True)), (5, dict(block_m=16, btk=1))])
 def test_odd_sized_weight(triton_kernels, device, rows, cfg):
-    w = random_exl3_weight(640, 1152, 3, Codebook.MCG, bias=True, seed=9, device=device)
-    assert torch.equal(triton_kernels.dequant.dequant_inner_triton(w), dequant_inner_ref(w.trellis, 3, Codebook.MCG))
+    w = _odd_sized_weight(device)
     x = torch.randn(rows, 640, device=device).half()
     y = triton_kernels.gemm.exl3_gemm_triton(x, w, triton_kernels.gemm.GemmConfig(**cfg))
     assert rel_err(y, exl3_matmul_ref(x.float(), w)) < MATMUL_TOL
