@@ -98,6 +98,8 @@ def _fused_mla(x: torch.Tensor):
     None where they cannot run (then the einsum path below, which is their reference on a CPU)."""
     from ...kernels import triton_ops
 
+    if x.dtype != torch.float16:  # the kernels' operands are fp16 (the cache's dtype); bf16 / fp32 models: PyTorch
+        return None
     if triton_ops.cuda_kernel(x, "mla", "mla_decode_triton") is None:
         return None
     return SimpleNamespace(**{name: triton_ops.cuda_kernel(x, "mla", kernel) for name, kernel in (
