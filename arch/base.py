@@ -32,6 +32,12 @@ class CausalLM(nn.Module):
     # their own, each at its position over the sequence's pages, in captured CUDA graphs.
     verify_as_decode_rows: ClassVar[bool] = False
 
+    def decode_context_buckets(self) -> tuple[int, ...]:
+        """Ascending position bounds under which a layer runs a cheaper decode step (see
+        ``ForwardBatch.context_bound``); the runner keys its CUDA graphs by the bucket a step falls in.
+        None by default."""
+        return ()
+
     def __init__(self, config, options: RuntimeOptions):
         super().__init__()
         self.config = config

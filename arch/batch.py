@@ -39,6 +39,11 @@ class ForwardBatch:
     memo: dict = field(default_factory=dict)  # per-step values shared by layers (e.g. RoPE tables)
     ring_slot_mapping: torch.Tensor | None = None  # [T] long
     ring_page_table: torch.Tensor | None = None  # [B, P] int32: logical page -> ring page
+    # host knowledge: every position in this step is below this bound (one of the network's
+    # ``decode_context_buckets``); None: any position up to the cache's capacity. Part of a captured
+    # graph's key, so a layer may choose its work by it (openPangu's DSA layers skip the indexer's
+    # top-k while no row has more candidates than it keeps).
+    context_bound: int | None = None
 
     def on(self, device: torch.device) -> "ForwardBatch":
         """This batch with its tensors on ``device`` (for layers placed on another GPU); memoised."""
@@ -53,7 +58,8 @@ class ForwardBatch:
                 seq_slots=self.seq_slots.to(device), cu_q=self.cu_q, kv_lens=self.kv_lens, cache=self.cache,
                 is_decode=self.is_decode,
                 ring_slot_mapping=None if self.ring_slot_mapping is None else self.ring_slot_mapping.to(device),
-                ring_page_table=None if self.ring_page_table is None else self.ring_page_table.to(device))
+                ring_page_table=None if self.ring_page_table is None else self.ring_page_table.to(device),
+                context_bound=self.context_bound)
         return moved
 
     @property

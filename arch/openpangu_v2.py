@@ -265,6 +265,12 @@ class OpenPanguV2ForCausalLM(CausalLM):
         self.mtp_layers = nn.ModuleList(mtp_layers)
         self.merge, self.norm, self.lm_head = merge, norm, lm_head
 
+    def decode_context_buckets(self) -> tuple[int, ...]:
+        """Below ``index_topk`` no DSA row has more candidates than the indexer keeps: its decode step
+        skips the index scores and the top-k (blocks/mla.py)."""
+        has_indexer = any(layer.self_attn.indexer is not None for layer in [*self.layers, *self.mtp_layers])
+        return (self.config.index_topk,) if has_indexer else ()
+
     @classmethod
     def config_from_checkpoint(cls, checkpoint: Checkpoint) -> OpenPanguV2Config:
         return OpenPanguV2Config.from_hf(checkpoint.config, checkpoint.config_path)

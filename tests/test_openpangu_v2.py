@@ -182,6 +182,27 @@ def test_decode_step_reads_no_host_values(pangu, ref):
     assert _row_rel_err(real[0:1], ref["logits"][50:51]).max() < 1e-4
 
 
+def test_decode_steps_carry_the_indexer_bound_while_no_row_selects(pangu, ref):
+    """``ForwardBatch.context_bound``: the runner sets the network's bucket (the indexer's top_k, 16 here)
+    while every position is below it, else None; a layer may skip the selection only under it (the
+    fused MLA path does; tests/kernels/test_triton_mla.py checks its logits across the bound)."""
+    from exl3_triton.runtime.cache import PagedCache
+    from exl3_triton.runtime.runner import ModelRunner, StepItem
+
+    net, ids = pangu.network, ref["ids"].tolist()
+    assert net.decode_context_buckets() == (net.config.index_topk,) == (16,)
+    cache = PagedCache(net.cache_spec(), num_pages=8, page_size=16, max_seqs=4)
+    runner = ModelRunner(net, cache, max_pages_per_seq=8, use_cuda_graphs=False)
+    short, long = cache.new_sequence(), cache.new_sequence()
+    for seq, n in ((short, 15), (long, 16)):  # next positions 15 (the last below 16) and 16
+        cache.reserve(seq, n + 1)
+        with torch.inference_mode():
+            runner.run([StepItem(seq, ids[:n], True)])
+    bound = lambda seqs: runner.build_batch([StepItem(s, [ids[s.num_tokens]], True) for s in seqs])[1].context_bound  # noqa: E731
+    assert bound([short]) == 16
+    assert bound([long]) is None and bound([short, long]) is None  # one row past it: every row selects
+
+
 def test_decode_state_is_indexed_by_position(pangu):
     """No per-sequence 'latest state' slot: the MoME inputs live in rings indexed by position."""
     from exl3_triton.arch.blocks.mla import CONV_RING

@@ -366,7 +366,7 @@ class MLAAttention(nn.Module):
         q_abs, q_pe = self._decode_queries(fused, q, cos, sin)
 
         q_idx = w_idx = None
-        if self.indexer is not None:
+        if self._selects(fused, batch):
             q_idx, w_idx = self.indexer.queries(q_lora, index_in[1], cos, sin)
         # the kernels on every layer kind where they run (bench/mla_decode.py); else the PyTorch path in fp32
         if fused is not None:
@@ -375,6 +375,16 @@ class MLAAttention(nn.Module):
             ctx = self._decode_attention(batch, q_abs, q_pe, q_idx, w_idx)
             o_in = torch.einsum("nhr,hvr->nhv", ctx, self.w_uv).reshape(n, heads * self.v_dim).to(x.dtype)
         return self.o_proj(conv(2, o_in))
+
+    def _selects(self, fused, batch: ForwardBatch) -> bool:
+        """Whether this decode step runs the indexer's selection: on DSA layers, unless the kernels run and
+        every position is below the indexer's ``top_k`` (``batch.context_bound``, a host bound that is part
+        of the step's graph key): then every row keeps all its candidates, and the kernel walks them all
+        without a selection (the same keys, so the same result)."""
+        if self.indexer is None:
+            return False
+        bound = batch.context_bound
+        return fused is None or bound is None or bound > self.indexer.top_k
 
     def _half_params(self) -> SimpleNamespace:
         """``w_uk``, ``w_uv`` and the sink entries in fp16 for the kernels, made once on their device (the
@@ -405,7 +415,7 @@ class MLAAttention(nn.Module):
         paged, pos = batch.cache.paged[self.layer_idx], batch.positions
         table = batch.ring_page_table if self.ring else batch.page_table
         selected = None
-        if self.indexer is not None:
+        if q_idx is not None:  # see _selects
             scores = fused.index_scores(q_idx, w_idx, paged["kidx"], table, pos, window=self.window)
             # unsorted: the kernel reads the selection as a set, and sorting the k picks was most of topk's
             # time (radixSortKVInPlace, ~21 us a DSA layer at a 32k capacity in the H100 profile)

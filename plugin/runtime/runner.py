@@ -106,6 +106,7 @@ class ModelRunner:
             cu_q=cu_q, kv_lens=kv_lens, cache=self.cache,
             is_decode=all(len(tokens) == 1 for _, _, tokens in spans),
             ring_slot_mapping=ring_slots, ring_page_table=ring_table,
+            context_bound=self._context_bound(max(kv_lens) - 1),
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), batch
 
@@ -157,9 +158,14 @@ class ModelRunner:
     def _bucket(n: int) -> int:
         return next(b for b in GRAPH_BUCKETS if b >= n)
 
+    def _context_bound(self, last_position: int) -> int | None:
+        """The network's smallest context bucket above ``last_position`` (None: past them all)."""
+        return next((b for b in self.network.decode_context_buckets() if last_position < b), None)
+
     def _run_graph(self, rows: list[tuple[SequenceCache, int, int]], return_hidden: bool):
         bucket = self._bucket(len(rows))
-        key = ("trunk", bucket, return_hidden)
+        bound = self._context_bound(max(p for _, p, _ in rows))
+        key = ("trunk", bucket, return_hidden, bound)
         graph = self.graphs.get(key)
         if graph is None:
             net = self.network
@@ -168,7 +174,7 @@ class ModelRunner:
                 out = net.forward_batch(ids, batch, None, return_hidden=return_hidden)
                 return out if return_hidden else (out, None)
 
-            graph = self.graphs[key] = _DecodeGraph(self, bucket, body)
+            graph = self.graphs[key] = _DecodeGraph(self, bucket, body, context_bound=bound)
         logits, hidden = graph.replay(rows)
         n = len(rows)  # copies: the graph's output buffers are overwritten by the next replay
         return (logits[:n].clone(), hidden[:n].clone()) if return_hidden else logits[:n].clone()
@@ -183,7 +189,8 @@ class ModelRunner:
         net, n = self.network, len(rows)
         if net.verify_as_decode_rows and self._graphable(rows):
             bucket, heads = self._bucket(n), self._bucket(max(1, len(logit_rows)))
-            key = ("mtp", depth, bucket, heads, tuple(hidden.shape[1:]), hidden.dtype)
+            bound = self._context_bound(max(p for _, p, _ in rows))
+            key = ("mtp", depth, bucket, heads, tuple(hidden.shape[1:]), hidden.dtype, bound)
             graph = self.graphs.get(key)
             if graph is None:
                 def body(ids, batch, inputs):
@@ -191,7 +198,7 @@ class ModelRunner:
 
                 graph = self.graphs[key] = _DecodeGraph(self, bucket, body, inputs={
                     "hidden": ((bucket, *hidden.shape[1:]), hidden.dtype),
-                    "logit_rows": ((heads,), torch.long)})
+                    "logit_rows": ((heads,), torch.long)}, context_bound=bound)
             logits, out = graph.replay(rows, hidden=hidden,
                                        logit_rows=torch.tensor(logit_rows + [0] * (heads - len(logit_rows))))
             return logits[:len(logit_rows)].clone(), out[:n].clone()
@@ -214,10 +221,12 @@ class _DecodeGraph:
 
     ``body(ids, batch, inputs)`` is the captured computation (the trunk's forward, or an MTP
     draft layer's); ``inputs`` declares extra static input buffers ``name: (shape, dtype)``
-    that ``replay`` fills.
+    that ``replay`` fills. ``context_bound``: every position it is replayed at is below this
+    (``ForwardBatch.context_bound``; the runner keys the graphs by it).
     """
 
-    def __init__(self, runner: ModelRunner, size: int, body, inputs: dict | None = None):
+    def __init__(self, runner: ModelRunner, size: int, body, inputs: dict | None = None,
+                 context_bound: int | None = None):
         dev, s = runner.device, runner.page_size
         self.runner, self.size = runner, size
         self.ids = torch.zeros(size, dtype=torch.long, device=dev)
@@ -236,7 +245,8 @@ class _DecodeGraph:
         self.batch = ForwardBatch(positions=self.positions, slot_mapping=self.slots, page_table=self.table,
                                   kv_lens_t=self.kv_lens, seq_slots=self.seq_slots,
                                   cu_q=list(range(size + 1)), kv_lens=[1] * size, cache=runner.cache, is_decode=True,
-                                  ring_slot_mapping=self.ring_slots, ring_page_table=self.ring_table)
+                                  ring_slot_mapping=self.ring_slots, ring_page_table=self.ring_table,
+                                  context_bound=context_bound)
         self.inputs = {name: torch.zeros(shape, dtype=dtype, device=dev) for name, (shape, dtype) in
                        (inputs or {}).items()}
         with assume_capture():  # compile and load every kernel the graph will use before capturing
@@ -254,6 +264,9 @@ class _DecodeGraph:
         dummy = r.dummy_page  # bigger earlier step would write into a page that is no longer its own
         self.ids.copy_(torch.tensor([tok for _, _, tok in rows] + [0] * pad, dtype=torch.long))
         pos = [p for _, p, _ in rows]
+        bound = self.batch.context_bound
+        if bound is not None and max(pos) >= bound:  # the captured layers may have left out work beyond it
+            raise RuntimeError(f"decode graph captured for positions below {bound}, replayed at {max(pos)}")
         self.positions.copy_(torch.tensor(pos + [0] * pad, dtype=torch.long))
         slots = [seq.page_ids[p // s] * s + p % s for seq, p, _ in rows]
         self.slots.copy_(torch.tensor(slots + [dummy * s] * pad, dtype=torch.long))

@@ -267,10 +267,16 @@ def test_openpangu_decode_with_the_mla_kernels_matches_the_golden_logits(triton_
         decode_out=counted(functools.partial(triton_kernels.mla.mla_decode_out_triton, **HALF_SPLITS)),
         index_scores=counted(triton_kernels.mla.index_scores_triton))
     monkeypatch.setattr(mla, "_fused_mla", lambda x: kernels)
+    assert model.network.decode_context_buckets() == (16,)  # the indexer's top_k
+    # below position 16 no row has more candidates than the indexer keeps: the steps skip its scores
+    cached_logits(model, ref["ids"][:16].tolist(), chunks=[12], page_size=16)
+    assert "mla_q_prologue_triton" in calls and "index_scores_triton" not in calls
+    calls.clear()
     ids = ref["ids"][:36].tolist()  # decode from 12: past the window (16) and the top-k (16)
     step = cached_logits(model, ids, chunks=[12], page_size=16)
-    # decode steps went through the kernels
+    # decode steps went through the kernels, the indexer's from position 16 on
     assert {"mla_q_prologue_triton", "mla_decode_out_triton", "index_scores_triton"} <= set(calls)
+    assert calls.count("index_scores_triton") == 2 * (36 - 16)  # two DSA layers, 20 steps
     want = ref["logits"][:36].double()
     assert ((step.double() - want).norm(dim=-1) / want.norm(dim=-1)).max() < 4 * U
     assert torch.equal(step.argmax(-1), ref["logits"][:36].argmax(-1))

@@ -182,8 +182,14 @@ def test_demo_in_a_browser(demo_url, browser, output_dir, tmp_path):
             .observe(s, {subtree: true, childList: true, characterData: true});
     """)
     page.click("exl3-regenerate")
-    page.wait_for(lambda: any("finished" in t for t in browser.execute_script("return window.exl3Stats")),
-                  timeout=240, what="the regenerated reply")
+
+    def regenerated() -> bool:
+        # finished after a state that was not: Gradio may re-render the old "finished" stats first, and a
+        # new message sent before the regenerated reply ends is refused (slow on a busy machine)
+        states = browser.execute_script("return window.exl3Stats")
+        running = next((i for i, t in enumerate(states) if "finished" not in t), None)
+        return running is not None and any("finished" in t for t in states[running + 1:])
+    page.wait_for(regenerated, timeout=240, what="the regenerated reply")
     roles = lambda: [m.get_attribute("data-role")  # noqa: E731
                      for m in browser.find_elements(page.By.CSS_SELECTOR, "#exl3-chat .exl3-msg")]
     page.wait_for(lambda: roles() == ["user", "assistant"], what="one user message and one reply")
