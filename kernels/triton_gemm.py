@@ -108,6 +108,17 @@ def rotate_output(acc, h32_ptr, BM: tl.constexpr):
 
 
 @triton.jit
+def _step_words(t32_ptr, kt, nt, TN, W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
+                BTK: tl.constexpr, DOT_LANES: tl.constexpr):
+    """The trellis words of one step (tile rows ``[kt, kt + BTK)``, 8 tiles from ``nt``): lane-major
+    (``ring_words``, one tile per warp-level load) when ``DOT_LANES``, else ``triton_decode``'s order."""
+    if DOT_LANES:
+        return ring_words(t32_ptr, kt, nt, TN, W32, KA, HALF, NLOAD, BTK, DOT_LANES)
+    else:
+        return load_tile_words(t32_ptr, kt, nt, TN, W32, KA, HALF, NLOAD, BTK, 8)
+
+
+@triton.jit
 def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_tiles, nt, TN,
                   W32: tl.constexpr, KA: tl.constexpr, HALF: tl.constexpr, NLOAD: tl.constexpr,
                   CB: tl.constexpr, USE_PTX: tl.constexpr, BM: tl.constexpr, BTK: tl.constexpr,
@@ -123,10 +134,7 @@ def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_
     """
     r = tl.arange(0, 16 * BTK)
     DOT_LANES: tl.constexpr = LANES if BM >= 2 else 0  # several rows: lane-major word loads, block put back in order
-    if DOT_LANES:
-        w0, w1, w2 = ring_words(t32_ptr, kt_begin, nt, TN, W32, KA, HALF, NLOAD, BTK, DOT_LANES)
-    else:
-        w0, w1, w2 = load_tile_words(t32_ptr, kt_begin, nt, TN, W32, KA, HALF, NLOAD, BTK, 8)
+    w0, w1, w2 = _step_words(t32_ptr, kt_begin, nt, TN, W32, KA, HALF, NLOAD, BTK, DOT_LANES)
     if BM == 1:  # activations two at a time, straight into the decode's rank-7 layout
         src32 = src_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         row_word0 = (src_rows * stride_src) // 2
@@ -142,10 +150,7 @@ def decode_matmul(src_ptr, src_rows, src_mask, stride_src, t32_ptr, kt_begin, k_
     for it in range(0, k_tiles, BTK):
         # prefetch the next step (the last step re-reads the first block, which is harmless)
         nxt = kt_begin + (it + BTK) % k_tiles
-        if DOT_LANES:
-            n0, n1, n2 = ring_words(t32_ptr, nxt, nt, TN, W32, KA, HALF, NLOAD, BTK, DOT_LANES)
-        else:
-            n0, n1, n2 = load_tile_words(t32_ptr, nxt, nt, TN, W32, KA, HALF, NLOAD, BTK, 8)
+        n0, n1, n2 = _step_words(t32_ptr, nxt, nt, TN, W32, KA, HALF, NLOAD, BTK, DOT_LANES)
         if BM == 1:
             x_next = load_rows_rank7(src32, row_word0 + nxt * 8, BTK)
         else:

@@ -92,8 +92,7 @@ class LinearGroup(nn.Module):
         for i, m in enumerate(members):
             classes.setdefault(_format_key(m, members[0]), []).append(i)
         self.parts = nn.ModuleList()
-        self.layout: list[tuple[int, int, int]] = []  # per member: (part, first column, stored width)
-        slots: dict[int, tuple[int, int, int]] = {}
+        slots: dict[int, tuple[int, int, int]] = {}  # member -> (part, first column, stored width)
         for key, idx in classes.items():
             fused = _concatenate([members[i] for i in idx]) if key is not None and len(idx) > 1 else None
             if fused is None:
@@ -107,7 +106,7 @@ class LinearGroup(nn.Module):
                 slots[i] = (len(self.parts), col, width)
                 col += width
             self.parts.append(fused)
-        self.layout = [slots[i] for i in range(len(members))]
+        self.layout: list[tuple[int, int, int]] = [slots[i] for i in range(len(members))]  # in member order
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = [p(x) for p in self.parts]
