@@ -112,16 +112,17 @@ def decode_speed(model, batch: int, steps: int, prompt_len: int, max_seq_len: in
     return rec
 
 
-def consistency(model) -> dict:
+def consistency(model, total: int | None = None) -> dict:
     """On the GPU: the cached path (prefill + eager decode, and decode from CUDA graphs) against the
-    plain full forward. The sequence is longer than any sliding window, so ring caches wrap."""
+    plain full forward. The sequence is longer than any sliding window, so ring caches wrap; ``total``
+    overrides its length (the last 24 tokens are decoded one by one)."""
     from exl3_triton.runtime.cache import PagedCache
     from exl3_triton.runtime.runner import ModelRunner, StepItem
 
     net = model.network
     windows = [s.window for s in net.cache_spec() if s.window]
     decode_steps = 24
-    total = max(48, 2 * max(windows, default=0) + decode_steps + 40)
+    total = total or max(48, 2 * max(windows, default=0) + decode_steps + 40)
     ids = torch.randint(0, net.vocab_size, (total,), generator=torch.Generator().manual_seed(3)).tolist()
     full = model.forward(torch.tensor(ids))
     prefill = total - decode_steps
@@ -208,6 +209,9 @@ def main() -> int:
     p.add_argument("--ab-tuning", default=None, metavar="NAME=VALUE",
                    help="decode at each batch size with kernels/tuning.py's NAME at its default and at VALUE (a Python "
                         "literal), alternating, twice each (new graphs each run)")
+    p.add_argument("--check-tokens", type=int, action="append", default=None,
+                   help="length of the cached-vs-full check's sequence (repeatable; default: past every window); "
+                        "e.g. 2064 decodes positions 2040-2063, across openPangu's DSA bound of 2048")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -231,7 +235,8 @@ def main() -> int:
                       "weight_GB_per_token": weight_gb, "copy_bandwidth_GBps": bw,
                       "bound_tokens_per_s": bw / weight_gb, "load_s": time.perf_counter() - t0,
                       "gpu_memory_GB": torch.cuda.memory_allocated() / 1e9})
-    res.add("check", consistency(model))
+    for total in args.check_tokens or [None]:
+        res.add("check", consistency(model, total))
     from exl3_triton.kernels import tuning
 
     for rotate_in_kernel in (True, False) if args.rotation_choice else ():  # graph-time launch choice, 1 row
