@@ -35,7 +35,7 @@ class CausalLM(nn.Module):
     def decode_context_buckets(self) -> tuple[int, ...]:
         """Ascending position bounds under which a layer runs a cheaper decode step (see
         ``ForwardBatch.context_bound``); the runner keys its CUDA graphs by the bucket a step falls in.
-        None by default."""
+        None by default; asked for every step, so keep it cheap."""
         return ()
 
     def __init__(self, config, options: RuntimeOptions):

@@ -264,12 +264,13 @@ class OpenPanguV2ForCausalLM(CausalLM):
         self.layers = nn.ModuleList(layers)
         self.mtp_layers = nn.ModuleList(mtp_layers)
         self.merge, self.norm, self.lm_head = merge, norm, lm_head
+        # below index_topk no DSA row has more candidates than the indexer keeps: its decode step skips the
+        # index scores and the top-k (blocks/mla.py); fixed at load, asked for every step
+        has_indexer = any(layer.self_attn.indexer is not None for layer in [*self.layers, *self.mtp_layers])
+        self._context_buckets = (config.index_topk,) if has_indexer else ()
 
     def decode_context_buckets(self) -> tuple[int, ...]:
-        """Below ``index_topk`` no DSA row has more candidates than the indexer keeps: its decode step
-        skips the index scores and the top-k (blocks/mla.py)."""
-        has_indexer = any(layer.self_attn.indexer is not None for layer in [*self.layers, *self.mtp_layers])
-        return (self.config.index_topk,) if has_indexer else ()
+        return self._context_buckets
 
     @classmethod
     def config_from_checkpoint(cls, checkpoint: Checkpoint) -> OpenPanguV2Config:

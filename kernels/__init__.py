@@ -114,9 +114,9 @@ def exl3_moe(
     members: int = 1,
     base: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply each token's selected experts (see ``kernels.reference.moe.exl3_moe_ref`` for shapes and
-    ``members``, stacks such as gate + up in one launch, and ``base``, added to the weighted sum). ``schedule`` (Triton): "decode", "grouped" or
-    None (by the number of slots)."""
+    """Apply each token's selected experts (see ``kernels.reference.moe.exl3_moe_ref`` for shapes,
+    ``members``: stacks such as gate + up in one launch, and ``base``: added to the weighted sum).
+    ``schedule`` (Triton): "decode", "grouped" or None (by the number of slots)."""
     if resolve_backend(backend, x.device) == "triton" and _triton_shapes_ok(experts.in_features,
                                                                             experts.out_features):
         return triton_ops.load().moe.exl3_moe_triton(x, experts, expert_ids, routing_weights, schedule=schedule,

@@ -41,7 +41,7 @@ from .triton_gemm import (
     rotate_row_slice_into_scratch,
     sm_count,
 )
-from .reference.moe import member_ids
+from .reference.moe import check_moe_options, member_ids
 from .weights import Exl3ExpertStack
 
 
@@ -317,14 +317,6 @@ def _check(x: torch.Tensor, experts: Exl3ExpertStack, expert_ids: torch.Tensor):
         raise ValueError(f"expert_ids must be [tokens, top_k], got {list(expert_ids.shape)}")
 
 
-def _check_base(base: torch.Tensor | None, routing_weights, tokens: int, n: int) -> None:
-    if base is None:
-        return
-    if routing_weights is None or base.shape != (tokens, n) or base.stride(-1) != 1:
-        raise ValueError(f"MoE base {tuple(base.shape)}: needs routing weights and a [tokens={tokens}, {n}] tensor "
-                         f"with contiguous rows")
-
-
 def _format(experts: Exl3ExpertStack, x: torch.Tensor, use_ptx: bool | None) -> dict:
     layout = lane_layout(experts.bits)
     return dict(W32=layout.w32, KA=layout.ka, HALF=layout.half, NLOAD=layout.nload, CB=int(experts.codebook),
@@ -367,9 +359,9 @@ def exl3_moe_triton(
     top_k *= members  # slots per token
     k, n = experts.in_features, experts.out_features
     per_slot = x.dim() == 3
-    if members > 1 and (per_slot or routing_weights is not None or experts.num_experts % members):
-        raise ValueError(f"{experts.key}: members={members} needs one input row per token, no routing weights "
-                         f"and a stack of {members} equal parts ({experts.num_experts} experts)")
+    check_moe_options(experts, members, per_slot, routing_weights, base, t)
+    if base is not None and base.stride(-1) != 1:
+        raise ValueError(f"{experts.key}: the MoE kernels read base's rows contiguously")
     xs = x.reshape(t * top_k if per_slot else t, k)
     if xs.stride(-1) != 1:
         xs = xs.contiguous()
@@ -388,7 +380,6 @@ def exl3_moe_triton(
     expert_w32 = t32[0].numel()
     nb, k_tiles, dev = n // 128, k // 16, x.device
     rw = routing_weights.contiguous() if routing_weights is not None else h32
-    _check_base(base, routing_weights, t, n)
 
     if schedule == "decode":
         reduce = routing_weights is not None

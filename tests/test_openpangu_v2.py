@@ -198,7 +198,9 @@ def test_decode_steps_carry_the_indexer_bound_while_no_row_selects(pangu, ref):
         cache.reserve(seq, n + 1)
         with torch.inference_mode():
             runner.run([StepItem(seq, ids[:n], True)])
-    bound = lambda seqs: runner.build_batch([StepItem(s, [ids[s.num_tokens]], True) for s in seqs])[1].context_bound  # noqa: E731
+
+    def bound(seqs):
+        return runner.build_batch([StepItem(s, [ids[s.num_tokens]], True) for s in seqs])[1].context_bound
     assert bound([short]) == 16
     assert bound([long]) is None and bound([short, long]) is None  # one row past it: every row selects
 

@@ -40,7 +40,7 @@ from .lightning_indexer import LightningIndexer
 from .linear import Linear, LinearGroup
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, fold_sin, rotate_neox_folded
-from .short_conv import ShortConv, mome_decode_reference, sliding_windows
+from .short_conv import ShortConv, decode_windows, mome_decode_reference, sliding_windows
 
 CONV_RING = 32
 CONV_INPUTS = ("qa_in", "kv_in", "o_in")  # cache names of the MoME convs' inputs, in (qa, kv, o) order
@@ -74,22 +74,13 @@ def store_keys_reference(kv: torch.Tensor, rank: int, conv, norm: RMSNorm, posit
     kv_in, k_pe = kv.split([rank, kv.shape[-1] - rank], dim=-1)
     if conv is not None:
         ring, weight, seq_slots = conv
-        rows, active = _conv_window(positions, weight.shape[0])
-        kv_in = mome_decode_reference(ring, weight, seq_slots, positions, kv_in, kv_in.dtype, width_rows=rows,
-                                      active=active)
+        kv_in = mome_decode_reference(ring, weight, seq_slots, positions, kv_in, kv_in.dtype)
     c = norm(kv_in)  # model dtype, as the cache keeps it
     c_cache.index_copy_(0, dest, c.to(c_cache.dtype))
     kpe_cache.index_copy_(0, dest, rotate_neox_folded(k_pe.float(), cos, sin_folded, kpe_cache.dtype))
     if index is not None:
         k, indexer, cache = index
         cache.index_copy_(0, dest, indexer.keys(k, cos, sin_folded).to(cache.dtype))
-
-
-def _conv_window(positions: torch.Tensor, width: int) -> tuple[torch.Tensor, tuple]:
-    """Each decode row's MoME window in the conv rings ``[n, K]`` (oldest first, its own entry
-    last) and ``ShortConv.active``."""
-    rows = (positions[:, None] + torch.arange(1 - width, 1, device=positions.device)[None, :]) % CONV_RING
-    return rows, ShortConv.active_rows(positions, width)
 
 
 def _fused_mla(x: torch.Tensor):
@@ -100,11 +91,10 @@ def _fused_mla(x: torch.Tensor):
 
     if x.dtype != torch.float16:  # the kernels' operands are fp16 (the cache's dtype); bf16 / fp32 models: PyTorch
         return None
-    if triton_ops.cuda_kernel(x, "mla", "mla_decode_triton") is None:
-        return None
-    return SimpleNamespace(**{name: triton_ops.cuda_kernel(x, "mla", kernel) for name, kernel in (
+    kernels = {name: triton_ops.cuda_kernel(x, "mla", kernel) for name, kernel in (
         ("q_prologue", "mla_q_prologue_triton"), ("decode_out", "mla_decode_out_triton"),
-        ("index_scores", "index_scores_triton"))})
+        ("index_scores", "index_scores_triton"))}
+    return None if None in kernels.values() else SimpleNamespace(**kernels)
 
 
 class MLAAttention(nn.Module):
@@ -314,7 +304,8 @@ class MLAAttention(nn.Module):
         """Each decode row's MoME window in the conv rings ``[n, K]`` (oldest first, its own entry
         last) and ``ShortConv.active``: the same for every layer of the step."""
         width = self.convs[0].width
-        return self._decode_memo(batch, ("mla_conv_rows", width), lambda: _conv_window(batch.positions, width))
+        return self._decode_memo(batch, ("mla_conv_rows", width),
+                                 lambda: decode_windows(batch.positions, width, CONV_RING))
 
     def _store_keys(self, kv: torch.Tensor, index_in: list, batch: ForwardBatch) -> None:
         """The decode rows' key side into the paged cache (before any row reads it): the normed
@@ -342,7 +333,7 @@ class MLAAttention(nn.Module):
         reads the cache, and each row then reads everything up to its own position from it. So
         several consecutive positions of one sequence can run as rows of one decode step (the
         generator verifies drafted tokens that way) and each sees the rows before it."""
-        paged, slots = batch.cache.paged[self.layer_idx], batch.cache.slots[self.layer_idx]
+        slots = batch.cache.slots[self.layer_idx]
         pos, seq_slots, n, heads = batch.positions, batch.seq_slots, x.shape[0], self.num_heads
 
         def conv(which: int, value: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:

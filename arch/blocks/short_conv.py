@@ -25,15 +25,19 @@ def mome_decode_reference(ring: torch.Tensor, weight: torch.Tensor, seq_slots: t
     Every row's input is stored before any row reads, so a row sees the rows of earlier positions of
     its sequence in the same step. ``norm``: an ``RMSNorm`` applied to the result (MLA's q latent).
     ``width_rows [n, K]`` / ``active``: the ring rows and ``ShortConv.active`` if already computed
-    (once per decode step). kernels/triton_mome.py does all this in one kernel."""
-    k = weight.shape[0]
-    if width_rows is None:
-        width_rows = (positions[:, None] + torch.arange(1 - k, 1, device=positions.device)[None, :]) % ring.shape[1]
-    if active is None:
-        active = ShortConv.active_rows(positions, k)
+    (once per decode step, ``decode_windows``). kernels/triton_mome.py does all this in one kernel."""
+    if width_rows is None or active is None:
+        width_rows, active = decode_windows(positions, weight.shape[0], ring.shape[1])
     ring.index_put_((seq_slots, width_rows[:, -1]), x.to(ring.dtype))
     y = ShortConv.mix_windows(ring[seq_slots[:, None], width_rows].to(dtype), weight, active)
     return y if norm is None else norm(y)
+
+
+def decode_windows(positions: torch.Tensor, width: int, ring_len: int) -> tuple[torch.Tensor, tuple]:
+    """Each decode row's window in a ring of ``ring_len`` rows ``[n, width]`` (oldest first, its own
+    entry last) and ``ShortConv.active_rows``."""
+    rows = (positions[:, None] + torch.arange(1 - width, 1, device=positions.device)[None, :]) % ring_len
+    return rows, ShortConv.active_rows(positions, width)
 
 
 def sliding_windows(x: torch.Tensor, previous: torch.Tensor, width: int) -> torch.Tensor:

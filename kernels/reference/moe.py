@@ -18,6 +18,17 @@ def member_ids(expert_ids: torch.Tensor, experts: int, members: int) -> torch.Te
     return torch.cat([expert_ids, *shifted], dim=1)
 
 
+def check_moe_options(experts: Exl3ExpertStack, members: int, per_slot: bool, routing_weights, base,
+                      tokens: int) -> None:
+    """The ``members`` / ``base`` rules of ``exl3_moe_ref``, shared with the Triton path."""
+    if members > 1 and (per_slot or routing_weights is not None or experts.num_experts % members):
+        raise ValueError(f"{experts.key}: members={members} needs one input row per token, no routing weights "
+                         f"and a stack of {members} equal parts ({experts.num_experts} experts)")
+    if base is not None and (routing_weights is None or base.shape != (tokens, experts.out_features)):
+        raise ValueError(f"{experts.key}: MoE base {tuple(base.shape)} is added to the weighted sum: it needs "
+                         f"routing weights and the shape [tokens={tokens}, {experts.out_features}]")
+
+
 def exl3_moe_ref(
     x: torch.Tensor,
     experts: Exl3ExpertStack,
@@ -40,10 +51,8 @@ def exl3_moe_ref(
     ``base [T, n]`` (with routing weights): added to the weighted sum before the one rounding to x's dtype
     (e.g. the shared expert's output).
     """
+    check_moe_options(experts, members, x.dim() == 3, routing_weights, base, expert_ids.shape[0])
     if members > 1:
-        if routing_weights is not None or x.dim() == 3 or experts.num_experts % members:
-            raise ValueError(f"{experts.key}: members={members} needs one input row per token, no routing "
-                             f"weights and a stack of {members} equal parts ({experts.num_experts} experts)")
         expert_ids = member_ids(expert_ids, experts.num_experts // members, members)
     t, top_k = expert_ids.shape
     per_slot = x.dim() == 3
@@ -55,8 +64,6 @@ def exl3_moe_ref(
         inp = x[tok, slot] if per_slot else x[tok]
         out[tok, slot] = exl3_matmul_ref(inp.float(), experts.expert(e))
     if routing_weights is None:
-        if base is not None:
-            raise ValueError("exl3_moe_ref: base is added to the weighted sum; it needs routing weights")
         return out.to(x.dtype)
     total = (out * routing_weights.float()[..., None]).sum(1)
     return (total if base is None else total + base.float()).to(x.dtype)
