@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from . import triton_ops
-from .dispatch import BACKENDS, assume_capture, capturing, matmul_plan, resolve_backend, triton_available
+from .dispatch import (BACKENDS, assume_capture, capturing, matmul_plan, mma_ready, resolve_backend, triton_available,
+                       use_tensor_core_kernel)
 from .reference import (
     dense_matmul_ref,
     exl3_inner_ref,
@@ -85,6 +86,11 @@ def exl3_matmul(
         if plan is not None and rows > 0:
             ops = triton_ops.load()
             if plan.kind == "fused" and not _force_dequant:
+                if use_tensor_core_kernel(rows, weight.in_features, weight.out_features, x.device):
+                    from .gluon_gemv import exl3_gemm_mma
+
+                    y = exl3_gemm_mma(x.reshape(rows, x.shape[-1]), weight)
+                    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.out_features)
                 return ops.gemm.exl3_gemm_triton(x, weight, plan.config)
             return _exl3_matmul_dequant(x, weight, ops)
     return exl3_matmul_ref(x, weight, inner=inner)

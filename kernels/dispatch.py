@@ -87,3 +87,71 @@ def matmul_plan(rows: int, in_features: int, out_features: int, capturing: bool 
     if rows > tuning.fused_max_rows(in_features, out_features):
         return MatmulPlan("dequant")
     return MatmulPlan("fused", tuning.gemm_config(rows, in_features, out_features, capturing))
+
+
+# ------------------------------------------------------------------ the tensor-core few-row kernel
+
+MMA_MAX_ROWS = 8
+_MMA_READY: dict[int, bool] = {}
+
+
+def use_tensor_core_kernel(rows: int, in_features: int, out_features: int, device: torch.device) -> bool:
+    """Whether a fused matmul of ``rows`` rows takes the Gluon tensor-core kernel instead of the Triton ones
+    (the rules and their measurements: ``tuning.TENSOR_CORE_FEW_ROWS`` and ``TENSOR_CORE_ONE_ROW_MIN_WEIGHT``)."""
+    if rows > MMA_MAX_ROWS or not tuning.TENSOR_CORE_FEW_ROWS:
+        return False
+    if rows == 1 and in_features * out_features < tuning.TENSOR_CORE_ONE_ROW_MIN_WEIGHT:
+        return False
+    return mma_ready(device)
+
+
+def mma_ready(device: torch.device) -> bool:
+    """Whether EXL3 matmuls of 1-8 rows on ``device`` take the Gluon tensor-core kernel (kernels/gluon_gemv.py):
+    CUDA compute capability 8.0 or newer, a Triton with Gluon, not switched off (``EXL3_TRITON_MMA=0``), and its
+    first run on the device matched the PyTorch reference. Decided once per device, outside graph captures."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ready = _MMA_READY.get(index)
+    if ready is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False  # the check launches and synchronises; warm-up runs before capture decide it
+        ready = _MMA_READY[index] = _check_mma(torch.device("cuda", index))
+    return ready
+
+
+def _check_mma(device: torch.device) -> bool:
+    import os
+    import warnings
+
+    if os.environ.get("EXL3_TRITON_MMA", "1") == "0":
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 0):  # mma.m16n8k16 with fp16 operands: sm_80 and newer
+        return False
+    try:
+        from .gluon_gemv import exl3_gemm_mma
+        from .reference import exl3_matmul_ref
+        from .weights import Codebook, Exl3Weight
+
+        g = torch.Generator(device=device).manual_seed(0)
+        k, n = 512, 256
+        for bits, codebook in ((4, Codebook.MCG), (2.5, Codebook.MUL1), (3, Codebook.THREE_INST)):
+            trellis = torch.randint(-32768, 32768, (k // 16, n // 16, int(16 * bits)), generator=g, device=device,
+                                    dtype=torch.int32).to(torch.int16)
+            w = Exl3Weight(trellis, torch.randn(k, generator=g, device=device).half(),
+                           torch.randn(n, generator=g, device=device).half(), bits, codebook,
+                           bias=torch.randn(n, generator=g, device=device).half(), key="mma_check")
+            x = torch.randn(3, k, generator=g, device=device).half()
+            ref = exl3_matmul_ref(x.float(), w).double()
+            err = ((exl3_gemm_mma(x, w).double() - ref).norm() / ref.norm()).item()
+            if not err < 2e-3:
+                warnings.warn(f"exl3_triton: the tensor-core few-row kernel disagrees with the reference on "
+                              f"{torch.cuda.get_device_name(device)} (relative error {err:.2e}, {bits} bits); "
+                              f"using the Triton kernels")
+                return False
+        return True
+    except Exception as e:  # an older Triton without Gluon, or a compile failure: the Triton kernels run
+        warnings.warn(f"exl3_triton: the tensor-core few-row kernel is unavailable ({type(e).__name__}: "
+                      f"{str(e)[:200]}); using the Triton kernels")
+        return False
+

@@ -58,14 +58,12 @@ def lane_layout(bits: float) -> LaneLayout:
 
 # --------------------------------------------------------------------- codebooks
 
-@triton.jit
-def _codebook_ptx(state, CB: tl.constexpr):
-    # One PTX sequence per weight: multiply, lop3 (or dp4a byte sum), one fp16 op.
-    if CB == 2:  # MUL1
-        return tl.inline_asm_elementwise(
-            """{
+# The codebooks' PTX (exl3-format.md 3.2), from the state in ``$1``: MUL1 leaves the fp16 weight in ``v``; MCG and
+# 3INST leave in ``x`` the 32-bit word whose two fp16 halves sum to the weight. Shared with the Gluon tensor-core
+# kernel (gluon_gemv.py), which hands the word itself to the tensor cores.
+MUL1_PTX = """
             .reg .b32 x, s, m;
-            .reg .b16 h, a, b;
+            .reg .b16 h, a, b, v;
             mul.lo.u32 x, $1, 0x83DCD12D;
             mov.b32 m, 0x01010101;
             mov.b32 s, 0x6400;
@@ -73,31 +71,35 @@ def _codebook_ptx(state, CB: tl.constexpr):
             cvt.u16.u32 h, s;
             mov.b16 a, 0x1EEE;
             mov.b16 b, 0xC931;
-            fma.rn.f16 $0, h, a, b;
-            }""",
-            "=h,r", [state], dtype=tl.float16, is_pure=True, pack=1)
-    elif CB == 1:  # MCG
-        return tl.inline_asm_elementwise(
-            """{
+            fma.rn.f16 v, h, a, b;"""
+MCG_PTX = """
             .reg .b32 x;
-            .reg .b16 lo, hi;
             mul.lo.u32 x, $1, 0xCBAC1FED;
-            lop3.b32 x, x, 0x8FFF8FFF, 0x3B603B60, 0x6A;
-            mov.b32 {lo, hi}, x;
-            add.rn.f16 $0, lo, hi;
-            }""",
-            "=h,r", [state], dtype=tl.float16, is_pure=True, pack=1)
-    else:  # 3INST
-        return tl.inline_asm_elementwise(
-            """{
+            lop3.b32 x, x, 0x8FFF8FFF, 0x3B603B60, 0x6A;"""
+THREE_INST_PTX = """
             .reg .b32 x;
-            .reg .b16 lo, hi;
             mad.lo.u32 x, $1, 89226354, 64248484;
-            lop3.b32 x, x, 0x8FFF8FFF, 0x3B603B60, 0x6A;
+            lop3.b32 x, x, 0x8FFF8FFF, 0x3B603B60, 0x6A;"""
+_HALVES_SUM = """
+            .reg .b16 lo, hi;
             mov.b32 {lo, hi}, x;
             add.rn.f16 $0, lo, hi;
-            }""",
-            "=h,r", [state], dtype=tl.float16, is_pure=True, pack=1)
+            }"""
+_MUL1_VALUE = tl.constexpr("{" + MUL1_PTX + "\n            mov.b16 $0, v;\n            }")
+_MCG_VALUE = tl.constexpr("{" + MCG_PTX + _HALVES_SUM)
+_THREE_INST_VALUE = tl.constexpr("{" + THREE_INST_PTX + _HALVES_SUM)
+
+
+@triton.jit
+def _codebook_ptx(state, CB: tl.constexpr):
+    # One PTX sequence per weight: multiply, lop3 (or dp4a byte sum), one fp16 op.
+    if CB == 2:  # MUL1
+        return tl.inline_asm_elementwise(_MUL1_VALUE, "=h,r", [state], dtype=tl.float16, is_pure=True, pack=1)
+    elif CB == 1:  # MCG
+        return tl.inline_asm_elementwise(_MCG_VALUE, "=h,r", [state], dtype=tl.float16, is_pure=True, pack=1)
+    else:  # 3INST
+        return tl.inline_asm_elementwise(_THREE_INST_VALUE, "=h,r", [state], dtype=tl.float16, is_pure=True,
+                                         pack=1)
 
 
 @triton.jit

@@ -20,6 +20,16 @@ FUSED_MAX_ROWS = 32
 GRAPH_ROTATE_IN_KERNEL = True
 
 
+# 1-8 rows on CUDA: the Gluon tensor-core kernel (kernels/gluon_gemv.py), which feeds the decoded codebook words
+# to mma straight from registers: ~6 instructions per weight in its main loop instead of ~11. Measured in CUDA
+# graphs on the H100 (bench/gluon_gemv.py, docs/performance.md "Tensor cores from registers"). False (or
+# EXL3_TRITON_MMA=0 in the environment) keeps the Triton kernels; a device whose first check fails keeps them too.
+TENSOR_CORE_FEW_ROWS = True
+# ... except one row of a small weight, where the Triton one-row kernel's single program wave is quicker
+# (4096x1024: 8.3 vs 9.4 us, 2560x1536: 8.0 vs 8.3; 4096x4096 already 18.8 vs 15.2 the other way).
+TENSOR_CORE_ONE_ROW_MIN_WEIGHT = 8 << 20
+
+
 # 3-4 rows (a step verifying 2-3 drafted tokens) of a small weight: blocks of 4 rows instead of 16.
 # Measured in CUDA graphs (bench/verify_rows.py, H100, bench/results/verify-rows-2026-11-22-H100.json):
 # 2560x2560 4 rows 20.2 vs 26.7 us, 2560x7680 32.0 vs 34.8 us; but 8192x8192 73.1 vs 69.6 us and

@@ -1,0 +1,419 @@
+"""Few-row EXL3 matmul on tensor cores, with the decoded weights fed to ``mma`` straight from registers (Gluon).
+
+Why a Gluon kernel. The one-row Triton kernel (``triton_gemv.ring_gemv``) is bound by instruction
+issue at ~11 thread instructions per weight (docs/performance.md, Nsight section): after the decode
+proper (window cut, multiply, ``lop3``) it spends three more on every weight (``HADD2`` of the
+codebook's two fp16 halves, the conversion to fp32 and the ``FFMA``). Triton's ``tl.dot`` takes its
+operands through shared memory when they are computed in registers, which costs more than it saves.
+Gluon states every tensor's layout, so the decoded words can be produced in the exact register
+layout of an ``mma.m16n8k16`` A fragment and handed over without moving.
+
+The doubled K. The codebooks (3INST, MCG) make each weight as the sum of the two fp16 halves of one
+32-bit word. Instead of adding them, the kernel treats the word as *two* K elements of the A operand
+(``lo``, ``hi``) and feeds the activation twice (``x``, ``x``) in the B operand: the tensor core does
+the sum, in fp32 and exactly (the reference rounds ``lo + hi`` to fp16 first, which the 2e-3
+tolerance of the GEMV checks absorbs: ~1e-4 relative). MUL1 words carry the fp16 value in the low
+half and zero in the high half.
+
+Which weights a thread holds. An A fragment of ``m16n8k16`` gives thread ``4g + t`` the rows
+``g, g + 8`` and the K pairs ``2t, 2t + 8``. With the doubled K that is output features ``g, g + 8``
+and real input rows ``t, t + 4``: exactly the positions ``(h, mh)`` of trellis lane ``4 c0 + t4``
+for one ``ml`` (exl3-format.md 3.3: position ``q = 4h + 2mh + ml`` of lane ``4c0 + t4`` sits at tile
+row ``8mh + 2t4 + ml``, column ``8h + c0``). So each thread loads its own lane's words and decodes
+them where they are needed; the mma's K order within a tile is ``kh = 8 ml + 4 mh + t4``, and the
+activations are loaded in the same order.
+
+Operands: A = decoded weights ``[16 * tiles, 32 * BTK]`` (output features x doubled K), B = the
+activations ``[32 * BTK, 8]`` (doubled K x up to 8 rows), accumulator ``[16 * tiles, 8]`` fp32.
+Rows 2-8 cost the same as one.
+
+This module is only used on CUDA (Gluon has no interpreter); ``exl3_triton.kernels`` checks it
+against the reference on first use on each device and falls back to the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from .launch import FastLauncher
+from .triton_decode import MCG_PTX, MUL1_PTX, THREE_INST_PTX
+
+# --------------------------------------------------------------------- layouts (host side, passed as constexprs)
+
+# The decode block's axes: (tile column, h, c0, tile row, ml, mh, t4). Lane = 4 c0 + t4; warps own tile columns.
+AXES7 = 7
+
+
+def decode_layout(num_warps: int) -> gl.BlockedLayout:
+    return gl.BlockedLayout(size_per_thread=[1] * 7, threads_per_warp=[1, 1, 8, 1, 1, 1, 4],
+                            warps_per_cta=[num_warps, 1, 1, 1, 1, 1, 1], order=[6, 2, 5, 4, 1, 3, 0])
+
+
+def rows_layout(num_warps: int) -> gl.BlockedLayout:
+    """Activation pairs ``[1, tile row, mh, t4, row]`` (int32: features ``ml = 0, 1``): lanes over (t4, row),
+    every warp a full copy."""
+    return gl.BlockedLayout(size_per_thread=[1] * 5, threads_per_warp=[1, 1, 1, 4, 8],
+                            warps_per_cta=[num_warps, 1, 1, 1, 1], order=[3, 4, 2, 1, 0])
+
+
+def chunk_layouts(num_warps: int):
+    """Two layouts of a ``[rows, 8, 16]`` block of 128-feature chunks for the Hadamard butterflies: the 16 low
+    index bits in registers, then the 8 high ones."""
+    low = gl.BlockedLayout(size_per_thread=[1, 1, 16], threads_per_warp=[4, 8, 1], warps_per_cta=[num_warps, 1, 1],
+                           order=[2, 1, 0])
+    high = gl.BlockedLayout(size_per_thread=[1, 8, 2], threads_per_warp=[4, 1, 8], warps_per_cta=[num_warps, 1, 1],
+                            order=[1, 2, 0])
+    return low, high
+
+
+def mma_layout(num_warps: int) -> gl.NVMMADistributedLayout:
+    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+
+
+@triton.constexpr_function
+def slice_chain(layout, rank, axis):
+    """The 1-D layout whose ``arange``, expanded on every other axis in increasing order, lands on ``axis``."""
+    out = layout
+    rank, axis = int(rank), int(axis)
+    for d in reversed(range(rank)):
+        if d != axis:
+            out = gl.SliceLayout(d, out)
+    return out
+
+
+# --------------------------------------------------------------------- jit helpers
+
+@gluon.jit
+def _axis_index(N: gl.constexpr, AXIS: gl.constexpr, RANK: gl.constexpr, L: gl.constexpr):
+    """``arange(N)`` on axis ``AXIS`` of a rank-``RANK`` tensor in layout ``L`` (size 1 on the other axes)."""
+    v = gl.arange(0, N, layout=slice_chain(L, RANK, AXIS))
+    for d in gl.static_range(RANK):
+        if d != AXIS:
+            v = gl.expand_dims(v, d)
+    return v
+
+
+_MUL1_WORD = gl.constexpr("{" + MUL1_PTX + "\n            mov.b16 h, 0;\n            mov.b32 $0, {v, h};\n            }")
+_MCG_WORD = gl.constexpr("{" + MCG_PTX + "\n            mov.b32 $0, x;\n            }")
+_THREE_INST_WORD = gl.constexpr("{" + THREE_INST_PTX + "\n            mov.b32 $0, x;\n            }")
+
+
+@gluon.jit
+def _codebook_words(state, CB: gl.constexpr):
+    """uint32 states -> the 32-bit codebook word whose fp16 halves sum to the weight (MUL1: value, 0)."""
+    if CB == 2:
+        return gl.inline_asm_elementwise(_MUL1_WORD, "=r,r", [state], dtype=gl.int32, is_pure=True, pack=1)
+    elif CB == 1:
+        return gl.inline_asm_elementwise(_MCG_WORD, "=r,r", [state], dtype=gl.int32, is_pure=True, pack=1)
+    else:
+        return gl.inline_asm_elementwise(_THREE_INST_WORD, "=r,r", [state], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _words(t32_ptr, tile, j0, W32: gl.constexpr, NLOAD: gl.constexpr):
+    w0 = gl.load(t32_ptr + tile + j0)
+    w1 = gl.load(t32_ptr + tile + (j0 + 1) % W32)
+    if NLOAD >= 3:
+        w2 = gl.load(t32_ptr + tile + (j0 + 2) % W32)
+    else:
+        w2 = w1
+    return w0, w1, w2
+
+
+@gluon.jit
+def _weights_operand(w0, w1, w2, pair_idx, shift, NLOAD: gl.constexpr, CB: gl.constexpr, A_LAYOUT: gl.constexpr,
+                     M: gl.constexpr, KD: gl.constexpr):
+    """Words (rank 7, broadcast over h, ml, mh) -> the fp16 A operand ``[M, KD]`` in ``A_LAYOUT`` (no data moves)."""
+    p01 = (w0.to(gl.uint32).to(gl.uint64) << 32) | w1.to(gl.uint32).to(gl.uint64)
+    if NLOAD >= 3:
+        p12 = (w1.to(gl.uint32).to(gl.uint64) << 32) | w2.to(gl.uint32).to(gl.uint64)
+        pair = gl.where(pair_idx >= 1, p12, p01)
+    else:
+        pair = p01
+    state = ((pair >> shift) & 0xFFFF).to(gl.uint32)
+    word = _codebook_words(state, CB)
+    lo = (word & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
+    hi = (word >> 16).to(gl.int16).to(gl.float16, bitcast=True)
+    a = gl.reshape(gl.join(lo, hi), [M, KD])
+    return gl.convert_layout(a, A_LAYOUT, assert_trivial=True)
+
+
+@gluon.jit
+def _rows_operand(x, B_LAYOUT: gl.constexpr, KD: gl.constexpr):
+    """Activation pairs (rank 5 ``[1, tk, mh, t4, row]``, int32 = features ``ml = 0, 1``) -> the fp16 B operand
+    ``[KD, 8]`` with K order ``(tk, ml, mh, t4, copy)``: each value twice (the doubled K)."""
+    lo = (x & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
+    hi = (x >> 16).to(gl.int16).to(gl.float16, bitcast=True)
+    v = gl.join(lo, hi)  # [1, tk, mh, t4, row, ml]
+    v = gl.join(v, v)  # [1, tk, mh, t4, row, ml, copy]
+    b = gl.reshape(gl.permute(v, [0, 1, 5, 2, 3, 6, 4]), [KD, 8])
+    return gl.convert_layout(b, B_LAYOUT, assert_trivial=True)
+
+
+_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier  # renamed in Triton 3.7
+
+
+@gluon.jit
+def _stage(z, A: gl.constexpr, N: gl.constexpr, D: gl.constexpr):
+    """One radix-2 stage over the last axis of ``z [A, N]``: the pair ``(a, b)`` at distance ``D`` -> ``(a + b, a - b)``."""
+    z4 = gl.permute(gl.reshape(z, [A, N // (2 * D), 2, D]), [0, 1, 3, 2])
+    a, b = gl.split(z4)
+    return gl.reshape(gl.permute(gl.join(a + b, a - b), [0, 1, 3, 2]), [A, N])
+
+
+@gluon.jit
+def _butterflies(z, A: gl.constexpr, N: gl.constexpr):
+    """Unnormalised Walsh-Hadamard transform over the last axis of ``z [A, N]`` (N = 8 or 16, in registers)."""
+    z = _stage(z, A, N, 1)
+    z = _stage(z, A, N, 2)
+    z = _stage(z, A, N, 4)
+    if N == 16:
+        z = _stage(z, A, N, 8)
+    return z
+
+
+@gluon.jit
+def _hadamard128(z, RP: gl.constexpr, LOW: gl.constexpr, HIGH: gl.constexpr):
+    """``z [RP, 8, 16]`` fp32 in ``LOW`` -> ``z . H128`` (unnormalised, fp32) in ``HIGH``, index ``16 hi + lo``:
+    H128 = H8 (x) H16, the 16 stages in registers, one layout change, the 8 stages in registers."""
+    z = gl.reshape(_butterflies(gl.reshape(z, [RP * 8, 16]), RP * 8, 16), [RP, 8, 16])
+    z = gl.permute(gl.convert_layout(z, HIGH), [0, 2, 1])
+    z = gl.reshape(_butterflies(gl.reshape(z, [RP * 16, 8]), RP * 16, 8), [RP, 16, 8])
+    # the same placement as HIGH (Triton 3.7+ infers it as an equivalent linear layout, which broadcasts refuse)
+    return gl.convert_layout(gl.permute(z, [0, 2, 1]), HIGH)
+
+
+@gluon.jit
+def _runs(offsets, RUN: gl.constexpr):
+    """Tell the compiler that ``offsets`` (a ``[rows, 8, 16]`` chunk index) runs in aligned groups of ``RUN`` along
+    the last axis, so each thread's loads and stores become vector accesses."""
+    return gl.max_contiguous(gl.multiple_of(offsets, [1, 1, RUN]), [1, 1, RUN])
+
+
+@gluon.jit
+def _chunk_index(RP: gl.constexpr, L: gl.constexpr):
+    """Row and feature (``16 hi + lo``) index tensors of a ``[RP, 8, 16]`` block in layout ``L``."""
+    r = gl.arange(0, RP, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))[:, None, None]
+    hi = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))[None, :, None]
+    lo = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))[None, None, :]
+    return r, 16 * hi + lo
+
+
+@gluon.jit
+def _partials(ws_ptr, s0, pq, ff, rows, N, col0, SPLIT_K: gl.constexpr, RP: gl.constexpr, SPG: gl.constexpr):
+    """Splits ``[s0, s0 + SPG)`` of the workspace's partials for rows ``< RP``, summed -> ``[RP, 8, 16]``: the
+    ``(row, split)`` pairs ``pq`` (row-major) are the first axis of one ``[RP * SPG, 8, 16]`` load."""
+    sp = s0 + pq % SPG
+    part = gl.load(ws_ptr + _runs((sp * 8 + pq // SPG) * N + col0 + ff, 16),
+                   mask=(pq // SPG < rows) & (sp < SPLIT_K), other=0.0, cache_modifier=".cg")
+    return gl.sum(gl.reshape(part, [RP, SPG, 8, 16]), axis=1)
+
+
+@gluon.jit
+def _mma_gemm_kernel(
+    x_ptr, scratch_ptr, t32_ptr, suh_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, group_ptr,
+    rows, N, K, TN, k_tiles_per_split, stride_x, stride_y, x_group_stride,
+    W32: gl.constexpr, KA: gl.constexpr, HALF: gl.constexpr, NLOAD: gl.constexpr, CB: gl.constexpr,
+    BTK: gl.constexpr, TPW: gl.constexpr, NW: gl.constexpr, RP: gl.constexpr, NCH: gl.constexpr,
+    SPLIT_K: gl.constexpr,
+    HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, PREROTATED: gl.constexpr,
+    L7: gl.constexpr, L5: gl.constexpr, MMA: gl.constexpr, LOW: gl.constexpr, HIGH: gl.constexpr,
+):
+    """``y = H(H(x * suh) @ W_hat) * svh + bias`` for up to 8 rows: program (column block of 16 * NW * TPW = 128,
+    K slice) rotates its slice of x into private scratch, accumulates on tensor cores, writes its partial to the
+    workspace; the last program of a column block (split-K counter) adds the partials in a fixed order, rotates,
+    scales and stores (as ``triton_gemm._exl3_gemm_kernel``)."""
+    pid_n = gl.program_id(0)
+    pid_s = gl.program_id(1)
+    TILES: gl.constexpr = NW * TPW
+    M: gl.constexpr = 16 * TILES
+    KD: gl.constexpr = 32 * BTK
+    RING: gl.constexpr = W32 * 32
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    if GROUPED and not PREROTATED:  # concatenated linears: this column block's member rotates x with its suh
+        suh_ptr += gl.load(group_ptr + pid_n) * K
+    kt0 = pid_s * k_tiles_per_split
+    nt0 = pid_n * TILES
+
+    # decode geometry (exl3-format.md 3.3), once: lane = 4 c0 + t4, q = 4 h + 2 mh + ml
+    tn = _axis_index(TILES, 0, 7, L7)
+    h = _axis_index(2, 1, 7, L7)
+    c0 = _axis_index(8, 2, 7, L7)
+    tk = _axis_index(BTK, 3, 7, L7)
+    ml = _axis_index(2, 4, 7, L7)
+    mh = _axis_index(2, 5, 7, L7)
+    t4 = _axis_index(4, 6, 7, L7)
+    lane = 4 * c0 + t4
+    q = 4 * h + 2 * mh + ml
+    if HALF:
+        end0 = (8 * lane + 1) * KA + (8 * lane + 1) // 2
+        dq = q * KA + (q + 1) // 2
+    else:
+        end0 = (8 * lane + 1) * KA
+        dq = q * KA
+    start = (end0 - 16 + RING) % RING
+    j0 = start // 32
+    rel = start % 32 + dq
+    pair_idx = gl.maximum(rel - 48 + 31, 0) // 32
+    shift = (48 - (rel - 32 * pair_idx)).to(gl.uint64)
+    tile_rel = (tk * TN + nt0 + tn) * W32  # tile offsets relative to tile row kt
+    w0, w1, w2 = _words(t32_ptr, kt0 * TN * W32 + tile_rel, j0, W32, NLOAD)  # in flight during the rotation
+
+    k_len = 16 * k_tiles_per_split
+    if PREROTATED:  # x holds rotated activations (a separate launch; concatenated linears: member after member)
+        if GROUPED:
+            x_ptr += gl.load(group_ptr + pid_n) * x_group_stride
+        x32_ptr = (x_ptr + 16 * kt0).to(gl.pointer_type(gl.int32), bitcast=True)
+        row_words = stride_x // 2
+    else:
+        # this program's rows of x, features [16 kt0, + k_len), rotated into private scratch [8 rows, k_len]: the
+        # slice's 128-feature chunks of every row as the rows of [8, 8, 16] blocks (spread over the threads instead of
+        # a serial loop over chunks)
+        scratch = scratch_ptr + (pid_n * SPLIT_K + pid_s) * (8 * k_len)
+        GRP: gl.constexpr = 8 if RP * NCH > 8 else RP * NCH  # (row, chunk) pairs per pass: 16 values a thread
+        lq, cf = _chunk_index(GRP, LOW)
+        hlq, hf = _chunk_index(GRP, HIGH)
+        for g0 in range(0, RP * NCH, GRP):
+            cq = g0 + lq
+            cr = cq // NCH
+            cmask = (cr < rows) & ((cq % NCH) * 128 < k_len)
+            f = _runs(16 * kt0 + (cq % NCH) * 128 + cf, 16)
+            xv = gl.load(x_ptr + _runs(cr * stride_x + f, 16), mask=cmask, other=0.0).to(gl.float32)
+            xs = (xv * gl.load(suh_ptr + f, mask=cmask, other=0.0).to(gl.float32)).to(gl.float16).to(gl.float32)
+            xh = (_hadamard128(xs, GRP, LOW, HIGH) * 0.08838834764831845).to(gl.float16)
+            hq = g0 + hlq
+            gl.store(scratch + _runs((hq // NCH) * k_len + (hq % NCH) * 128 + hf, 2), xh,
+                     mask=(hq // NCH < rows) & ((hq % NCH) * 128 < k_len))
+        _barrier()  # the main loop reads what the program's other threads wrote
+        x32_ptr = scratch.to(gl.pointer_type(gl.int32), bitcast=True)
+        row_words = k_len // 2
+
+    # activation pairs: row r (< rows), features 16 s + 8 mh + 2 t4 + (0, 1) of the slice, as int32
+    xtk = _axis_index(BTK, 1, 5, L5)
+    xmh = _axis_index(2, 2, 5, L5)
+    xt4 = _axis_index(4, 3, 5, L5)
+    xr = _axis_index(8, 4, 5, L5)
+    xoff = xr * row_words + 8 * xtk + 4 * xmh + xt4
+    xmask = (xr < rows) & (xtk >= 0)
+
+    acc = gl.zeros([M, 8], gl.float32, MMA)
+    steps = k_tiles_per_split // BTK
+    xw = gl.load(x32_ptr + xoff, mask=xmask, other=0)
+    for s in range(steps):
+        # the next step's words and activations load while this one is decoded (the activations come from the
+        # scratch this program just wrote, so from L2: an unhidden load per step cost ~30% on 8192x8192)
+        nxt = gl.minimum(s + 1, steps - 1)  # the last step re-reads itself (in bounds, unused)
+        n0, n1, n2 = _words(t32_ptr, (kt0 + nxt * BTK) * TN * W32 + tile_rel, j0, W32, NLOAD)
+        nx = gl.load(x32_ptr + xoff + 8 * BTK * nxt, mask=xmask, other=0)
+        a = _weights_operand(w0, w1, w2, pair_idx, shift, NLOAD, CB, A_LAYOUT, M, KD)
+        acc = mma_v2(a, _rows_operand(xw, B_LAYOUT, KD), acc)
+        w0, w1, w2, xw = n0, n1, n2, nx
+
+    # partial -> workspace [split, 8, N]; the last program of the column block finishes
+    m = gl.arange(0, M, layout=gl.SliceLayout(1, MMA))[:, None]
+    r = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))[None, :]
+    gl.store(ws_ptr + (pid_s * 8 + r) * N + pid_n * M + m, acc, mask=(r < rows) & (m >= 0))
+    _barrier()
+    if SPLIT_K == 1:
+        finish = True
+    else:
+        finish = gl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1
+    if finish:
+        # the partials in rounds of 8 (row, split) pairs: the layout's spare lanes and warps each load one, so a
+        # round costs one L2 latency and 16 registers a thread (a serial sum over the splits was ~2 us per 4)
+        SPG: gl.constexpr = 8 // RP  # splits per round (masked past SPLIT_K)
+        pq, ff = _chunk_index(RP * SPG, LOW)
+        fhr, fhf = _chunk_index(RP, HIGH)
+        total = _partials(ws_ptr, 0, pq, ff, rows, N, pid_n * M, SPLIT_K, RP, SPG)
+        for s0 in range(SPG, SPLIT_K, SPG):
+            total += _partials(ws_ptr, s0, pq, ff, rows, N, pid_n * M, SPLIT_K, RP, SPG)
+        total = gl.convert_layout(total, LOW)
+        col = _runs(pid_n * M + fhf, 2)
+        out = _hadamard128(total, RP, LOW, HIGH) * 0.08838834764831845 * gl.load(svh_ptr + col).to(gl.float32)
+        if HAS_BIAS:
+            out += gl.load(bias_ptr + col).to(gl.float32)
+        gl.store(y_ptr + _runs(fhr * stride_y + col, 2), out.to(y_ptr.dtype.element_ty), mask=fhr < rows)
+        if SPLIT_K > 1:
+            gl.atomic_xchg(lock_ptr + pid_n, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def layouts(num_warps: int):
+    return (decode_layout(num_warps), rows_layout(num_warps), mma_layout(num_warps)) + chunk_layouts(num_warps)
+
+
+# ------------------------------------------------------------------ launch
+
+_launch = FastLauncher(_mma_gemm_kernel)
+
+# The schedule (bench/gluon_gemv.py on the H100, 2026-11-23): 2 warps of 4 tile columns each (one 128-column
+# Hadamard block per program), 2 tile rows per step; K split for ~8 programs per SM.
+TILES_PER_WARP = 4
+NUM_WARPS = 2
+BTK = 2
+PROGRAMS_PER_SM = 7
+# More K slices make the finishing program's sum of partials longer than the slices save (14336x4096, one row:
+# 56 slices 33.7 us against 31.3 for the Triton kernel).
+MAX_SPLIT = 32
+MAX_ROWS = 8
+# Up to this many rows each program rotates its K slice of x itself (one launch); more rows rotate in a separate
+# launch first. 8192x8192, 8 rows: 45.9 us in the kernel, 41.6 with the separate launch (bench/gluon_gemv.py).
+ROTATE_IN_KERNEL_MAX_ROWS = 4
+
+
+def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: int | None = None,
+                  rotate_in_kernel: bool | None = None, x_rotated: bool = False) -> torch.Tensor:
+    """``x [rows <= 8, in] -> [rows, out]`` on tensor cores (CUDA; dims multiples of 128).
+
+    ``rotate_in_kernel``: each program rotates its rows' K slice of x itself (one launch); False rotates x in a
+    separate launch first (``triton_hadamard``), which the kernel then reads directly; ``x_rotated``: x is that
+    launch's output already (benchmarks time the kernel alone this way)."""
+    from .triton_gemm import (choose_split_k, device_buffers, launch_constants, member_rotations, next_power_of_2,
+                              sm_count)
+    from .triton_hadamard import exl3_input_rotate
+
+    rows, k = x.shape
+    n, out_dtype = w.out_features, x.dtype
+    if rows > MAX_ROWS or k % 128 or n % 128 or k != w.in_features:
+        raise ValueError(f"{w.key or 'EXL3 linear'}: the tensor-core few-row kernel takes up to {MAX_ROWS} rows "
+                         f"and dims divisible by 128, got x {tuple(x.shape)} for a [{w.in_features}, {n}] weight")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    consts = launch_constants(w)
+    grouped = w.out_splits is not None
+    x_group_stride = 0
+    if rotate_in_kernel is None:
+        rotate_in_kernel = rows <= ROTATE_IN_KERNEL_MAX_ROWS
+    if x_rotated:
+        rotate_in_kernel = False
+    elif not rotate_in_kernel:
+        if grouped:  # [members, rows, k]: member j's rows rotated with its suh
+            xg = member_rotations(x, w)
+            x, x_group_stride = xg[0], xg.stride(0)
+        else:
+            x = exl3_input_rotate(x, w.suh)
+    nb = n // 128
+    split = choose_split_k(k // 128, nb, sm_count(x.device) * PROGRAMS_PER_SM // 6, split_k)
+    if split_k is None and split > MAX_SPLIT:
+        split = choose_split_k(k // 128, nb, 1, MAX_SPLIT)
+    locks, _ = device_buffers(x.device)
+    ws = torch.empty((split, 8, n), dtype=torch.float32, device=x.device)
+    scratch = torch.empty(nb * 8 * k if rotate_in_kernel else 8, dtype=torch.float16, device=x.device)
+    y = torch.empty((rows, n), dtype=out_dtype, device=x.device) if out is None else out.view(rows, n)
+    l7, l5, mma, low, high = layouts(NUM_WARPS)
+    _launch(
+        (nb, split), x, scratch, consts["t32"], w.suh, w.svh, w.bias if w.bias is not None else w.svh, y, ws, locks,
+        consts["groups"] if grouped else locks,
+        rows, n, k, n // 16, k // 16 // split, x.stride(0), y.stride(0), x_group_stride,
+        BTK=BTK, TPW=TILES_PER_WARP, NW=NUM_WARPS, RP=next_power_of_2(rows),
+        NCH=next_power_of_2(k // 128 // split), SPLIT_K=split,
+        HAS_BIAS=w.bias is not None, GROUPED=grouped, PREROTATED=not rotate_in_kernel,
+        L7=l7, L5=l5, MMA=mma, LOW=low, HIGH=high, num_warps=NUM_WARPS, num_stages=1, **consts["fmt"])
+    return y
