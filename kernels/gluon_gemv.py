@@ -117,6 +117,7 @@ def _codebook_words(state, CB: gl.constexpr):
 
 @gluon.jit
 def _words(t32_ptr, tile, j0, W32: gl.constexpr, NLOAD: gl.constexpr):
+    """A lane's 2-3 trellis words (``triton_gemv.ring_words``'s loads; a Gluon kernel cannot call Triton's)."""
     w0 = gl.load(t32_ptr + tile + j0)
     w1 = gl.load(t32_ptr + tile + (j0 + 1) % W32)
     if NLOAD >= 3:
