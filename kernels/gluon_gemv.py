@@ -11,8 +11,8 @@ layout of an ``mma.m16n8k16`` A fragment and handed over without moving.
 The doubled K. The codebooks (3INST, MCG) make each weight as the sum of the two fp16 halves of one
 32-bit word. Instead of adding them, the kernel treats the word as *two* K elements of the A operand
 (``lo``, ``hi``) and feeds the activation twice (``x``, ``x``) in the B operand: the tensor core does
-the sum, in fp32 and exactly (the reference rounds ``lo + hi`` to fp16 first, which the 2e-3
-tolerance of the GEMV checks absorbs: ~1e-4 relative). MUL1 words carry the fp16 value in the low
+the sum, in fp32 and exactly (the reference rounds ``lo + hi`` to fp16 first; the outputs are within
+2.0-2.2e-4 of the reference, as the Triton kernels' are). MUL1 words carry the fp16 value in the low
 half and zero in the high half.
 
 Which weights a thread holds. An A fragment of ``m16n8k16`` gives thread ``4g + t`` the rows
@@ -25,10 +25,11 @@ activations are loaded in the same order.
 
 Operands: A = decoded weights ``[16 * tiles, 32 * BTK]`` (output features x doubled K), B = the
 activations ``[32 * BTK, 8]`` (doubled K x up to 8 rows), accumulator ``[16 * tiles, 8]`` fp32.
-Rows 2-8 cost the same as one.
+Rows 2-8 cost little more than one.
 
-This module is only used on CUDA (Gluon has no interpreter); ``exl3_triton.kernels`` checks it
-against the reference on first use on each device and falls back to the Triton kernel.
+This module is only used on CUDA, with a Triton that has Gluon (3.5 and newer; Gluon has no
+interpreter): ``kernels.dispatch.mma_ready`` checks it against the reference on first use on each
+device and otherwise keeps the Triton kernels. On a CPU, tests compile it for sm_90.
 """
 
 from __future__ import annotations
@@ -46,11 +47,9 @@ from .triton_decode import MCG_PTX, MUL1_PTX, THREE_INST_PTX
 
 # --------------------------------------------------------------------- layouts (host side, passed as constexprs)
 
-# The decode block's axes: (tile column, h, c0, tile row, ml, mh, t4). Lane = 4 c0 + t4; warps own tile columns.
-AXES7 = 7
-
-
 def decode_layout(num_warps: int) -> gl.BlockedLayout:
+    """The decode block's axes ``(tile column, h, c0, tile row, ml, mh, t4)``: lane ``4 c0 + t4``, warps own tile
+    columns, the rest in registers."""
     return gl.BlockedLayout(size_per_thread=[1] * 7, threads_per_warp=[1, 1, 8, 1, 1, 1, 4],
                             warps_per_cta=[num_warps, 1, 1, 1, 1, 1, 1], order=[6, 2, 5, 4, 1, 3, 0])
 
@@ -385,8 +384,8 @@ def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: 
     if rows > MAX_ROWS or k % 128 or n % 128 or k != w.in_features:
         raise ValueError(f"{w.key or 'EXL3 linear'}: the tensor-core few-row kernel takes up to {MAX_ROWS} rows "
                          f"and dims divisible by 128, got x {tuple(x.shape)} for a [{w.in_features}, {n}] weight")
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    if x.stride(1) != 1 or x.stride(0) % 16 or x.data_ptr() % 32:
+        x = x.contiguous()  # the kernel reads 16-feature runs as aligned vectors (``_runs``)
     consts = launch_constants(w)
     grouped = w.out_splits is not None
     x_group_stride = 0
@@ -407,7 +406,8 @@ def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: 
     locks, _ = device_buffers(x.device)
     ws = torch.empty((split, 8, n), dtype=torch.float32, device=x.device)
     scratch = torch.empty(nb * 8 * k if rotate_in_kernel else 8, dtype=torch.float16, device=x.device)
-    y = torch.empty((rows, n), dtype=out_dtype, device=x.device) if out is None else out.view(rows, n)
+    aligned_out = out is not None and out.is_contiguous() and out.data_ptr() % 4 == 0  # pairs stored as one word
+    y = out.view(rows, n) if aligned_out else torch.empty((rows, n), dtype=out_dtype, device=x.device)
     l7, l5, mma, low, high = layouts(NUM_WARPS)
     _launch(
         (nb, split), x, scratch, consts["t32"], w.suh, w.svh, w.bias if w.bias is not None else w.svh, y, ws, locks,
@@ -417,4 +417,7 @@ def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: 
         NCH=next_power_of_2(k // 128 // split), SPLIT_K=split,
         HAS_BIAS=w.bias is not None, GROUPED=grouped, PREROTATED=not rotate_in_kernel,
         L7=l7, L5=l5, MMA=mma, LOW=low, HIGH=high, num_warps=NUM_WARPS, num_stages=1, **consts["fmt"])
+    if out is not None and not aligned_out:
+        out.view(rows, n).copy_(y)
+        return out.view(rows, n)
     return y

@@ -130,3 +130,11 @@ def test_matches_the_reference_on_cuda():
     ref = torch.cat([exl3_matmul_ref(x.float(), p) for p in parts], dim=1)
     for in_kernel in (True, False):
         assert rel(exl3_gemm_mma(x, concat_exl3(parts), rotate_in_kernel=in_kernel), ref) < 2e-3
+    # inputs and outputs that are views off the vector alignment the kernel assumes are copied, not misread
+    w = _weight(512, 256, 4, Codebook.MCG, 3, "cuda")
+    wide = torch.randn(3, 512 + 9, device="cuda").half()
+    x = wide[:, 1:513]  # row stride 521, one element off
+    out = torch.full((3 * 256 + 1,), float("nan"), dtype=torch.float16, device="cuda")[1:].view(3, 256)
+    y = exl3_gemm_mma(x, w, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert rel(out, exl3_matmul_ref(x.float(), w)) < 2e-3
