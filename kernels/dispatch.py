@@ -97,10 +97,11 @@ _MMA_READY: dict[int, bool] = {}
 
 def use_tensor_core_kernel(rows: int, in_features: int, out_features: int, device: torch.device) -> bool:
     """Whether a fused matmul of ``rows`` rows takes the Gluon tensor-core kernel instead of the Triton ones
-    (the rules and their measurements: ``tuning.TENSOR_CORE_FEW_ROWS`` and ``TENSOR_CORE_ONE_ROW_MIN_WEIGHT``)."""
+    (the rules and their measurements: ``tuning.TENSOR_CORE_FEW_ROWS`` and the ``TENSOR_CORE_ONE_ROW_*`` below it)."""
     if rows > MMA_MAX_ROWS or not tuning.TENSOR_CORE_FEW_ROWS:
         return False
-    if rows == 1 and in_features * out_features < tuning.TENSOR_CORE_ONE_ROW_MIN_WEIGHT:
+    if rows == 1 and (in_features * out_features < tuning.TENSOR_CORE_ONE_ROW_MIN_WEIGHT
+                      or (out_features <= tuning.TENSOR_CORE_ONE_ROW_NARROW_OUT and in_features >= 3 * out_features)):
         return False
     return mma_ready(device)
 

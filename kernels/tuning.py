@@ -28,6 +28,10 @@ TENSOR_CORE_FEW_ROWS = True
 # ... except one row of a small weight, where the Triton one-row kernel's single program wave is quicker
 # (4096x1024: 8.3 vs 9.4 us, 2560x1536: 8.0 vs 8.3; 4096x4096 already 18.8 vs 15.2 the other way).
 TENSOR_CORE_ONE_ROW_MIN_WEIGHT = 8 << 20
+# ... and one row of a narrow, deep weight (out <= this, in >= 3x out: few column blocks, so the K split and its
+# finish decide): 14336x4096 (Llama's down projection) 34.4 us against 31.2 on the Triton kernel, while
+# 21504x5376 (3.0 us faster) and 8192x8192 keep the tensor cores.
+TENSOR_CORE_ONE_ROW_NARROW_OUT = 4096
 
 
 # 3-4 rows (a step verifying 2-3 drafted tokens) of a small weight: blocks of 4 rows instead of 16.

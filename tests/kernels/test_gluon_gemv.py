@@ -80,6 +80,9 @@ def test_dispatch_rules(monkeypatch):
     assert dispatch.use_tensor_core_kernel(1, 4096, 4096, cuda)
     assert not dispatch.use_tensor_core_kernel(1, 4096, small, cuda)
     assert dispatch.use_tensor_core_kernel(2, 4096, small, cuda)
+    assert not dispatch.use_tensor_core_kernel(1, 14336, 4096, cuda)  # narrow and deep: Llama's down projection
+    assert dispatch.use_tensor_core_kernel(2, 14336, 4096, cuda)
+    assert dispatch.use_tensor_core_kernel(1, 21504, 5376, cuda)
     assert dispatch.use_tensor_core_kernel(8, 4096, 4096, cuda)
     assert not dispatch.use_tensor_core_kernel(9, 4096, 4096, cuda)
     monkeypatch.setattr(tuning, "TENSOR_CORE_FEW_ROWS", False)
