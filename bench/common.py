@@ -39,6 +39,11 @@ def synthetic_exl3(k: int, n: int, bits: float, codebook, device="cuda", seed: i
     return Exl3Weight(trellis, suh, svh, bits, Codebook(codebook), bias=b, key=f"synthetic_{k}x{n}")
 
 
+def rel_err(a, b) -> float:
+    """``||a - b|| / ||b||`` in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def l2_bytes(device="cuda") -> int:
     props = torch.cuda.get_device_properties(device)
     return getattr(props, "L2_cache_size", 50 << 20)

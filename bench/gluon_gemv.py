@@ -17,18 +17,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, Results, environment, rotation_count, synthetic_exl3, time_graph  # noqa: E402
+from common import REPO, Results, environment, rel_err, rotation_count, synthetic_exl3, time_graph  # noqa: E402
 
 from exl3_triton.kernels import Codebook, exl3_matmul, mma_ready, tuning  # noqa: E402
 from exl3_triton.kernels.gluon_gemv import exl3_gemm_mma  # noqa: E402
 from exl3_triton.kernels.reference import exl3_matmul_ref  # noqa: E402
+from exl3_triton.kernels.triton_hadamard import exl3_input_rotate  # noqa: E402
 from exl3_triton.kernels.weights import SUPPORTED_BITS, concat_exl3  # noqa: E402
 
 TOL = 2e-3
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def check(r: Results) -> int:
@@ -97,8 +94,6 @@ def splits(r: Results) -> None:
             xs = [torch.randn(rows, k, device="cuda").half() for _ in ws]
             rec = {"shape": f"{k}x{n}", "rows": rows, "auto_us": time_graph(lambda i: exl3_matmul(xs[i], ws[i]),
                                                                              count)["median_us"]}
-            from exl3_triton.kernels.triton_hadamard import exl3_input_rotate
-
             rec["separate_rotation_us"] = time_graph(
                 lambda i: exl3_gemm_mma(xs[i], ws[i], rotate_in_kernel=False), count)["median_us"]
             xr = [exl3_input_rotate(xs[i], ws[i].suh) for i in range(count)]

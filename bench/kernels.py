@@ -27,6 +27,7 @@ from common import (  # noqa: E402
     Results,
     copy_bandwidth,
     environment,
+    rel_err,
     rotation_count,
     synthetic_exl3,
     time_eager,
@@ -116,10 +117,6 @@ def moe_variant_configs() -> dict:
         "lanes ring1 early": replace(ring, prefetch_steps=1),  # short slices: fewer wasted reloads at the end
         "previous rot-launch": replace(previous, rotate_in_kernel=False),
     }
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 class Bench:

@@ -43,7 +43,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .launch import FastLauncher
-from .triton_decode import MCG_PTX, MUL1_PTX, THREE_INST_PTX
+from .triton_decode import MCG_PTX, MUL1_PTX, THREE_INST_PTX, lane_geometry, window_states
+from .triton_gemv import lane_words
 
 # --------------------------------------------------------------------- layouts (host side, passed as constexprs)
 
@@ -115,28 +116,11 @@ def _codebook_words(state, CB: gl.constexpr):
 
 
 @gluon.jit
-def _words(t32_ptr, tile, j0, W32: gl.constexpr, NLOAD: gl.constexpr):
-    """A lane's 2-3 trellis words (``triton_gemv.ring_words``'s loads; a Gluon kernel cannot call Triton's)."""
-    w0 = gl.load(t32_ptr + tile + j0)
-    w1 = gl.load(t32_ptr + tile + (j0 + 1) % W32)
-    if NLOAD >= 3:
-        w2 = gl.load(t32_ptr + tile + (j0 + 2) % W32)
-    else:
-        w2 = w1
-    return w0, w1, w2
-
-
-@gluon.jit
 def _weights_operand(w0, w1, w2, pair_idx, shift, NLOAD: gl.constexpr, CB: gl.constexpr, A_LAYOUT: gl.constexpr,
                      M: gl.constexpr, KD: gl.constexpr):
     """Words (rank 7, broadcast over h, ml, mh) -> the fp16 A operand ``[M, KD]`` in ``A_LAYOUT`` (no data moves)."""
-    p01 = (w0.to(gl.uint32).to(gl.uint64) << 32) | w1.to(gl.uint32).to(gl.uint64)
-    if NLOAD >= 3:
-        p12 = (w1.to(gl.uint32).to(gl.uint64) << 32) | w2.to(gl.uint32).to(gl.uint64)
-        pair = gl.where(pair_idx >= 1, p12, p01)
-    else:
-        pair = p01
-    state = ((pair >> shift) & 0xFFFF).to(gl.uint32)
+    state = window_states(w0.to(gl.uint32).to(gl.uint64), w1.to(gl.uint32).to(gl.uint64),
+                          w2.to(gl.uint32).to(gl.uint64), pair_idx, shift, NLOAD)
     word = _codebook_words(state, CB)
     lo = (word & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
     hi = (word >> 16).to(gl.int16).to(gl.float16, bitcast=True)
@@ -234,7 +218,6 @@ def _mma_gemm_kernel(
     TILES: gl.constexpr = NW * TPW
     M: gl.constexpr = 16 * TILES
     KD: gl.constexpr = 32 * BTK
-    RING: gl.constexpr = W32 * 32
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     if GROUPED and not PREROTATED:  # concatenated linears: this column block's member rotates x with its suh
@@ -250,21 +233,9 @@ def _mma_gemm_kernel(
     ml = _axis_index(2, 4, 7, L7)
     mh = _axis_index(2, 5, 7, L7)
     t4 = _axis_index(4, 6, 7, L7)
-    lane = 4 * c0 + t4
-    q = 4 * h + 2 * mh + ml
-    if HALF:
-        end0 = (8 * lane + 1) * KA + (8 * lane + 1) // 2
-        dq = q * KA + (q + 1) // 2
-    else:
-        end0 = (8 * lane + 1) * KA
-        dq = q * KA
-    start = (end0 - 16 + RING) % RING
-    j0 = start // 32
-    rel = start % 32 + dq
-    pair_idx = gl.maximum(rel - 48 + 31, 0) // 32
-    shift = (48 - (rel - 32 * pair_idx)).to(gl.uint64)
+    j0, pair_idx, shift = lane_geometry(mh, t4, ml, h, c0, W32, KA, HALF)
     tile_rel = (tk * TN + nt0 + tn) * W32  # tile offsets relative to tile row kt
-    w0, w1, w2 = _words(t32_ptr, kt0 * TN * W32 + tile_rel, j0, W32, NLOAD)  # in flight during the rotation
+    w0, w1, w2 = lane_words(t32_ptr, kt0 * TN * W32 + tile_rel, j0, W32, NLOAD)  # in flight during the rotation
 
     k_len = 16 * k_tiles_per_split
     if PREROTATED:  # x holds rotated activations (a separate launch; concatenated linears: member after member)
@@ -310,7 +281,7 @@ def _mma_gemm_kernel(
         # the next step's words and activations load while this one is decoded (the activations come from the
         # scratch this program just wrote, so from L2: an unhidden load per step cost ~30% on 8192x8192)
         nxt = gl.minimum(s + 1, steps - 1)  # the last step re-reads itself (in bounds, unused)
-        n0, n1, n2 = _words(t32_ptr, (kt0 + nxt * BTK) * TN * W32 + tile_rel, j0, W32, NLOAD)
+        n0, n1, n2 = lane_words(t32_ptr, (kt0 + nxt * BTK) * TN * W32 + tile_rel, j0, W32, NLOAD)
         nx = gl.load(x32_ptr + xoff + 8 * BTK * nxt, mask=xmask, other=0)
         a = _weights_operand(w0, w1, w2, pair_idx, shift, NLOAD, CB, A_LAYOUT, M, KD)
         acc = mma_v2(a, _rows_operand(xw, B_LAYOUT, KD), acc)
@@ -354,13 +325,14 @@ def layouts(num_warps: int):
 _launch = FastLauncher(_mma_gemm_kernel)
 
 # The schedule (bench/gluon_gemv.py on the H100, 2026-11-23): 2 warps of 4 tile columns each (one 128-column
-# Hadamard block per program), 2 tile rows per step; K split for ~8 programs per SM.
+# Hadamard block per program), 2 tile rows per step; K split for ~7 programs per SM (the split sweep's best
+# for 8192x8192, 21504x5376 and 4096x14336).
 TILES_PER_WARP = 4
 NUM_WARPS = 2
 BTK = 2
 PROGRAMS_PER_SM = 7
-# More K slices make the finishing program's sum of partials longer than the slices save (14336x4096, one row:
-# 56 slices 33.7 us against 31.3 for the Triton kernel).
+# More K slices make the finishing program's sum of partials longer than they save (sweep, one row:
+# 8192x8192 64 slices 44.8 us against 37.1 at 32; 21504x5376 42 slices 57.7-58.4 against 56.3 at 24).
 MAX_SPLIT = 32
 MAX_ROWS = 8
 # Up to this many rows each program rotates its K slice of x itself (one launch); more rows rotate in a separate
@@ -375,9 +347,7 @@ def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: 
     ``rotate_in_kernel``: each program rotates its rows' K slice of x itself (one launch); False rotates x in a
     separate launch first (``triton_hadamard``), which the kernel then reads directly; ``x_rotated``: x is that
     launch's output already (benchmarks time the kernel alone this way)."""
-    from .triton_gemm import (choose_split_k, device_buffers, launch_constants, member_rotations, next_power_of_2,
-                              sm_count)
-    from .triton_hadamard import exl3_input_rotate
+    from .triton_gemm import choose_split_k, device_buffers, launch_constants, next_power_of_2, rotated_input, sm_count
 
     rows, k = x.shape
     n, out_dtype = w.out_features, x.dtype
@@ -394,15 +364,10 @@ def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: 
     if x_rotated:
         rotate_in_kernel = False
     elif not rotate_in_kernel:
-        if grouped:  # [members, rows, k]: member j's rows rotated with its suh
-            xg = member_rotations(x, w)
-            x, x_group_stride = xg[0], xg.stride(0)
-        else:
-            x = exl3_input_rotate(x, w.suh)
+        x, x_group_stride = rotated_input(x, w)
     nb = n // 128
-    split = choose_split_k(k // 128, nb, sm_count(x.device) * PROGRAMS_PER_SM // 6, split_k)
-    if split_k is None and split > MAX_SPLIT:
-        split = choose_split_k(k // 128, nb, 1, MAX_SPLIT)
+    split = choose_split_k(k // 128, nb, sm_count(x.device), split_k, per_sm=PROGRAMS_PER_SM,
+                           auto_most=MAX_SPLIT)
     locks, _ = device_buffers(x.device)
     ws = torch.empty((split, 8, n), dtype=torch.float32, device=x.device)
     scratch = torch.empty(nb * 8 * k if rotate_in_kernel else 8, dtype=torch.float16, device=x.device)

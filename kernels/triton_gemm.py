@@ -355,14 +355,17 @@ PROGRAMS_PER_SM = 6
 
 
 @functools.lru_cache(maxsize=4096)
-def choose_split_k(units: int, programs: int, sms: int, target: int | None) -> int:
-    """A divisor of ``units`` (K slices must be whole steps): the largest <= ``target``, or the
-    smallest giving ``PROGRAMS_PER_SM`` programs per SM when no target is given."""
+def choose_split_k(units: int, programs: int, sms: int, target: int | None,
+                   per_sm: int = PROGRAMS_PER_SM, auto_most: int = 64) -> int:
+    """A divisor of ``units`` (K slices must be whole steps), at most 64: the largest <= ``target``, or
+    the smallest giving ``per_sm`` programs per SM when no target is given (at most ``auto_most``; the
+    largest such when none does)."""
     divisors = [d for d in range(1, min(units, 64) + 1) if units % d == 0]
     if target is not None:
         return max(d for d in divisors if d <= max(1, target))
+    divisors = [d for d in divisors if d <= auto_most]
     for d in divisors:
-        if programs * d >= PROGRAMS_PER_SM * sms:
+        if programs * d >= per_sm * sms:
             return d
     return divisors[-1]
 
@@ -400,6 +403,15 @@ def member_rotations(x: torch.Tensor, w: Exl3Weight) -> torch.Tensor:
     return exl3_input_rotate_gathered(x, w.member_suh(), *rows).view(g, m, x.shape[1])
 
 
+def rotated_input(x: torch.Tensor, w: Exl3Weight) -> tuple[torch.Tensor, int]:
+    """``x [m, k]`` rotated in its own launch for kernels that read rotated activations: ``(x_hat, 0)``, or for
+    concatenated linears member 0's rows with the stride to the next member's (each rotated with its ``suh``)."""
+    if w.out_splits is None:
+        return exl3_input_rotate(x, w.suh), 0
+    xg = member_rotations(x, w)  # [members, m, k]
+    return xg[0], xg.stride(0)
+
+
 def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., in] -> [..., out]`` through the fused kernel (dims multiples of 128).
@@ -421,12 +433,7 @@ def exl3_gemm_triton(x: torch.Tensor, w: Exl3Weight, config: GemmConfig | None =
     grouped = w.out_splits is not None
     x_group_stride = 0
     if not rotate_in_kernel:
-        if grouped:  # [members, m, k]: member j's rows rotated with its suh
-            x2 = member_rotations(x2, w)
-            x_group_stride = x2.stride(0)
-            x2 = x2[0]
-        else:
-            x2 = exl3_input_rotate(x2, w.suh)
+        x2, x_group_stride = rotated_input(x2, w)
     dev = x.device
     grid_m = -(-m // block_m)
     nb, k_tiles = n // 128, k // 16

@@ -100,7 +100,13 @@ def ring_words(t32_ptr, kt0, nt0, TN, W32: tl.constexpr, KA: tl.constexpr, HALF:
     """The int32 words each lane of tiles ``[kt0, +BTK) x [nt0, +8)`` needs (``w2 is w1`` when ``NLOAD == 2``)."""
     tk, mh, t4, ml, tn, h, c0 = _axes(BTK, LANES)
     j0, pair_idx, shift = lane_geometry(mh, t4, ml, h, c0, W32, KA, HALF)
-    tile = ((kt0 + tk) * TN + nt0 + tn) * W32
+    return lane_words(t32_ptr, ((kt0 + tk) * TN + nt0 + tn) * W32, j0, W32, NLOAD)
+
+
+@triton.jit
+def lane_words(t32_ptr, tile, j0, W32: tl.constexpr, NLOAD: tl.constexpr):
+    """The words ``j0, j0 + 1 (, j0 + 2)`` (mod the tile's ``W32``) of each lane's tile at int32 offset ``tile``
+    (``w2 is w1`` when ``NLOAD == 2``). Also called from the Gluon tensor-core kernel, in its layouts."""
     w0 = tl.load(t32_ptr + tile + j0)
     w1 = tl.load(t32_ptr + tile + (j0 + 1) % W32)
     if NLOAD >= 3:

@@ -16,7 +16,9 @@ import torch
 
 from exl3_triton.kernels import Codebook, dispatch, tuning
 from exl3_triton.kernels.reference import exl3_matmul_ref
-from exl3_triton.kernels.weights import SUPPORTED_BITS, Exl3Weight, concat_exl3
+from exl3_triton.kernels.weights import SUPPORTED_BITS, concat_exl3
+
+from ..conftest import random_exl3_weight, rel_err
 
 _COMPILE = """
 import json, os, re, subprocess, sys, tempfile
@@ -95,20 +97,11 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert dispatch._check_mma(torch.device("cuda", 0)) is False
 
 
-def _weight(k, n, bits, codebook, seed, device, bias=True):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    trellis = torch.randint(-32768, 32768, (k // 16, n // 16, int(16 * bits)), generator=g,
-                            dtype=torch.int32).to(torch.int16)
-    w = Exl3Weight(trellis, (torch.randn(k, generator=g) * 0.5).half(), (torch.randn(n, generator=g) * 0.5).half(),
-                   bits, codebook, bias=torch.randn(n, generator=g).half() if bias else None, key=f"w{seed}")
-    return w.to(device)
-
-
 def test_refuses_more_rows_than_it_holds():
     from exl3_triton.kernels.gluon_gemv import exl3_gemm_mma
 
-    w = _weight(256, 128, 4, Codebook.MCG, 1, "cpu")
-    with pytest.raises(ValueError, match="w1.*up to 8 rows"):
+    w = random_exl3_weight(256, 128, 4, Codebook.MCG)
+    with pytest.raises(ValueError, match="random_256x128_4.*up to 8 rows"):
         exl3_gemm_mma(torch.zeros(9, 256, dtype=torch.float16), w)
 
 
@@ -116,28 +109,25 @@ def test_refuses_more_rows_than_it_holds():
 def test_matches_the_reference_on_cuda():
     from exl3_triton.kernels.gluon_gemv import exl3_gemm_mma
 
-    def rel(a, b):
-        return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
     for bits in SUPPORTED_BITS:
         for cb in Codebook:
             if bits != int(bits) and cb != Codebook.MUL1:
                 continue
-            w = _weight(512, 256, bits, cb, int(bits * 10) + int(cb), "cuda")
+            w = random_exl3_weight(512, 256, bits, cb, bias=True, seed=int(bits * 10) + int(cb), device="cuda")
             for rows in (1, 3, 8):
                 x = torch.randn(rows, 512, device="cuda").half()
                 out = torch.full((rows, 256), float("nan"), dtype=torch.float16, device="cuda")
-                assert rel(exl3_gemm_mma(x, w, out=out), exl3_matmul_ref(x.float(), w)) < 2e-3, (bits, cb, rows)
-    parts = [_weight(512, n, 4, Codebook.MCG, 90 + n, "cuda", bias=False) for n in (256, 128)]
+                assert rel_err(exl3_gemm_mma(x, w, out=out), exl3_matmul_ref(x.float(), w)) < 2e-3, (bits, cb, rows)
+    parts = [random_exl3_weight(512, n, 4, Codebook.MCG, seed=90 + n, device="cuda") for n in (256, 128)]
     x = torch.randn(5, 512, device="cuda").half()
     ref = torch.cat([exl3_matmul_ref(x.float(), p) for p in parts], dim=1)
     for in_kernel in (True, False):
-        assert rel(exl3_gemm_mma(x, concat_exl3(parts), rotate_in_kernel=in_kernel), ref) < 2e-3
+        assert rel_err(exl3_gemm_mma(x, concat_exl3(parts), rotate_in_kernel=in_kernel), ref) < 2e-3
     # inputs and outputs that are views off the vector alignment the kernel assumes are copied, not misread
-    w = _weight(512, 256, 4, Codebook.MCG, 3, "cuda")
+    w = random_exl3_weight(512, 256, 4, Codebook.MCG, bias=True, seed=3, device="cuda")
     wide = torch.randn(3, 512 + 9, device="cuda").half()
     x = wide[:, 1:513]  # row stride 521, one element off
     out = torch.full((3 * 256 + 1,), float("nan"), dtype=torch.float16, device="cuda")[1:].view(3, 256)
     y = exl3_gemm_mma(x, w, out=out)
     assert y.data_ptr() == out.data_ptr()
-    assert rel(out, exl3_matmul_ref(x.float(), w)) < 2e-3
+    assert rel_err(out, exl3_matmul_ref(x.float(), w)) < 2e-3
