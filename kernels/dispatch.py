@@ -100,8 +100,7 @@ def use_tensor_core_kernel(rows: int, in_features: int, out_features: int, devic
     (the rules and their measurements: ``tuning.TENSOR_CORE_FEW_ROWS`` and the ``TENSOR_CORE_ONE_ROW_*`` below it)."""
     if rows > MMA_MAX_ROWS or not tuning.TENSOR_CORE_FEW_ROWS:
         return False
-    if rows == 1 and (in_features * out_features < tuning.TENSOR_CORE_ONE_ROW_MIN_WEIGHT
-                      or (out_features <= tuning.TENSOR_CORE_ONE_ROW_NARROW_OUT and in_features >= 3 * out_features)):
+    if rows == 1 and in_features * out_features < tuning.TENSOR_CORE_ONE_ROW_MIN_WEIGHT:
         return False
     return mma_ready(device)
 
@@ -136,7 +135,7 @@ def _check_mma(device: torch.device) -> bool:
 
         g = torch.Generator(device=device).manual_seed(0)
         k, n = 512, 256
-        for bits, codebook in ((4, Codebook.MCG), (2.5, Codebook.MUL1), (3, Codebook.THREE_INST)):
+        for bits, codebook in ((4, Codebook.MCG), (2.5, Codebook.MUL1), (2, Codebook.THREE_INST)):
             trellis = torch.randint(-32768, 32768, (k // 16, n // 16, int(16 * bits)), generator=g, device=device,
                                     dtype=torch.int32).to(torch.int16)
             w = Exl3Weight(trellis, torch.randn(k, generator=g, device=device).half(),

@@ -27,6 +27,13 @@ Operands: A = decoded weights ``[16 * tiles, 32 * BTK]`` (output features x doub
 activations ``[32 * BTK, 8]`` (doubled K x up to 8 rows), accumulator ``[16 * tiles, 8]`` fp32.
 Rows 2-8 cost little more than one.
 
+The main loop's instruction budget (compiled for sm_90, 4 bits: ~290 SASS instructions for 64 weights a thread, ~4.5
+per weight; docs/performance.md, eighth session). Two of them per weight are the codebook (multiply, ``lop3``) and
+one the window cut: for 2 and 4 bits the windows sit at constant offsets per register, so each is one byte permute or
+mask, from the words or a copy shifted by 2-6 bits shared by several positions (``_states_4bit``, ``_states_2bit``).
+Each word load is a loop-invariant pointer plus an immediate (``_lane_words``), and the loop runs two steps an
+iteration so that the prefetched registers alternate instead of being copied back.
+
 This module is only used on CUDA, with a Triton that has Gluon (3.5 and newer; Gluon has no
 interpreter): ``kernels.dispatch.mma_ready`` checks it against the reference on first use on each
 device and otherwise keeps the Triton kernels. On a CPU, tests compile it for sm_90.
@@ -44,7 +51,6 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .launch import FastLauncher
 from .triton_decode import MCG_PTX, MUL1_PTX, THREE_INST_PTX, lane_geometry, window_states
-from .triton_gemv import lane_words
 
 # --------------------------------------------------------------------- layouts (host side, passed as constexprs)
 
@@ -115,17 +121,94 @@ def _codebook_words(state, CB: gl.constexpr):
         return gl.inline_asm_elementwise(_THREE_INST_WORD, "=r,r", [state], dtype=gl.int32, is_pure=True, pack=1)
 
 
+_SHR2 = gl.constexpr("shr.b32 $0, $1, 2;")
+_SHR4 = gl.constexpr("shr.b32 $0, $1, 4;")
+_SHR6 = gl.constexpr("shr.b32 $0, $1, 6;")
+_SHR16 = gl.constexpr("shr.b32 $0, $1, 16;")
+
+
 @gluon.jit
-def _weights_operand(w0, w1, w2, pair_idx, shift, NLOAD: gl.constexpr, CB: gl.constexpr, A_LAYOUT: gl.constexpr,
-                     M: gl.constexpr, KD: gl.constexpr):
+def _shr(x, SHR: gl.constexpr):
+    """``x >> n`` in asm, opaque to the compiler, which would otherwise merge it with a later byte shift into a shift
+    and a mask (two instructions where a byte permute takes one). The same as a high multiply by ``2^(32-n)``, which
+    would run on the FMA pipe instead of the busier logic pipe, measured 0.5-2 us slower at 8192x8192."""
+    return gl.inline_asm_elementwise(SHR, "=r,r", [x], dtype=gl.uint32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _states_4bit(w0, w1, q):
+    """The 16-bit states of a 4-bit lane (words ``j0, j0 + 1``): position ``q``'s window sits ``28 - 4 q`` bits above
+    the low end of ``w0:w1``. Windows 16 and up are cut from ``mid = w0:w1 >> 16``, the others from ``w1``; each takes
+    one instruction, plus a shift by 4 shared by two positions (``window_states``' 64-bit shift and mask take two)."""
+    w0 = w0.to(gl.uint32)
+    w1 = w1.to(gl.uint32)
+    hi16 = _shr(w1, _SHR16)
+    mid = (w0 << 16) | hi16  # one funnel shift
+    n = 28 - 4 * q  # constant per register, so every select below folds
+    src = gl.where(n >= 20, mid, w1)
+    n = gl.where(n >= 20, n - 16, n)
+    base = gl.where(n % 8 == 4, _shr(src, _SHR4), src)
+    return gl.where(q == 3, hi16, (base >> (n - n % 8).to(gl.uint32)) & 0xFFFF)
+
+
+@gluon.jit
+def _states_2bit(w0, w1, q, odd_lane):
+    """The 16-bit states of a 2-bit lane: position ``q``'s window sits ``30 - 2 q`` bits above the low end of
+    ``w0:w1`` on even lanes and 16 bits higher on odd ones. One funnel shift per word makes that ``14 - 2 q`` bits
+    above the low end of ``L`` on every lane, then each window is one instruction, from ``L`` or a copy of it shifted
+    by 2, 4 or 6 (``window_states`` takes a 64-bit shift by a per-lane amount and a mask)."""
+    w0 = w0.to(gl.uint32)
+    w1 = w1.to(gl.uint32)
+    lane_bits = gl.inline_asm_elementwise("shf.r.clamp.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                          [w1, w0, 16 + 16 * odd_lane.to(gl.uint32)], dtype=gl.uint32, is_pure=True,
+                                          pack=1)
+    n = 14 - 2 * q
+    res = n % 8
+    base = gl.where(res == 0, lane_bits,
+                    gl.where(res == 2, _shr(lane_bits, _SHR2),
+                             gl.where(res == 4, _shr(lane_bits, _SHR4), _shr(lane_bits, _SHR6))))
+    return (base >> (n - res).to(gl.uint32)) & 0xFFFF
+
+
+@gluon.jit
+def _weights_operand(w0, w1, w2, pair_idx, shift, q, odd_lane, NLOAD: gl.constexpr, KA: gl.constexpr,
+                     HALF: gl.constexpr, CB: gl.constexpr, A_LAYOUT: gl.constexpr, M: gl.constexpr, KD: gl.constexpr):
     """Words (rank 7, broadcast over h, ml, mh) -> the fp16 A operand ``[M, KD]`` in ``A_LAYOUT`` (no data moves)."""
-    state = window_states(w0.to(gl.uint32).to(gl.uint64), w1.to(gl.uint32).to(gl.uint64),
-                          w2.to(gl.uint32).to(gl.uint64), pair_idx, shift, NLOAD)
+    if KA == 4 and not HALF:
+        state = _states_4bit(w0, w1, q)
+    elif KA == 2 and not HALF:
+        state = _states_2bit(w0, w1, q, odd_lane)
+    else:
+        state = window_states(w0.to(gl.uint32).to(gl.uint64), w1.to(gl.uint32).to(gl.uint64),
+                              w2.to(gl.uint32).to(gl.uint64), pair_idx, shift, NLOAD)
     word = _codebook_words(state, CB)
     lo = (word & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
     hi = (word >> 16).to(gl.int16).to(gl.float16, bitcast=True)
     a = gl.reshape(gl.join(lo, hi), [M, KD])
     return gl.convert_layout(a, A_LAYOUT, assert_trivial=True)
+
+
+@gluon.jit
+def _lane_words(words_ptr, off0, off1, off2, NLOAD: gl.constexpr):
+    """Each lane's words ``j0, j0 + 1 (, j0 + 2)`` of the step's tiles (``w2 is w1`` when ``NLOAD == 2``). The
+    offsets are loop-invariant int64 tensors whose per-register parts are constants, so each load is the step's
+    pointer plus an immediate (``triton_gemv.lane_words``' int32 sums cost ~60 address instructions a step here)."""
+    w0 = gl.load(words_ptr + off0)
+    w1 = gl.load(words_ptr + off1)
+    if NLOAD >= 3:
+        w2 = gl.load(words_ptr + off2)
+    else:
+        w2 = w1
+    return w0, w1, w2
+
+
+@gluon.jit
+def _step(w0, w1, w2, xw, acc, pair_idx, shift, q, odd_lane, NLOAD: gl.constexpr, KA: gl.constexpr,
+          HALF: gl.constexpr, CB: gl.constexpr, A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr, M: gl.constexpr,
+          KD: gl.constexpr):
+    """One step: decode the words into the A operand and accumulate its product with the activations."""
+    a = _weights_operand(w0, w1, w2, pair_idx, shift, q, odd_lane, NLOAD, KA, HALF, CB, A_LAYOUT, M, KD)
+    return mma_v2(a, _rows_operand(xw, B_LAYOUT, KD), acc)
 
 
 @gluon.jit
@@ -205,7 +288,7 @@ def _mma_gemm_kernel(
     rows, N, K, TN, k_tiles_per_split, stride_x, stride_y, x_group_stride,
     W32: gl.constexpr, KA: gl.constexpr, HALF: gl.constexpr, NLOAD: gl.constexpr, CB: gl.constexpr,
     BTK: gl.constexpr, TPW: gl.constexpr, NW: gl.constexpr, RP: gl.constexpr, NCH: gl.constexpr,
-    SPLIT_K: gl.constexpr,
+    SPLIT_K: gl.constexpr, FINISH_PAIRS: gl.constexpr,
     HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, PREROTATED: gl.constexpr,
     L7: gl.constexpr, L5: gl.constexpr, MMA: gl.constexpr, LOW: gl.constexpr, HIGH: gl.constexpr,
 ):
@@ -234,8 +317,21 @@ def _mma_gemm_kernel(
     mh = _axis_index(2, 5, 7, L7)
     t4 = _axis_index(4, 6, 7, L7)
     j0, pair_idx, shift = lane_geometry(mh, t4, ml, h, c0, W32, KA, HALF)
-    tile_rel = (tk * TN + nt0 + tn) * W32  # tile offsets relative to tile row kt
-    w0, w1, w2 = lane_words(t32_ptr, kt0 * TN * W32 + tile_rel, j0, W32, NLOAD)  # in flight during the rotation
+    q = 4 * h + 2 * mh + ml  # the position within the lane
+    odd_lane = t4 % 2
+    words_ptr = t32_ptr + (kt0 * TN + nt0) * W32  # this step's first tile; bumped each step
+    step_words = BTK * TN * W32
+    # 64-bit offsets from the index tensors: the per-register parts stay constants the compiler folds into
+    # the loads' immediates
+    tile_rel = tk.to(gl.int64) * (TN * W32) + tn.to(gl.int64) * W32
+    j1 = (j0 + 1) % W32
+    off0 = tile_rel + j0.to(gl.int64)
+    off1 = tile_rel + j1.to(gl.int64)
+    if NLOAD >= 3:
+        off2 = tile_rel + ((j0 + 2) % W32).to(gl.int64)
+    else:
+        off2 = off1
+    w0, w1, w2 = _lane_words(words_ptr, off0, off1, off2, NLOAD)  # in flight during the rotation
 
     k_len = 16 * k_tiles_per_split
     if PREROTATED:  # x holds rotated activations (a separate launch; concatenated linears: member after member)
@@ -271,21 +367,33 @@ def _mma_gemm_kernel(
     xmh = _axis_index(2, 2, 5, L5)
     xt4 = _axis_index(4, 3, 5, L5)
     xr = _axis_index(8, 4, 5, L5)
-    xoff = xr * row_words + 8 * xtk + 4 * xmh + xt4
-    xmask = (xr < rows) & (xtk >= 0)
+    # rows past ``rows`` read row ``rows - 1`` again: B's columns are independent, and theirs are never stored
+    xoff = gl.minimum(xr, rows - 1) * row_words + 8 * xtk + 4 * xmh + xt4
 
     acc = gl.zeros([M, 8], gl.float32, MMA)
     steps = k_tiles_per_split // BTK
-    xw = gl.load(x32_ptr + xoff, mask=xmask, other=0)
-    for s in range(steps):
-        # the next step's words and activations load while this one is decoded (the activations come from the
-        # scratch this program just wrote, so from L2: an unhidden load per step cost ~30% on 8192x8192)
-        nxt = gl.minimum(s + 1, steps - 1)  # the last step re-reads itself (in bounds, unused)
-        n0, n1, n2 = lane_words(t32_ptr, (kt0 + nxt * BTK) * TN * W32 + tile_rel, j0, W32, NLOAD)
-        nx = gl.load(x32_ptr + xoff + 8 * BTK * nxt, mask=xmask, other=0)
-        a = _weights_operand(w0, w1, w2, pair_idx, shift, NLOAD, CB, A_LAYOUT, M, KD)
-        acc = mma_v2(a, _rows_operand(xw, B_LAYOUT, KD), acc)
+    xw = gl.load(x32_ptr + xoff)
+    # Two steps per iteration, each loading the other's next words and activations while it decodes (the
+    # activations come from the scratch this program just wrote, so from L2: an unhidden load per step cost ~30% on
+    # 8192x8192). Alternating the two register sets saves the ~20 moves a step that carrying one set back costs.
+    for s in range((steps - 1) // 2):
+        wp = words_ptr + (2 * s + 1) * step_words
+        xp = x32_ptr + (2 * s + 1) * (8 * BTK)
+        n0, n1, n2 = _lane_words(wp, off0, off1, off2, NLOAD)
+        nx = gl.load(xp + xoff)
+        acc = _step(w0, w1, w2, xw, acc, pair_idx, shift, q, odd_lane, NLOAD, KA, HALF, CB, A_LAYOUT, B_LAYOUT,
+                    M, KD)
+        w0, w1, w2 = _lane_words(wp + step_words, off0, off1, off2, NLOAD)
+        xw = gl.load(xp + 8 * BTK + xoff)
+        acc = _step(n0, n1, n2, nx, acc, pair_idx, shift, q, odd_lane, NLOAD, KA, HALF, CB, A_LAYOUT, B_LAYOUT,
+                    M, KD)
+    if steps % 2 == 0:  # an odd number of steps was left after the first: one more with its prefetch
+        n0, n1, n2 = _lane_words(words_ptr + (steps - 1) * step_words, off0, off1, off2, NLOAD)
+        nx = gl.load(x32_ptr + (steps - 1) * (8 * BTK) + xoff)
+        acc = _step(w0, w1, w2, xw, acc, pair_idx, shift, q, odd_lane, NLOAD, KA, HALF, CB, A_LAYOUT, B_LAYOUT,
+                    M, KD)
         w0, w1, w2, xw = n0, n1, n2, nx
+    acc = _step(w0, w1, w2, xw, acc, pair_idx, shift, q, odd_lane, NLOAD, KA, HALF, CB, A_LAYOUT, B_LAYOUT, M, KD)
 
     # partial -> workspace [split, 8, N]; the last program of the column block finishes
     m = gl.arange(0, M, layout=gl.SliceLayout(1, MMA))[:, None]
@@ -297,9 +405,10 @@ def _mma_gemm_kernel(
     else:
         finish = gl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1
     if finish:
-        # the partials in rounds of 8 (row, split) pairs: the layout's spare lanes and warps each load one, so a
-        # round costs one L2 latency and 16 registers a thread (a serial sum over the splits was ~2 us per 4)
-        SPG: gl.constexpr = 8 // RP  # splits per round (masked past SPLIT_K)
+        # the partials in rounds of FINISH_PAIRS (row, split) pairs: the layout's spare lanes and warps each load one,
+        # so a round costs one L2 latency and 2 * FINISH_PAIRS registers a thread (a serial sum over the splits was
+        # ~2 us per 4)
+        SPG: gl.constexpr = FINISH_PAIRS // RP  # splits per round (masked past SPLIT_K)
         pq, ff = _chunk_index(RP * SPG, LOW)
         fhr, fhf = _chunk_index(RP, HIGH)
         total = _partials(ws_ptr, 0, pq, ff, rows, N, pid_n * M, SPLIT_K, RP, SPG)
@@ -335,6 +444,19 @@ PROGRAMS_PER_SM = 7
 # 8192x8192 64 slices 44.8 us against 37.1 at 32; 21504x5376 42 slices 57.7-58.4 against 56.3 at 24).
 MAX_SPLIT = 32
 MAX_ROWS = 8
+# (row, split) partials the finishing program sums per round, one L2 latency each: 16 takes the 16 splits of one row
+# of 8192x8192 in one round (8: two).
+FINISH_PAIRS = 16
+# A register cap for ptxas for the 2- and 4-bit formats, which it otherwise keeps at 72-80 registers with a small spill
+# (Triton 3.9). With ~7 programs per SM launched, 96 registers (room for 10) cost no occupancy, and the cap is faster
+# (bench/gluon_variants.py, H100, eight rows: 8192x8192 33.2 against 35.5 us uncapped, 5376x21504 43.6 against 48.7;
+# one row equal or better). The other formats need more than 96 and keep ptxas's own choice.
+MAXNREG = 96
+
+
+def register_cap(fmt: dict) -> int | None:
+    """The launch's ``maxnreg`` for a format's constexprs (``launch_constants(w)["fmt"]``); 0 or None: no cap."""
+    return (MAXNREG or None) if fmt["KA"] in (2, 4) and not fmt["HALF"] else None
 # Up to this many rows each program rotates its K slice of x itself (one launch); more rows rotate in a separate
 # launch first. 8192x8192, 8 rows: 45.9 us in the kernel, 41.6 with the separate launch (bench/gluon_gemv.py).
 ROTATE_IN_KERNEL_MAX_ROWS = 4
@@ -379,9 +501,10 @@ def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: 
         consts["groups"] if grouped else locks,
         rows, n, k, n // 16, k // 16 // split, x.stride(0), y.stride(0), x_group_stride,
         BTK=BTK, TPW=TILES_PER_WARP, NW=NUM_WARPS, RP=next_power_of_2(rows),
-        NCH=next_power_of_2(k // 128 // split), SPLIT_K=split,
+        NCH=next_power_of_2(k // 128 // split), SPLIT_K=split, FINISH_PAIRS=FINISH_PAIRS,
         HAS_BIAS=w.bias is not None, GROUPED=grouped, PREROTATED=not rotate_in_kernel,
-        L7=l7, L5=l5, MMA=mma, LOW=low, HIGH=high, num_warps=NUM_WARPS, num_stages=1, **consts["fmt"])
+        L7=l7, L5=l5, MMA=mma, LOW=low, HIGH=high, num_warps=NUM_WARPS, num_stages=1,
+        maxnreg=register_cap(consts["fmt"]), **consts["fmt"])
     if out is not None and not aligned_out:
         out.view(rows, n).copy_(y)
         return out.view(rows, n)

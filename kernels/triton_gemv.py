@@ -106,7 +106,7 @@ def ring_words(t32_ptr, kt0, nt0, TN, W32: tl.constexpr, KA: tl.constexpr, HALF:
 @triton.jit
 def lane_words(t32_ptr, tile, j0, W32: tl.constexpr, NLOAD: tl.constexpr):
     """The words ``j0, j0 + 1 (, j0 + 2)`` (mod the tile's ``W32``) of each lane's tile at int32 offset ``tile``
-    (``w2 is w1`` when ``NLOAD == 2``). Also called from the Gluon tensor-core kernel, in its layouts."""
+    (``w2 is w1`` when ``NLOAD == 2``)."""
     w0 = tl.load(t32_ptr + tile + j0)
     w1 = tl.load(t32_ptr + tile + (j0 + 1) % W32)
     if NLOAD >= 3:

@@ -21,17 +21,15 @@ GRAPH_ROTATE_IN_KERNEL = True
 
 
 # 1-8 rows on CUDA: the Gluon tensor-core kernel (kernels/gluon_gemv.py), which feeds the decoded codebook words
-# to mma straight from registers: ~6 instructions per weight in its main loop instead of ~11. Measured in CUDA
-# graphs on the H100 (bench/gluon_gemv.py, docs/performance.md "Tensor cores from registers"). False (or
+# to mma straight from registers: ~4.5 instructions per weight in its main loop (4 bits) instead of ~11. Measured in
+# CUDA graphs on the H100 (bench/gluon_gemv.py, docs/performance.md "Tensor cores from registers"). False (or
 # EXL3_TRITON_MMA=0 in the environment) keeps the Triton kernels; a device whose first check fails keeps them too.
 TENSOR_CORE_FEW_ROWS = True
-# ... except one row of a small weight, where the Triton one-row kernel's single program wave is quicker
-# (4096x1024: 8.3 vs 9.4 us, 2560x1536: 8.0 vs 8.3; 4096x4096 already 18.8 vs 15.2 the other way).
+# ... except one row of a small weight, where the Triton one-row kernel's single program wave is as quick or quicker
+# (eighth session, after the kernel's leaner loop: 4096x1024 8.39 vs 8.39 us, 2560x1536 8.21 vs 8.25; 4096x4096
+# 13.2 vs 18.8 the other way). The seventh session's rule for narrow, deep weights (out <= 4096, in >= 3x out) is
+# gone: 14336x4096 now takes 26.1 us on the tensor cores against 31.9 on the Triton kernel.
 TENSOR_CORE_ONE_ROW_MIN_WEIGHT = 8 << 20
-# ... and one row of a narrow, deep weight (out <= this, in >= 3x out: few column blocks, so the K split and its
-# finish decide): 14336x4096 (Llama's down projection) 34.4 us against 31.2 on the Triton kernel, while
-# 21504x5376 (3.0 us faster) and 8192x8192 keep the tensor cores.
-TENSOR_CORE_ONE_ROW_NARROW_OUT = 4096
 
 
 # 3-4 rows (a step verifying 2-3 drafted tokens) of a small weight: blocks of 4 rows instead of 16.

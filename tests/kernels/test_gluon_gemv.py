@@ -34,7 +34,8 @@ for bits, cb, rp, nch, split, grouped, prerotated in json.loads(sys.argv[1]):
     l7, l5, mma, low, high = g.layouts(g.NUM_WARPS)
     fn = g._mma_gemm_kernel
     consts = dict(W32=lay.w32, KA=lay.ka, HALF=lay.half, NLOAD=lay.nload, CB=cb, BTK=g.BTK, TPW=g.TILES_PER_WARP,
-                  NW=g.NUM_WARPS, RP=rp, NCH=nch, SPLIT_K=split, HAS_BIAS=True, GROUPED=grouped,
+                  NW=g.NUM_WARPS, RP=rp, NCH=nch, SPLIT_K=split, FINISH_PAIRS=g.FINISH_PAIRS, HAS_BIAS=True,
+                  GROUPED=grouped,
                   PREROTATED=prerotated, L7=l7, L5=l5, MMA=mma, LOW=low, HIGH=high)
     pointers = {"x_ptr": "*fp16", "scratch_ptr": "*fp16", "t32_ptr": "*i32", "suh_ptr": "*fp16", "svh_ptr": "*fp16",
                 "bias_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "group_ptr": "*i32"}
@@ -43,7 +44,8 @@ for bits, cb, rp, nch, split, grouped, prerotated in json.loads(sys.argv[1]):
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if signature[n] != "constexpr" and n != "rows"}
     k = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": g.NUM_WARPS, "num_stages": 1})
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": g.NUM_WARPS, "num_stages": 1,
+                                                                  "maxnreg": g.register_cap(consts)})
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as d:
         cubin = os.path.join(d, "k.cubin")
@@ -82,8 +84,7 @@ def test_dispatch_rules(monkeypatch):
     assert dispatch.use_tensor_core_kernel(1, 4096, 4096, cuda)
     assert not dispatch.use_tensor_core_kernel(1, 4096, small, cuda)
     assert dispatch.use_tensor_core_kernel(2, 4096, small, cuda)
-    assert not dispatch.use_tensor_core_kernel(1, 14336, 4096, cuda)  # narrow and deep: Llama's down projection
-    assert dispatch.use_tensor_core_kernel(2, 14336, 4096, cuda)
+    assert dispatch.use_tensor_core_kernel(1, 14336, 4096, cuda)  # narrow and deep: Llama's down projection
     assert dispatch.use_tensor_core_kernel(1, 21504, 5376, cuda)
     assert dispatch.use_tensor_core_kernel(8, 4096, 4096, cuda)
     assert not dispatch.use_tensor_core_kernel(9, 4096, 4096, cuda)
