@@ -8,8 +8,11 @@ from exl3_triton.kernels.reference import rope_store_kv_ref
 from ..conftest import rel_err
 
 
+@pytest.mark.parametrize("per_head", [True, False])
 @pytest.mark.parametrize("hq,hkv,d,dv", [(4, 2, 64, 64), (6, 1, 32, 16)])
-def test_rope_store_kv(triton_kernels, device, hq, hkv, d, dv):
+def test_rope_store_kv(triton_kernels, device, monkeypatch, hq, hkv, d, dv, per_head):
+    """Both grids: one program per (token, head) for a few tokens (decode), one per token past that."""
+    monkeypatch.setattr(triton_kernels.rope, "PER_HEAD_MAX_TOKENS", 64 if per_head else 0)
     t, pages, page = 5, 4, 8
     g = torch.Generator().manual_seed(hq)
     qkv = torch.randn(t, (hq + hkv) * d + hkv * dv, generator=g).to(device)  # strided views, like a fused proj
