@@ -35,7 +35,7 @@ def check(r: Results) -> int:
             if bits != int(bits) and cb != Codebook.MUL1:
                 continue
             w = synthetic_exl3(1024, 384, bits, cb, device="cuda", seed=int(bits * 10) + int(cb), bias=True)
-            for rows in (1, 3, 8):
+            for rows in (1, 3, 8, 13, 16):
                 x = torch.randn(rows, 1024, device="cuda").half()
                 out = torch.full((rows, 384), float("nan"), dtype=torch.float16, device="cuda")
                 err = rel_err(exl3_gemm_mma(x, w, out=out), exl3_matmul_ref(x.float(), w))
@@ -66,7 +66,7 @@ def timing(r: Results, shapes) -> None:
     for k, n, bits in shapes:
         count = rotation_count(int(k * n * bits / 8))
         ws = [synthetic_exl3(k, n, bits, Codebook.MCG, device="cuda", seed=i) for i in range(count)]
-        for rows in (1, 2, 4, 8):
+        for rows in (1, 2, 4, 8, 12, 16):
             xs = [torch.randn(rows, k, device="cuda").half() for _ in ws]
             rec = {"shape": f"{k}x{n}", "K": bits, "rows": rows}
             for flag in (True, False):

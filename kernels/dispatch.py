@@ -91,14 +91,16 @@ def matmul_plan(rows: int, in_features: int, out_features: int, capturing: bool 
 
 # ------------------------------------------------------------------ the tensor-core few-row kernel
 
-MMA_MAX_ROWS = 8
+MMA_MAX_ROWS = 16
 _MMA_READY: dict[int, bool] = {}
 
 
 def use_tensor_core_kernel(rows: int, in_features: int, out_features: int, device: torch.device) -> bool:
     """Whether a fused matmul of ``rows`` rows takes the Gluon tensor-core kernel instead of the Triton ones
-    (the rules and their measurements: ``tuning.TENSOR_CORE_FEW_ROWS`` and the ``TENSOR_CORE_ONE_ROW_*`` below it)."""
-    if rows > MMA_MAX_ROWS or not tuning.TENSOR_CORE_FEW_ROWS:
+    (the rules and their measurements: ``tuning.TENSOR_CORE_FEW_ROWS`` and the ``TENSOR_CORE_*`` below it)."""
+    if rows > min(MMA_MAX_ROWS, tuning.TENSOR_CORE_MAX_ROWS) or not tuning.TENSOR_CORE_FEW_ROWS:
+        return False
+    if rows > 8 and in_features * out_features < tuning.TENSOR_CORE_MANY_ROWS_MIN_WEIGHT:
         return False
     if rows == 1 and in_features * out_features < tuning.TENSOR_CORE_ONE_ROW_MIN_WEIGHT:
         return False
@@ -106,7 +108,7 @@ def use_tensor_core_kernel(rows: int, in_features: int, out_features: int, devic
 
 
 def mma_ready(device: torch.device) -> bool:
-    """Whether EXL3 matmuls of 1-8 rows on ``device`` take the Gluon tensor-core kernel (kernels/gluon_gemv.py):
+    """Whether EXL3 matmuls of 1-16 rows on ``device`` take the Gluon tensor-core kernel (kernels/gluon_gemv.py):
     CUDA compute capability 8.0 or newer, a Triton with Gluon, not switched off (``EXL3_TRITON_MMA=0``), and its
     first run on the device matched the PyTorch reference. Decided once per device, outside graph captures."""
     if device.type != "cuda":

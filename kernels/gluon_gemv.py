@@ -24,8 +24,8 @@ them where they are needed; the mma's K order within a tile is ``kh = 8 ml + 4 m
 activations are loaded in the same order.
 
 Operands: A = decoded weights ``[16 * tiles, 32 * BTK]`` (output features x doubled K), B = the
-activations ``[32 * BTK, 8]`` (doubled K x up to 8 rows), accumulator ``[16 * tiles, 8]`` fp32.
-Rows 2-8 cost little more than one.
+activations ``[32 * BTK, BN]`` (doubled K x up to BN = 8 rows, or 16 for 9-16 rows), accumulator
+``[16 * tiles, BN]`` fp32. Rows 2-8 cost little more than one.
 
 The main loop's instruction budget (compiled for sm_90, 4 bits: ~290 SASS instructions for 64 weights a thread, ~4.5
 per weight; docs/performance.md, eighth session). Two of them per weight are the codebook (multiply, ``lop3``) and
@@ -205,21 +205,21 @@ def _lane_words(words_ptr, off0, off1, off2, NLOAD: gl.constexpr):
 @gluon.jit
 def _step(w0, w1, w2, xw, acc, pair_idx, shift, q, odd_lane, NLOAD: gl.constexpr, KA: gl.constexpr,
           HALF: gl.constexpr, CB: gl.constexpr, A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr, M: gl.constexpr,
-          KD: gl.constexpr):
+          KD: gl.constexpr, BN: gl.constexpr):
     """One step: decode the words into the A operand and accumulate its product with the activations."""
     a = _weights_operand(w0, w1, w2, pair_idx, shift, q, odd_lane, NLOAD, KA, HALF, CB, A_LAYOUT, M, KD)
-    return mma_v2(a, _rows_operand(xw, B_LAYOUT, KD), acc)
+    return mma_v2(a, _rows_operand(xw, B_LAYOUT, KD, BN), acc)
 
 
 @gluon.jit
-def _rows_operand(x, B_LAYOUT: gl.constexpr, KD: gl.constexpr):
+def _rows_operand(x, B_LAYOUT: gl.constexpr, KD: gl.constexpr, BN: gl.constexpr):
     """Activation pairs (rank 5 ``[1, tk, mh, t4, row]``, int32 = features ``ml = 0, 1``) -> the fp16 B operand
-    ``[KD, 8]`` with K order ``(tk, ml, mh, t4, copy)``: each value twice (the doubled K)."""
+    ``[KD, BN]`` with K order ``(tk, ml, mh, t4, copy)``: each value twice (the doubled K)."""
     lo = (x & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
     hi = (x >> 16).to(gl.int16).to(gl.float16, bitcast=True)
     v = gl.join(lo, hi)  # [1, tk, mh, t4, row, ml]
     v = gl.join(v, v)  # [1, tk, mh, t4, row, ml, copy]
-    b = gl.reshape(gl.permute(v, [0, 1, 5, 2, 3, 6, 4]), [KD, 8])
+    b = gl.reshape(gl.permute(v, [0, 1, 5, 2, 3, 6, 4]), [KD, BN])
     return gl.convert_layout(b, B_LAYOUT, assert_trivial=True)
 
 
@@ -273,11 +273,12 @@ def _chunk_index(RP: gl.constexpr, L: gl.constexpr):
 
 
 @gluon.jit
-def _partials(ws_ptr, s0, pq, ff, rows, N, col0, SPLIT_K: gl.constexpr, RP: gl.constexpr, SPG: gl.constexpr):
+def _partials(ws_ptr, s0, pq, ff, rows, N, col0, SPLIT_K: gl.constexpr, RP: gl.constexpr, SPG: gl.constexpr,
+              BN: gl.constexpr):
     """Splits ``[s0, s0 + SPG)`` of the workspace's partials for rows ``< RP``, summed -> ``[RP, 8, 16]``: the
     ``(row, split)`` pairs ``pq`` (row-major) are the first axis of one ``[RP * SPG, 8, 16]`` load."""
     sp = s0 + pq % SPG
-    part = gl.load(ws_ptr + _runs((sp * 8 + pq // SPG) * N + col0 + ff, 16),
+    part = gl.load(ws_ptr + _runs((sp * BN + pq // SPG) * N + col0 + ff, 16),
                    mask=(pq // SPG < rows) & (sp < SPLIT_K), other=0.0, cache_modifier=".cg")
     return gl.sum(gl.reshape(part, [RP, SPG, 8, 16]), axis=1)
 
@@ -287,13 +288,14 @@ def _mma_gemm_kernel(
     x_ptr, scratch_ptr, t32_ptr, suh_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, group_ptr,
     rows, N, K, TN, k_tiles_per_split, stride_x, stride_y, x_group_stride,
     W32: gl.constexpr, KA: gl.constexpr, HALF: gl.constexpr, NLOAD: gl.constexpr, CB: gl.constexpr,
-    BTK: gl.constexpr, TPW: gl.constexpr, NW: gl.constexpr, RP: gl.constexpr, NCH: gl.constexpr,
+    BTK: gl.constexpr, TPW: gl.constexpr, NW: gl.constexpr, RP: gl.constexpr, BN: gl.constexpr, NCH: gl.constexpr,
     SPLIT_K: gl.constexpr, FINISH_PAIRS: gl.constexpr,
     HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, PREROTATED: gl.constexpr,
     L7: gl.constexpr, L5: gl.constexpr, MMA: gl.constexpr, LOW: gl.constexpr, HIGH: gl.constexpr,
 ):
-    """``y = H(H(x * suh) @ W_hat) * svh + bias`` for up to 8 rows: program (column block of 16 * NW * TPW = 128,
-    K slice) rotates its slice of x into private scratch, accumulates on tensor cores, writes its partial to the
+    """``y = H(H(x * suh) @ W_hat) * svh + bias`` for up to BN (8 or 16) rows: program (column block of
+    16 * NW * TPW = 128, K slice) rotates its slice of x into private scratch (up to 8 rows), accumulates on tensor
+    cores, writes its partial to the
     workspace; the last program of a column block (split-K counter) adds the partials in a fixed order, rotates,
     scales and stores (as ``triton_gemm._exl3_gemm_kernel``)."""
     pid_n = gl.program_id(0)
@@ -366,11 +368,11 @@ def _mma_gemm_kernel(
     xtk = _axis_index(BTK, 1, 5, L5)
     xmh = _axis_index(2, 2, 5, L5)
     xt4 = _axis_index(4, 3, 5, L5)
-    xr = _axis_index(8, 4, 5, L5)
+    xr = _axis_index(BN, 4, 5, L5)
     # rows past ``rows`` read row ``rows - 1`` again: B's columns are independent, and theirs are never stored
     xoff = gl.minimum(xr, rows - 1) * row_words + 8 * xtk + 4 * xmh + xt4
 
-    acc = gl.zeros([M, 8], gl.float32, MMA)
+    acc = gl.zeros([M, BN], gl.float32, MMA)
     steps = k_tiles_per_split // BTK
     xw = gl.load(x32_ptr + xoff)
     # Two steps per iteration, each loading the other's next words and activations while it decodes (the
@@ -382,23 +384,24 @@ def _mma_gemm_kernel(
         n0, n1, n2 = _lane_words(wp, off0, off1, off2, NLOAD)
         nx = gl.load(xp + xoff)
         acc = _step(w0, w1, w2, xw, acc, pair_idx, shift, q, odd_lane, NLOAD, KA, HALF, CB, A_LAYOUT, B_LAYOUT,
-                    M, KD)
+                    M, KD, BN)
         w0, w1, w2 = _lane_words(wp + step_words, off0, off1, off2, NLOAD)
         xw = gl.load(xp + 8 * BTK + xoff)
         acc = _step(n0, n1, n2, nx, acc, pair_idx, shift, q, odd_lane, NLOAD, KA, HALF, CB, A_LAYOUT, B_LAYOUT,
-                    M, KD)
+                    M, KD, BN)
     if steps % 2 == 0:  # an odd number of steps was left after the first: one more with its prefetch
         n0, n1, n2 = _lane_words(words_ptr + (steps - 1) * step_words, off0, off1, off2, NLOAD)
         nx = gl.load(x32_ptr + (steps - 1) * (8 * BTK) + xoff)
         acc = _step(w0, w1, w2, xw, acc, pair_idx, shift, q, odd_lane, NLOAD, KA, HALF, CB, A_LAYOUT, B_LAYOUT,
-                    M, KD)
+                    M, KD, BN)
         w0, w1, w2, xw = n0, n1, n2, nx
-    acc = _step(w0, w1, w2, xw, acc, pair_idx, shift, q, odd_lane, NLOAD, KA, HALF, CB, A_LAYOUT, B_LAYOUT, M, KD)
+    acc = _step(w0, w1, w2, xw, acc, pair_idx, shift, q, odd_lane, NLOAD, KA, HALF, CB, A_LAYOUT, B_LAYOUT, M, KD,
+                BN)
 
     # partial -> workspace [split, 8, N]; the last program of the column block finishes
     m = gl.arange(0, M, layout=gl.SliceLayout(1, MMA))[:, None]
-    r = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))[None, :]
-    gl.store(ws_ptr + (pid_s * 8 + r) * N + pid_n * M + m, acc, mask=(r < rows) & (m >= 0))
+    r = gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))[None, :]
+    gl.store(ws_ptr + (pid_s * BN + r) * N + pid_n * M + m, acc, mask=(r < rows) & (m >= 0))
     _barrier()
     if SPLIT_K == 1:
         finish = True
@@ -408,12 +411,12 @@ def _mma_gemm_kernel(
         # the partials in rounds of FINISH_PAIRS (row, split) pairs: the layout's spare lanes and warps each load one,
         # so a round costs one L2 latency and 2 * FINISH_PAIRS registers a thread (a serial sum over the splits was
         # ~2 us per 4)
-        SPG: gl.constexpr = FINISH_PAIRS // RP  # splits per round (masked past SPLIT_K)
+        SPG: gl.constexpr = max(FINISH_PAIRS // RP, 2)  # splits per round (masked past SPLIT_K)
         pq, ff = _chunk_index(RP * SPG, LOW)
         fhr, fhf = _chunk_index(RP, HIGH)
-        total = _partials(ws_ptr, 0, pq, ff, rows, N, pid_n * M, SPLIT_K, RP, SPG)
+        total = _partials(ws_ptr, 0, pq, ff, rows, N, pid_n * M, SPLIT_K, RP, SPG, BN)
         for s0 in range(SPG, SPLIT_K, SPG):
-            total += _partials(ws_ptr, s0, pq, ff, rows, N, pid_n * M, SPLIT_K, RP, SPG)
+            total += _partials(ws_ptr, s0, pq, ff, rows, N, pid_n * M, SPLIT_K, RP, SPG, BN)
         total = gl.convert_layout(total, LOW)
         col = _runs(pid_n * M + fhf, 2)
         out = _hadamard128(total, RP, LOW, HIGH) * 0.08838834764831845 * gl.load(svh_ptr + col).to(gl.float32)
@@ -443,7 +446,7 @@ PROGRAMS_PER_SM = 7
 # More K slices make the finishing program's sum of partials longer than they save (sweep, one row:
 # 8192x8192 64 slices 44.8 us against 37.1 at 32; 21504x5376 42 slices 57.7-58.4 against 56.3 at 24).
 MAX_SPLIT = 32
-MAX_ROWS = 8
+MAX_ROWS = 16
 # (row, split) partials the finishing program sums per round, one L2 latency each: 16 takes the 16 splits of one row
 # of 8192x8192 in one round (8: two).
 FINISH_PAIRS = 16
@@ -454,9 +457,13 @@ FINISH_PAIRS = 16
 MAXNREG = 96
 
 
-def register_cap(fmt: dict) -> int | None:
-    """The launch's ``maxnreg`` for a format's constexprs (``launch_constants(w)["fmt"]``); 0 or None: no cap."""
-    return (MAXNREG or None) if fmt["KA"] in (2, 4) and not fmt["HALF"] else None
+def register_cap(fmt: dict, bn: int = 8) -> int | None:
+    """The launch's ``maxnreg`` for a format's constexprs (``launch_constants(w)["fmt"]``) and B width ``bn``; 0 or
+    None: no cap. 16 rows hold twice the accumulator: 40 registers more (32 spilled 8 bytes for 2-bit 3INST
+    concatenated linears under Triton 3.6)."""
+    if not MAXNREG or fmt["KA"] not in (2, 4) or fmt["HALF"]:
+        return None
+    return MAXNREG if bn <= 8 else MAXNREG + 40
 # Up to this many rows each program rotates its K slice of x itself (one launch); more rows rotate in a separate
 # launch first. 8192x8192, 8 rows: 45.9 us in the kernel, 41.6 with the separate launch (bench/gluon_gemv.py).
 ROTATE_IN_KERNEL_MAX_ROWS = 4
@@ -464,7 +471,8 @@ ROTATE_IN_KERNEL_MAX_ROWS = 4
 
 def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: int | None = None,
                   rotate_in_kernel: bool | None = None, x_rotated: bool = False) -> torch.Tensor:
-    """``x [rows <= 8, in] -> [rows, out]`` on tensor cores (CUDA; dims multiples of 128).
+    """``x [rows <= 16, in] -> [rows, out]`` on tensor cores (CUDA; dims multiples of 128): 8 activation rows a B
+    operand up to 8 rows, 16 past that (which always rotates x in a separate launch).
 
     ``rotate_in_kernel``: each program rotates its rows' K slice of x itself (one launch); False rotates x in a
     separate launch first (``triton_hadamard``), which the kernel then reads directly; ``x_rotated``: x is that
@@ -481,7 +489,8 @@ def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: 
     consts = launch_constants(w)
     grouped = w.out_splits is not None
     x_group_stride = 0
-    if rotate_in_kernel is None:
+    bn = 8 if rows <= 8 else 16
+    if rotate_in_kernel is None or bn > 8:  # the in-kernel scratch holds 8 rows
         rotate_in_kernel = rows <= ROTATE_IN_KERNEL_MAX_ROWS
     if x_rotated:
         rotate_in_kernel = False
@@ -491,7 +500,7 @@ def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: 
     split = choose_split_k(k // 128, nb, sm_count(x.device), split_k, per_sm=PROGRAMS_PER_SM,
                            auto_most=MAX_SPLIT)
     locks, _ = device_buffers(x.device)
-    ws = torch.empty((split, 8, n), dtype=torch.float32, device=x.device)
+    ws = torch.empty((split, bn, n), dtype=torch.float32, device=x.device)
     scratch = torch.empty(nb * 8 * k if rotate_in_kernel else 8, dtype=torch.float16, device=x.device)
     aligned_out = out is not None and out.is_contiguous() and out.data_ptr() % 4 == 0  # pairs stored as one word
     y = out.view(rows, n) if aligned_out else torch.empty((rows, n), dtype=out_dtype, device=x.device)
@@ -500,11 +509,11 @@ def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: 
         (nb, split), x, scratch, consts["t32"], w.suh, w.svh, w.bias if w.bias is not None else w.svh, y, ws, locks,
         consts["groups"] if grouped else locks,
         rows, n, k, n // 16, k // 16 // split, x.stride(0), y.stride(0), x_group_stride,
-        BTK=BTK, TPW=TILES_PER_WARP, NW=NUM_WARPS, RP=next_power_of_2(rows),
+        BTK=BTK, TPW=TILES_PER_WARP, NW=NUM_WARPS, RP=next_power_of_2(rows), BN=bn,
         NCH=next_power_of_2(k // 128 // split), SPLIT_K=split, FINISH_PAIRS=FINISH_PAIRS,
         HAS_BIAS=w.bias is not None, GROUPED=grouped, PREROTATED=not rotate_in_kernel,
         L7=l7, L5=l5, MMA=mma, LOW=low, HIGH=high, num_warps=NUM_WARPS, num_stages=1,
-        maxnreg=register_cap(consts["fmt"]), **consts["fmt"])
+        maxnreg=register_cap(consts["fmt"], bn), **consts["fmt"])
     if out is not None and not aligned_out:
         out.view(rows, n).copy_(y)
         return out.view(rows, n)

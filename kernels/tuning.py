@@ -20,11 +20,18 @@ FUSED_MAX_ROWS = 32
 GRAPH_ROTATE_IN_KERNEL = True
 
 
-# 1-8 rows on CUDA: the Gluon tensor-core kernel (kernels/gluon_gemv.py), which feeds the decoded codebook words
+# 1-16 rows on CUDA: the Gluon tensor-core kernel (kernels/gluon_gemv.py), which feeds the decoded codebook words
 # to mma straight from registers: ~4.5 instructions per weight in its main loop (4 bits) instead of ~11. Measured in
 # CUDA graphs on the H100 (bench/gluon_gemv.py, docs/performance.md "Tensor cores from registers"). False (or
 # EXL3_TRITON_MMA=0 in the environment) keeps the Triton kernels; a device whose first check fails keeps them too.
 TENSOR_CORE_FEW_ROWS = True
+# ... up to this many rows (the kernel takes 16: two 8-row halves of its B operand past 8), where 9-16 rows need a
+# weight of at least TENSOR_CORE_MANY_ROWS_MIN_WEIGHT elements: 16 rows, graph us, tensor cores / Triton
+# (bench/gluon_gemv.py, H100, eighth session, with the 16-row register cap of 136): 8192x8192 43.0 / 50.7,
+# 5376x21504 56.3 / 74.9, 21504x5376 65.6 / 78.8, but 4096x4096 26.4 / 26.4 (at a cap of 128: 30.6 / 26.0, and
+# 12 rows 28.5 / 26.0).
+TENSOR_CORE_MAX_ROWS = 16
+TENSOR_CORE_MANY_ROWS_MIN_WEIGHT = 32 << 20
 # ... except one row of a small weight, where the Triton one-row kernel's single program wave is as quick or quicker
 # (eighth session, after the kernel's leaner loop: 4096x1024 8.39 vs 8.39 us, 2560x1536 8.21 vs 8.25; 4096x4096
 # 13.2 vs 18.8 the other way). The seventh session's rule for narrow, deep weights (out <= 4096, in >= 3x out) is

@@ -34,9 +34,9 @@ for bits, cb, rp, nch, split, grouped, prerotated in json.loads(sys.argv[1]):
     l7, l5, mma, low, high = g.layouts(g.NUM_WARPS)
     fn = g._mma_gemm_kernel
     consts = dict(W32=lay.w32, KA=lay.ka, HALF=lay.half, NLOAD=lay.nload, CB=cb, BTK=g.BTK, TPW=g.TILES_PER_WARP,
-                  NW=g.NUM_WARPS, RP=rp, NCH=nch, SPLIT_K=split, FINISH_PAIRS=g.FINISH_PAIRS, HAS_BIAS=True,
-                  GROUPED=grouped,
-                  PREROTATED=prerotated, L7=l7, L5=l5, MMA=mma, LOW=low, HIGH=high)
+                  NW=g.NUM_WARPS, RP=rp, BN=8 if rp <= 8 else 16, NCH=nch, SPLIT_K=split,
+                  FINISH_PAIRS=g.FINISH_PAIRS, HAS_BIAS=True, GROUPED=grouped, PREROTATED=prerotated,
+                  L7=l7, L5=l5, MMA=mma, LOW=low, HIGH=high)
     pointers = {"x_ptr": "*fp16", "scratch_ptr": "*fp16", "t32_ptr": "*i32", "suh_ptr": "*fp16", "svh_ptr": "*fp16",
                 "bias_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "group_ptr": "*i32"}
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in fn.arg_names}
@@ -45,7 +45,7 @@ for bits, cb, rp, nch, split, grouped, prerotated in json.loads(sys.argv[1]):
              if signature[n] != "constexpr" and n != "rows"}
     k = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": g.NUM_WARPS, "num_stages": 1,
-                                                                  "maxnreg": g.register_cap(consts)})
+                                                                  "maxnreg": g.register_cap(consts, consts["BN"])})
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as d:
         cubin = os.path.join(d, "k.cubin")
@@ -64,7 +64,8 @@ def test_operands_reach_the_tensor_cores_without_moving():
     """Compiled for sm_90 with the installed Triton (in a subprocess: this process runs the interpreter), for
     formats with two and three words per lane, one to eight rows, concatenated linears and a separate rotation."""
     configs = [(4, int(Codebook.MCG), 1, 4, 16, False, False), (2.5, int(Codebook.MUL1), 8, 2, 7, True, False),
-               (3, int(Codebook.THREE_INST), 2, 8, 3, False, True), (5, int(Codebook.MCG), 4, 1, 1, True, True)]
+               (3, int(Codebook.THREE_INST), 2, 8, 3, False, True), (5, int(Codebook.MCG), 4, 1, 1, True, True),
+               (4, int(Codebook.MCG), 16, 4, 16, False, True), (2, int(Codebook.THREE_INST), 16, 8, 8, True, True)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(configs)], capture_output=True, text=True,
                           env=env, timeout=600)
@@ -75,8 +76,9 @@ def test_operands_reach_the_tensor_cores_without_moving():
 
 
 def test_dispatch_rules(monkeypatch):
-    """1-8 rows take the kernel where the device passed its check; one row of a small weight and more than 8
-    rows keep the Triton kernels (the measured crossovers in kernels/tuning.py), and so does a CPU."""
+    """1-16 rows take the kernel where the device passed its check; one row of a small weight and more than
+    ``tuning.TENSOR_CORE_MAX_ROWS`` rows keep the Triton kernels (the measured crossovers in kernels/tuning.py), and so
+    does a CPU."""
     cuda = torch.device("cuda", 0)
     assert not dispatch.use_tensor_core_kernel(2, 4096, 4096, torch.device("cpu"))
     monkeypatch.setattr(dispatch, "mma_ready", lambda device: True)
@@ -87,7 +89,11 @@ def test_dispatch_rules(monkeypatch):
     assert dispatch.use_tensor_core_kernel(1, 14336, 4096, cuda)  # narrow and deep: Llama's down projection
     assert dispatch.use_tensor_core_kernel(1, 21504, 5376, cuda)
     assert dispatch.use_tensor_core_kernel(8, 4096, 4096, cuda)
-    assert not dispatch.use_tensor_core_kernel(9, 4096, 4096, cuda)
+    assert dispatch.use_tensor_core_kernel(16, 8192, 8192, cuda)
+    assert not dispatch.use_tensor_core_kernel(16, 4096, 4096, cuda)  # 9-16 rows of a smaller weight: Triton
+    assert not dispatch.use_tensor_core_kernel(17, 8192, 8192, cuda)
+    monkeypatch.setattr(tuning, "TENSOR_CORE_MAX_ROWS", 8)
+    assert not dispatch.use_tensor_core_kernel(9, 8192, 8192, cuda)
     monkeypatch.setattr(tuning, "TENSOR_CORE_FEW_ROWS", False)
     assert not dispatch.use_tensor_core_kernel(2, 4096, 4096, cuda)
 
@@ -102,8 +108,8 @@ def test_refuses_more_rows_than_it_holds():
     from exl3_triton.kernels.gluon_gemv import exl3_gemm_mma
 
     w = random_exl3_weight(256, 128, 4, Codebook.MCG)
-    with pytest.raises(ValueError, match="random_256x128_4.*up to 8 rows"):
-        exl3_gemm_mma(torch.zeros(9, 256, dtype=torch.float16), w)
+    with pytest.raises(ValueError, match="random_256x128_4.*up to 16 rows"):
+        exl3_gemm_mma(torch.zeros(17, 256, dtype=torch.float16), w)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Gluon kernels run on CUDA only")
@@ -115,7 +121,7 @@ def test_matches_the_reference_on_cuda():
             if bits != int(bits) and cb != Codebook.MUL1:
                 continue
             w = random_exl3_weight(512, 256, bits, cb, bias=True, seed=int(bits * 10) + int(cb), device="cuda")
-            for rows in (1, 3, 8):
+            for rows in (1, 3, 8, 13, 16):
                 x = torch.randn(rows, 512, device="cuda").half()
                 out = torch.full((rows, 256), float("nan"), dtype=torch.float16, device="cuda")
                 assert rel_err(exl3_gemm_mma(x, w, out=out), exl3_matmul_ref(x.float(), w)) < 2e-3, (bits, cb, rows)
