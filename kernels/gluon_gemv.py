@@ -321,7 +321,7 @@ def _mma_gemm_kernel(
     j0, pair_idx, shift = lane_geometry(mh, t4, ml, h, c0, W32, KA, HALF)
     q = 4 * h + 2 * mh + ml  # the position within the lane
     odd_lane = t4 % 2
-    words_ptr = t32_ptr + (kt0 * TN + nt0) * W32  # this step's first tile; bumped each step
+    words_ptr = t32_ptr + (kt0 * TN + nt0) * W32  # step 0's first tile; step s's is s * step_words further
     step_words = BTK * TN * W32
     # 64-bit offsets from the index tensors: the per-register parts stay constants the compiler folds into
     # the loads' immediates
@@ -471,8 +471,8 @@ ROTATE_IN_KERNEL_MAX_ROWS = 4
 
 def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: int | None = None,
                   rotate_in_kernel: bool | None = None, x_rotated: bool = False) -> torch.Tensor:
-    """``x [rows <= 16, in] -> [rows, out]`` on tensor cores (CUDA; dims multiples of 128): 8 activation rows a B
-    operand up to 8 rows, 16 past that (which always rotates x in a separate launch).
+    """``x [rows <= 16, in] -> [rows, out]`` on tensor cores (CUDA; dims multiples of 128). The B operand is 8 rows
+    wide up to 8 rows and 16 past that; 9-16 rows always rotate x in a separate launch.
 
     ``rotate_in_kernel``: each program rotates its rows' K slice of x itself (one launch); False rotates x in a
     separate launch first (``triton_hadamard``), which the kernel then reads directly; ``x_rotated``: x is that
@@ -490,7 +490,9 @@ def exl3_gemm_mma(x: torch.Tensor, w, out: torch.Tensor | None = None, split_k: 
     grouped = w.out_splits is not None
     x_group_stride = 0
     bn = 8 if rows <= 8 else 16
-    if rotate_in_kernel is None or bn > 8:  # the in-kernel scratch holds 8 rows
+    if bn > 8:  # the in-kernel scratch holds 8 rows
+        rotate_in_kernel = False
+    elif rotate_in_kernel is None:
         rotate_in_kernel = rows <= ROTATE_IN_KERNEL_MAX_ROWS
     if x_rotated:
         rotate_in_kernel = False
