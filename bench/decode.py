@@ -209,6 +209,9 @@ def main() -> int:
     p.add_argument("--ab-tuning", default=None, metavar="NAME=VALUE",
                    help="decode at each batch size with kernels/tuning.py's NAME at its default and at VALUE (a Python "
                         "literal), alternating, twice each (new graphs each run)")
+    p.add_argument("--prefill-ab-tuning", default=None, metavar="NAME=VALUE",
+                   help="also time the prefill with kernels/tuning.py's NAME at its default and at VALUE (a Python "
+                        "literal), alternating, three times each")
     p.add_argument("--check-tokens", type=int, action="append", default=None,
                    help="length of the cached-vs-full check's sequence (repeatable; default: past every window); "
                         "e.g. 2064 decodes positions 2040-2063, across openPangu's DSA bound of 2048")
@@ -279,6 +282,19 @@ def main() -> int:
                 hadamard.MANY_ROWS = many_rows
                 res.add("prefill_rotation_ab", {"schedule": name, "repeat": rep, **prefill_speed(model, args.prefill_len)})
         hadamard.MANY_ROWS = current
+    if args.prefill_ab_tuning:
+        import ast
+
+        name, _, value = args.prefill_ab_tuning.partition("=")
+        if not hasattr(tuning, name):
+            raise SystemExit(f"--prefill-ab-tuning: kernels/tuning.py has no {name!r}")
+        default, other = getattr(tuning, name), ast.literal_eval(value)
+        for rep in range(3):
+            for setting in (default, other):
+                setattr(tuning, name, setting)
+                res.add("prefill_ab_tuning", {"name": name, "value": repr(setting), "default": setting is default,
+                                              "repeat": rep, **prefill_speed(model, args.prefill_len)})
+        setattr(tuning, name, default)
     return 0
 
 

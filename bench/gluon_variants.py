@@ -19,15 +19,54 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, Results, environment, rotation_count, synthetic_exl3, time_graph  # noqa: E402
-from gluon_gemv import check  # noqa: E402
+from common import REPO, Results, environment, rel_err, rotation_count, synthetic_exl3, time_graph  # noqa: E402
+from gluon_gemv import TOL, check  # noqa: E402
 
 from exl3_triton.kernels import Codebook  # noqa: E402
+from exl3_triton.kernels.reference import exl3_matmul_ref  # noqa: E402
 from exl3_triton.kernels import gluon_gemv as current  # noqa: E402
 from exl3_triton.kernels.triton_hadamard import exl3_input_rotate  # noqa: E402
 
 SHAPES = [(8192, 8192, 4), (5376, 21504, 4), (21504, 5376, 4), (8192, 8192, 2), (4096, 14336, 4), (14336, 4096, 4),
           (4096, 4096, 4), (8192, 8192, 3)]
+
+
+def apply(combo: dict) -> dict:
+    """Set module constants, returning their previous values."""
+    previous = {name: getattr(current, name) for name in combo}
+    for name, v in combo.items():
+        setattr(current, name, v)
+    return previous
+
+
+def label(combo: dict) -> str:
+    return "+".join(f"{name}={v}" for name, v in combo.items())
+
+
+def check_settings(r: Results, combos: list) -> int:
+    """Each ``--set`` value against the PyTorch reference before it is timed: formats with each window cut (4-bit
+    MCG, 2-bit and 3-bit 3INST, 2.5-bit MUL1), 1/8/13 rows, and K slices of 1-3 chunks (main loops of 4, 8 and 12
+    steps, so every remainder of a loop unrolled by two or three)."""
+    bad = 0
+    for combo in combos:
+        previous = apply(combo)
+        for bits, cb in ((4, Codebook.MCG), (2, Codebook.THREE_INST), (3, Codebook.THREE_INST),
+                         (2.5, Codebook.MUL1)):
+            w = synthetic_exl3(1024, 384, bits, cb, device="cuda", seed=11, bias=True)
+            for rows in (1, 8, 13):
+                x = torch.randn(rows, 1024, device="cuda").half()
+                ref = exl3_matmul_ref(x.float(), w)
+                for split in (None, 3, 8):
+                    out = torch.full((rows, 384), float("nan"), dtype=torch.float16, device="cuda")
+                    err = rel_err(current.exl3_gemm_mma(x, w, out=out, split_k=split), ref)
+                    bad += not err < TOL
+                    r.add("check_settings", {"setting": label(combo), "K": bits, "codebook": cb.label,
+                                             "rows": rows, "split_k": split, "rel_err": err})
+        apply(previous)
+    errs = r.data["sections"].get("check_settings", [])
+    if errs:
+        print(f"check of settings: {bad} failures, max rel err {max(c['rel_err'] for c in errs):.2e}", flush=True)
+    return bad
 
 
 def variants(r: Results, baselines, shapes, rows_list, maxnregs, per_sms, schedules, settings) -> None:
@@ -59,13 +98,11 @@ def variants(r: Results, baselines, shapes, rows_list, maxnregs, per_sms, schedu
                 rec[f"w{nw}t{tpw}b{btk}_us"] = time_graph(lambda i: current.exl3_gemm_mma(xs[i], ws[i]),
                                                           count)["median_us"]
             current.NUM_WARPS, current.TILES_PER_WARP, current.BTK = default_schedule
-            for name, values in settings.items():  # other module constants read at launch
-                default = getattr(current, name)
-                for v in values:
-                    setattr(current, name, v)
-                    rec[f"{name}={v}_us"] = time_graph(lambda i: current.exl3_gemm_mma(xs[i], ws[i]),
+            for combo in settings:  # other module constants read at launch, alone or together
+                previous = apply(combo)
+                rec[f"{label(combo)}_us"] = time_graph(lambda i: current.exl3_gemm_mma(xs[i], ws[i]),
                                                        count)["median_us"]
-                setattr(current, name, default)
+                apply(previous)
             wf = [torch.randn(k, n, device="cuda").half() for _ in range(rotation_count(k * n * 2))]
             xf = [torch.randn(rows, k, device="cuda").half() for _ in wf]
             rec["fp16_us"] = time_graph(lambda i: torch.matmul(xf[i], wf[i]), len(wf))["median_us"]
@@ -86,6 +123,7 @@ def main() -> int:
     ap.add_argument("--maxnreg", default="", help="comma list of register caps to try")
     ap.add_argument("--per-sm", default="", help="comma list of PROGRAMS_PER_SM targets to try")
     ap.add_argument("--set", action="append", default=[], help="NAME=v1,v2: integer module constants to try")
+    ap.add_argument("--combo", action="append", default=[], help="NAME=v:NAME=v: module constants set together")
     ap.add_argument("--shapes", default="", help="kxnxbits,... (default: the built-in list)")
     ap.add_argument("--tag", default="variants")
     args = ap.parse_args()
@@ -97,7 +135,9 @@ def main() -> int:
     parse = lambda a, b, c: (int(a), int(b), float(c) if "." in c else int(c))  # noqa: E731
     shapes = SHAPES if not args.shapes else [parse(*v.split("x")) for v in args.shapes.split(",")]
     schedules = [tuple(int(v) for v in sch.split(":")) for sch in args.schedules.split(",") if sch]
-    settings = {kv.split("=")[0]: ints(kv.split("=")[1]) for kv in args.set}
+    settings = [{kv.split("=")[0]: v} for kv in args.set for v in ints(kv.split("=")[1])]
+    settings += [{a.split("=")[0]: int(a.split("=")[1]) for a in c.split(":")} for c in args.combo]
+    bad += check_settings(r, settings)
     variants(r, baselines, shapes, ints(args.rows), ints(args.maxnreg), ints(args.per_sm), schedules, settings)
     r.save()
     return 1 if bad else 0

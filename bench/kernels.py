@@ -383,7 +383,10 @@ class Bench:
         ws = self.weights(k, n, 4)
 
         def dequant(i, x):
-            return exl3_matmul(x, ws[i], backend="triton", _force_dequant=True)
+            return exl3_matmul(x, ws[i], backend="triton", _force_path="dequant")
+
+        def reconstruct(i, x):
+            return exl3_matmul(x, ws[i], backend="triton", _force_path="reconstruct")
 
         for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048):
             if self.out_of_time():
@@ -399,10 +402,15 @@ class Bench:
             if rows >= 8:
                 rec["dequant+matmul"] = time_eager(lambda i: dequant(i, xs[i]), len(ws))["median_us"]
                 rec["dequant+matmul graph"] = time_graph(lambda i: dequant(i, xs[i]), len(ws))["median_us"]
+            if rows >= 64:
+                rec["reconstruct+matmul"] = time_eager(lambda i: reconstruct(i, xs[i]), len(ws))["median_us"]
+                rec["reconstruct+matmul graph"] = time_graph(lambda i: reconstruct(i, xs[i]), len(ws))["median_us"]
             rec.update(self.time_fp16(k, n, rows, graph=False))
             self.r.add("crossover", rec)
         x = torch.randn(300, k, device="cuda").half()
-        self.r.add("crossover_check", {"dequant_rel_err": rel_err(dequant(0, x), exl3_matmul_ref(x.float(), ws[0]))})
+        ref = exl3_matmul_ref(x.float(), ws[0])
+        self.r.add("crossover_check", {"dequant_rel_err": rel_err(dequant(0, x), ref),
+                                       "reconstruct_rel_err": rel_err(reconstruct(0, x), ref)})
         # where the time of the large-batch path goes (2048 rows)
         xs = [torch.randn(2048, k, device="cuda").half() for _ in ws]
         w_hat = OPS.dequant.dequant_inner_triton(ws[0])
@@ -412,6 +420,7 @@ class Bench:
             "dequant": lambda i: OPS.dequant.dequant_inner_triton(ws[i], out=w_hat),
             "matmul": lambda i: torch.matmul(xs[i], w_hat),
             "rotate_out": lambda i: OPS.hadamard.exl3_output_rotate(acc, ws[i].svh, None, torch.float16),
+            "reconstruct": lambda i: OPS.reconstruct.reconstruct_weight_triton(ws[i], out=w_hat),
         }
         self.r.add("large_batch_parts", {name: time_eager(fn, len(ws))["median_us"] for name, fn in parts.items()})
         del ws

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgumentError
 from . import triton_ops
 from .dispatch import (BACKENDS, assume_capture, capturing, matmul_plan, mma_ready, resolve_backend, triton_available,
                        use_tensor_core_kernel)
@@ -73,27 +74,46 @@ def exl3_matmul(
     weight: Exl3Weight,
     backend: str | None = None,
     inner: torch.Tensor | None = None,
-    _force_dequant: bool = False,
+    _force_path: str | None = None,
 ) -> torch.Tensor:
     """``y = x W + b`` for an EXL3 weight. ``x``: ``[..., in_features]`` -> ``[..., out_features]``.
 
     ``inner`` (reference backend only) is an already decoded ``W_hat`` to reuse.
-    ``_force_dequant`` (benchmarks) takes the large-batch path whatever the size.
+    ``_force_path`` (benchmarks): ``"dequant"`` or ``"reconstruct"`` takes that large-batch path whatever the size.
     """
     if resolve_backend(backend, x.device) == "triton":
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         plan = matmul_plan(rows, weight.in_features, weight.out_features, capturing(x.device))
         if plan is not None and rows > 0:
             ops = triton_ops.load()
-            if plan.kind == "fused" and not _force_dequant:
+            kind = _force_path or plan.kind
+            if kind == "fused":
                 if use_tensor_core_kernel(rows, weight.in_features, weight.out_features, x.device):
                     from .gluon_gemv import exl3_gemm_mma
 
                     y = exl3_gemm_mma(x.reshape(rows, x.shape[-1]), weight)
                     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.out_features)
                 return ops.gemm.exl3_gemm_triton(x, weight, plan.config)
+            if kind == "reconstruct":
+                return _exl3_matmul_reconstruct(x, weight, ops)
+            if kind != "dequant":
+                raise InvalidArgumentError(f"unknown EXL3 matmul path {kind!r}")
             return _exl3_matmul_dequant(x, weight, ops)
     return exl3_matmul_ref(x, weight, inner=inner)
+
+
+def _exl3_matmul_reconstruct(x: torch.Tensor, weight: Exl3Weight, ops) -> torch.Tensor:
+    """Large batches: reconstruct the full weight W (fp16, rotations folded in) once, then one ``torch.matmul``
+    of x as it is (concatenated linears too: each member's ``suh`` is folded into its columns)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    w = ops.reconstruct.reconstruct_weight_triton(weight)
+    if x2.dtype != torch.float16:  # e.g. bf16 activations: the product runs in x's dtype
+        w = w.to(x2.dtype)
+    if weight.bias is None:
+        y = torch.matmul(x2, w)
+    else:
+        y = torch.addmm(weight.bias.to(x2.dtype), x2, w)
+    return y.reshape(*x.shape[:-1], weight.out_features)
 
 
 def _exl3_matmul_dequant(x: torch.Tensor, weight: Exl3Weight, ops) -> torch.Tensor:

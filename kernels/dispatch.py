@@ -76,7 +76,7 @@ def assume_capture():
 class MatmulPlan:
     """How to run one EXL3 matmul: the fused kernel with ``config``, or dequantize + torch.matmul."""
 
-    kind: str  # "fused" or "dequant" (W_hat + rotations + torch.matmul)
+    kind: str  # "fused", "dequant" (W_hat + rotations + torch.matmul) or "reconstruct" (full W + torch.matmul)
     config: object = None
 
 
@@ -84,6 +84,8 @@ def matmul_plan(rows: int, in_features: int, out_features: int, capturing: bool 
     """None when the Triton kernels cannot take the shape (then the reference runs)."""
     if in_features % 128 or out_features % 128:
         return None
+    if rows >= tuning.RECONSTRUCT_MIN_ROWS:
+        return MatmulPlan("reconstruct")
     if rows > tuning.fused_max_rows(in_features, out_features):
         return MatmulPlan("dequant")
     return MatmulPlan("fused", tuning.gemm_config(rows, in_features, out_features, capturing))

@@ -243,13 +243,17 @@ def decode_tiles(
 @triton.jit
 def sign_matrix(N: tl.constexpr):
     """The unnormalised N x N Sylvester matrix in fp32 (N a power of two <= 128)."""
-    i = tl.arange(0, N)[:, None]
-    j = tl.arange(0, N)[None, :]
+    return sylvester_signs(tl.arange(0, N)[:, None], tl.arange(0, N)[None, :]).to(tl.float32)
+
+
+@triton.jit
+def sylvester_signs(i, j):
+    """Entries ``(-1)^popcount(i & j)`` of the Sylvester matrix at index tensors ``i``, ``j`` (< 128), as int32."""
     v = i & j
     v = v ^ (v >> 4)
     v = v ^ (v >> 2)
     v = v ^ (v >> 1)
-    return (1 - 2 * (v & 1)).to(tl.float32)
+    return 1 - 2 * (v & 1)
 
 
 @triton.jit

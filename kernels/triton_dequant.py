@@ -1,9 +1,9 @@
 """Triton dequantization: trellis -> W_hat fp16, bit-exact (whole matrix or a column block).
 
-Large batches rotate x, multiply by W_hat with ``torch.matmul`` and rotate the
-result; the converter uses it too. (Reconstructing the full weight W instead, to
-skip the activation rotations, measured slower at every batch size: two 128x128
-products per block on top of the decode, docs/performance.md.)
+Batches of 33 to ``tuning.RECONSTRUCT_MIN_ROWS - 1`` rows rotate x, multiply by
+W_hat with ``torch.matmul`` and rotate the result; the converter uses it too.
+From ``RECONSTRUCT_MIN_ROWS`` rows the full weight W is reconstructed instead
+(``triton_reconstruct.py``), which skips the activation rotations.
 """
 
 from __future__ import annotations

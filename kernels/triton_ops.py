@@ -43,6 +43,7 @@ def load() -> types.SimpleNamespace | None:
             moe=importlib.import_module(f"{pkg}.triton_moe"),
             mome=importlib.import_module(f"{pkg}.triton_mome"),
             norm=importlib.import_module(f"{pkg}.triton_norm"),
+            reconstruct=importlib.import_module(f"{pkg}.triton_reconstruct"),
             rope=importlib.import_module(f"{pkg}.triton_rope"),
             router=importlib.import_module(f"{pkg}.triton_router"),
             viterbi=importlib.import_module(f"{pkg}.triton_viterbi"),

@@ -13,6 +13,14 @@ import functools
 # rows, the dequantize path decodes it once).
 FUSED_MAX_ROWS = 32
 
+# From this many rows an EXL3 matmul reconstructs the whole weight W (rotations folded in, kernels/
+# triton_reconstruct.py) and calls torch.matmul with x as it is, instead of rotating x and the result around a
+# W_hat product: the two activation rotations grow with the rows, the reconstruction does not. Measured in CUDA
+# graphs on the H100 (bench/reconstruct.py, bench/results/reconstruct-2026-11-23-H100-*.json), 8192x8192 4 bits,
+# reconstruct / dequant us: 1024 rows 289-303 / 273-279 (dequant ahead), 2048 rows 480-484 / 496-501; at 2048 rows
+# on the model shapes 5376x21504 838 / 841, 21504x5376 867 / 879, 4096x14336 431 / 446, 14336x4096 414 / 441.
+RECONSTRUCT_MIN_ROWS = 2048
+
 
 # In CUDA graphs, one-row matmuls rotate x in the kernel (one launch) instead of in a
 # separate launch: measured on a whole 8B model, 145 vs 136 tokens/s at batch 1
@@ -31,7 +39,11 @@ TENSOR_CORE_FEW_ROWS = True
 # 5376x21504 56.3 / 74.9, 21504x5376 65.6 / 78.8, but 4096x4096 26.4 / 26.4 (at a cap of 128: 30.6 / 26.0, and
 # 12 rows 28.5 / 26.0).
 TENSOR_CORE_MAX_ROWS = 16
-TENSOR_CORE_MANY_ROWS_MIN_WEIGHT = 32 << 20
+# Ninth session, the model shapes at 12 / 16 rows, tensor cores / Triton (bench/gluon_gemv.py --shapes models --rows
+# 12,16, bench/results/gluon-gemv-models-2026-11-23-H100-rows12-16.json): 4096x14336 39.9 / 46.1, 42.9 / 45.2;
+# 14336x4096 43.8 / 47.9, 44.6 / 46.8; but 5376x8192 (44M elements) 38.6 / 37.7, 40.9 / 37.8, and every smaller
+# shape (4096x6144, 2560x7680, 2560x1536, 4096x1024) ties or loses: hence 48M, not the eighth session's 32M.
+TENSOR_CORE_MANY_ROWS_MIN_WEIGHT = 48 << 20
 # ... except one row of a small weight, where the Triton one-row kernel's single program wave is as quick or quicker
 # (eighth session, after the kernel's leaner loop: 4096x1024 8.39 vs 8.39 us, 2560x1536 8.21 vs 8.25; 4096x4096
 # 13.2 vs 18.8 the other way). The seventh session's rule for narrow, deep weights (out <= 4096, in >= 3x out) is
