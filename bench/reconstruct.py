@@ -2,12 +2,12 @@
 
     python bench/reconstruct.py [--out DIR] [--budget SECONDS] [--quick]
 
-1. Checks ``reconstruct_weight_triton`` under every schedule the sweep will time, for 4-bit MCG, 2-bit 3INST,
-   2.5-bit MUL1, 5-bit MCG and concatenated linears, against the PyTorch reference's fp32 W (output poisoned
-   with NaN first), and ``exl3_matmul`` through each large-batch path against the reference matmul.
-2. Sweeps the schedule on 8192x8192 at 4 bits (greedy, one knob at a time from the default), timed in CUDA
-   graphs with weights rotated past L2, next to the W_hat dequantization writing the same bytes and the copy
-   bandwidth.
+1. Checks ``reconstruct_weight_triton`` against the PyTorch reference's fp32 W (output poisoned with NaN first):
+   every schedule the sweep will time on 4-bit MCG, the default on 2-bit 3INST, 2.5-bit MUL1 and 5-bit MCG; and
+   ``exl3_matmul`` through each large-batch path against the reference matmul, concatenated linears too.
+2. Sweeps the schedule on 8192x8192 at 4 bits (a grid, ``sweep_schedules``), timed in CUDA graphs with weights
+   rotated past L2, next to the W_hat dequantization writing the same bytes and the copy bandwidth; then checks
+   the winner on every format before anything is timed with it.
 3. Times ``exl3_matmul`` at 256-2048 rows through both large-batch paths ("dequant": rotate x, W_hat,
    torch.matmul, rotate the result; "reconstruct": W, torch.matmul) and fp16 ``torch.matmul`` in the same run,
    on 8192x8192 and on the model shapes.

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .launch import FastLauncher
 from .triton_decode import decode_tiles, lane_layout, sylvester_signs
+from .triton_gemm import device_buffers, sm_count
 from .weights import Exl3Weight
 
 
@@ -120,7 +121,7 @@ _reconstruct = FastLauncher(_reconstruct_kernel)
 # The schedule, swept by bench/reconstruct.py on the H100 (8192 x 8192, 4 bits, CUDA graphs; docs/performance.md,
 # bench/results/reconstruct-2026-11-23-H100-*.json): 4 warps, 4 programs per SM (persistent), rows in 2 parts, H made
 # in registers: 112-114 us (W_hat alone: 63 us; the fp16 write floor 58 us). One block per program with H loaded:
-# 113-123 us (4 warps), 114-116 (8 warps); 8 warps persistent 158-165; W_hat decoded in 2-8 slices of rows,
+# 113-123 us (4 warps), 114-116 (8 warps); 8 warps persistent 158-192; W_hat decoded in 2-8 slices of rows,
 # 130-270; the next block's words loaded ahead, 118-152; a register cap of 128 or 168, 254-347.
 # ``programs_per_sm`` 0: one block per program (no loop).
 SCHEDULE = dict(num_warps=4, programs_per_sm=4, row_split=2, h_from_memory=False, maxnreg=None)
@@ -128,14 +129,7 @@ SCHEDULE = dict(num_warps=4, programs_per_sm=4, row_split=2, h_from_memory=False
 
 @functools.lru_cache(maxsize=None)
 def _sylvester_fp16(device: torch.device) -> torch.Tensor:
-    from .reference.hadamard import sylvester
-
-    return sylvester(128, device).half().contiguous()
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return device_buffers(device)[1].half()  # the fp32 Sylvester matrix the rotations keep per device
 
 
 def _suh_offsets(w: Exl3Weight) -> torch.Tensor:
@@ -170,7 +164,7 @@ def reconstruct_weight_triton(w: Exl3Weight, out: torch.Tensor | None = None, sc
     layout = lane_layout(w.bits)
     n_blocks = (k // 128) * (n // 128)
     persistent = sched["programs_per_sm"] > 0
-    grid = (min(n_blocks, _sm_count(w.device) * sched["programs_per_sm"]) if persistent else n_blocks,)
+    grid = (min(n_blocks, sm_count(w.device) * sched["programs_per_sm"]) if persistent else n_blocks,)
     grouped = w.out_splits is not None
     suh_offsets = _suh_offsets(w) if grouped else w.svh
     _reconstruct(grid, w.trellis.view(torch.int32), w.suh, suh_offsets, w.svh, _sylvester_fp16(w.device), out,

@@ -17,7 +17,7 @@ FUSED_MAX_ROWS = 32
 # triton_reconstruct.py) and calls torch.matmul with x as it is, instead of rotating x and the result around a
 # W_hat product: the two activation rotations grow with the rows, the reconstruction does not. Measured in CUDA
 # graphs on the H100 (bench/reconstruct.py, bench/results/reconstruct-2026-11-23-H100-*.json), 8192x8192 4 bits,
-# reconstruct / dequant us: 1024 rows 289-303 / 273-279 (dequant ahead), 2048 rows 480-484 / 496-501; at 2048 rows
+# reconstruct / dequant us: 1024 rows 289-303 / 273-279 (dequant ahead), 2048 rows 478-484 / 496-501; at 2048 rows
 # on the model shapes 5376x21504 838 / 841, 21504x5376 867 / 879, 4096x14336 431 / 446, 14336x4096 414 / 441.
 RECONSTRUCT_MIN_ROWS = 2048
 
